@@ -1,0 +1,1 @@
+"""Comparison baselines for compress, each registered through the ``compress`` entry-point group."""

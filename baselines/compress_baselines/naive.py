@@ -1,0 +1,105 @@
+"""Naive floors: what "no method" gives at the same widths as the real methods.
+
+Both prune the same structures as TransAct — attention units (whole KV groups by default, or the same
+number of query heads in every group) and MLP channels, uniform widths in every layer, hidden size
+kept — so a table row of a real method can be read against them at equal size.
+
+* ``random``    — units chosen uniformly at random (seeded).
+* ``magnitude`` — units with the largest weight L2 norm over all their coupled parameters
+  (torch-pruning's ``GroupMagnitudeImportance(p=2)``: squared norms summed over the group's members).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress import (
+    Capabilities,
+    PruneContext,
+    Pruner,
+    PrunerConfig,
+    PruneResult,
+    Target,
+    apply_plan,
+    hookimpl,
+    plan_from_scores,
+    shape_plan,
+    solve_uniform,
+    structure_group,
+)
+
+
+class NaiveConfig(PrunerConfig):
+    gqa: Literal["groups", "heads"] = Field("groups", description="remove whole KV groups, or heads per group")
+    attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio")
+    mlp_round_to: int = Field(1, ge=1, description="MLP width multiple")
+
+
+class _NaiveWidth(Pruner):
+    Config = NaiveConfig
+
+    def _widths(self, model, target: Target, ctx_arch):
+        unit = "kv_group" if self.config.gqa == "groups" else "head"
+        return solve_uniform(ctx_arch, target, attn_unit=unit, attn_ratio=self.config.attn_ratio,
+                             mlp_round_to=self.config.mlp_round_to)
+
+    def plan_shapes(self, model, target: Target) -> dict:
+        from compress import ArchAdapter
+
+        arch = ArchAdapter(model)
+        widths = self._widths(model, target, arch)
+        apply_plan(model, shape_plan(arch, widths), arch)
+        return widths.to_dict()
+
+    def scores(self, ctx: PruneContext, kind: str, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prune(self, model, target: Target, ctx: PruneContext) -> PruneResult:
+        arch = ctx.arch
+        widths = self._widths(model, target, arch)
+        kind = widths.attn_unit
+        attn = {i: self.scores(ctx, kind, i) for i in range(arch.num_layers)}
+        mlp = {i: self.scores(ctx, "mlp", i) for i in range(arch.num_layers)}
+        plan = plan_from_scores(arch, widths, attn, mlp)
+        apply_plan(model, plan, arch)
+        return PruneResult(model=model, plan=plan.to_dict(), notes={"widths": widths.to_dict()})
+
+
+class RandomPruner(_NaiveWidth):
+    name = "random"
+    capabilities = Capabilities(
+        structures=("kv_groups", "heads", "mlp_channels"), needs_calibration=False,
+        targets=("params", "flops", "kv"), export="auto",
+        summary="random heads/KV groups and MLP channels at uniform widths (floor)",
+        reference="LLM-Pruner paper, 'Random' row",
+    )
+
+    def scores(self, ctx: PruneContext, kind: str, layer: int) -> torch.Tensor:
+        g = ctx.arch.geometry(layer)
+        n = {"kv_group": g.num_kv_heads, "head": g.num_heads, "mlp": g.intermediate}[kind]
+        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + layer * 7 + len(kind))
+        return torch.rand(n, generator=gen)
+
+
+class MagnitudePruner(_NaiveWidth):
+    name = "magnitude"
+    capabilities = Capabilities(
+        structures=("kv_groups", "heads", "mlp_channels"), needs_calibration=False,
+        targets=("params", "flops", "kv"), export="auto",
+        summary="weight L2 magnitude of each coupled group at uniform widths (floor)",
+        reference="Torch-Pruning GroupMagnitudeImportance(p=2); LLM-Pruner 'L2' row",
+    )
+
+    def scores(self, ctx: PruneContext, kind: str, layer: int) -> torch.Tensor:
+        group = structure_group(ctx.arch, kind, layer)
+        with torch.no_grad():
+            return group.reduce(lambda m: m.blocks().float().pow(2).sum(dim=(1, 2)))
+
+
+@hookimpl
+def register_pruners(register):
+    register(RandomPruner)
+    register(MagnitudePruner, aliases=("l2",))

@@ -1,0 +1,39 @@
+"""Exceptions with one-line, actionable messages.
+
+Every error raised for bad input says what is wrong and how to fix it in one line; the CLI prints
+``error: <message>`` and exits 2 (usage) or 1 (run failure) without a traceback unless ``-v``.
+"""
+
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Base class. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class UsageError(CompressError):
+    """Bad input from the user: wrong target, path, option, config key..."""
+
+    exit_code = 2
+
+
+class Unsupported(UsageError):
+    """The model or target cannot be handled by this method/adapter (raised before any work)."""
+
+
+class TargetError(UsageError):
+    """A target string that does not parse, or that a method cannot reach."""
+
+
+class CalibrationError(UsageError):
+    """Calibration source missing, empty, or shorter than one block."""
+
+
+class PluginError(CompressError):
+    """A plugin failed to import, register or run."""
+
+
+class NumericalError(CompressError):
+    """NaN/inf found in weights or in collected statistics."""

@@ -1,0 +1,350 @@
+"""Tests for compress.measure: params, FLOPs/token, KV bytes/token, footprint, latency, memory."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.arch import ArchAdapter
+from compress.measure import (
+    FlopCounted,
+    Footprint,
+    count_params,
+    flops_per_token,
+    footprint,
+    kv_bytes_per_token,
+    latency,
+    linear_flops_per_token,
+    model_bytes,
+    param_breakdown,
+    peak_rss_bytes,
+    track_peak_rss,
+)
+from compress.testing import TINY_KINDS, tiny_config, tiny_model
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _counted_flops(model: nn.Module, B: int, T: int) -> int:
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(input_ids=ids, use_cache=False)
+    return fc.get_total_flops()
+
+
+def _cache_bytes_per_token(model: nn.Module, B: int, T: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return total / (B * T)
+
+
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    b = lin.bias.data if lin.bias is not None else None
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def _heterogeneous(kind: str) -> nn.Module:
+    """Tiny model with layer 1's MLP cut to 48 channels and half the KV groups of layer 2 dropped."""
+    model = _eager(tiny_model(kind))
+    a = ArchAdapter(model)
+    mlp = a.mlp(1)
+    keep = torch.arange(48)
+    mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=keep)
+    mlp.up_proj = _slice_linear(mlp.up_proj, rows=keep)
+    mlp.down_proj = _slice_linear(mlp.down_proj, cols=keep)
+
+    g = a.geometry(2)
+    attn = a.attention(2)
+    kv_keep = g.num_kv_heads // 2
+    hd = g.head_dim
+    kv_rows = torch.arange(kv_keep * hd)
+    q_rows = torch.arange(kv_keep * g.group_size * hd)  # the query heads of the kept KV groups
+    attn.q_proj = _slice_linear(attn.q_proj, rows=q_rows)
+    attn.k_proj = _slice_linear(attn.k_proj, rows=kv_rows)
+    attn.v_proj = _slice_linear(attn.v_proj, rows=kv_rows)
+    attn.o_proj = _slice_linear(attn.o_proj, cols=q_rows)
+    attn.num_key_value_groups = g.group_size
+    return model
+
+
+def _hand_params(cfg) -> int:
+    h, V, L, inter = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv_bias = cfg.model_type == "qwen2"
+    attn = h * nq * hd + 2 * h * nkv * hd + nq * hd * h + ((nq + 2 * nkv) * hd if qkv_bias else 0)
+    layer = attn + 3 * h * inter + 2 * h
+    return V * h * (1 if cfg.tie_word_embeddings else 2) + L * layer + h
+
+
+def _hand_flops_per_token(cfg, T: int) -> int:
+    h, V, L, inter = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers, cfg.intermediate_size
+    nq, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    layer = 2 * h * (nq + 2 * nkv) * hd + 2 * nq * hd * h + 4 * nq * T * hd + 6 * h * inter
+    return L * layer + 2 * h * V
+
+
+class LowRank(nn.Module):
+    """Low-rank stand-in for nn.Linear: ``B(A(x))``; no FLOP method, so its children are counted."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Linear(in_features, rank, bias=False)
+        self.B = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+
+class LowRankCounted(LowRank):
+    """Same, implementing the FlopCounted protocol."""
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.rank * (self.in_features + self.out_features)
+
+
+def _exotic(kind: str) -> nn.Module:
+    """Heterogeneous model plus low-rank o_proj (layer 0), low-rank q_proj (layer 1) and a
+    SliceGPT-like square shortcut linear inside layer 0."""
+    model = _heterogeneous(kind)
+    a = ArchAdapter(model)
+    h = model.config.hidden_size
+    at0 = a.attention(0)
+    o = at0.o_proj
+    at0.o_proj = LowRank(o.in_features, o.out_features, rank=8)
+    at1 = a.attention(1)
+    q = at1.q_proj
+    at1.q_proj = LowRankCounted(q.in_features, q.out_features, rank=8, bias=q.bias is not None)
+    layer0 = a.layers[0]
+    layer0.shortcut = nn.Linear(h, h, bias=False)
+    layer0.mlp.register_forward_hook(lambda mod, args, out: layer0.shortcut(out))
+    return model
+
+
+# ----------------------------------------------------------------------------------- params
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_params_match_torch_and_hand_formula(kind: str) -> None:
+    model = tiny_model(kind)
+    n = count_params(model)
+    assert n == sum(p.numel() for p in model.parameters())
+    assert n == _hand_params(tiny_config(kind))
+    bd = param_breakdown(model)
+    assert bd["total"] == n
+    assert sum(v for k, v in bd.items() if k != "total") == n
+    tied = tiny_config(kind).tie_word_embeddings
+    assert ArchAdapter(model).tied_embeddings == tied
+    assert bd["lm_head"] == (0 if tied else bd["embedding"])
+    assert bd["other"] == 0
+    assert bd["norms"] == model.config.hidden_size * (2 * model.config.num_hidden_layers + 1)
+
+
+def test_params_dedup_shared_storage() -> None:
+    t = torch.randn(4, 5)
+    m = nn.Module()
+    m.a = nn.Parameter(t)
+    m.b = nn.Parameter(t)  # distinct Parameter objects, one storage
+    m.c = nn.Parameter(torch.randn(3))
+    assert count_params(m) == 23
+    assert model_bytes(m) == 23 * 4
+
+
+def test_model_bytes_counts_params_and_buffers() -> None:
+    model = tiny_model("llama-gqa")
+    expected = sum(p.numel() * 4 for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    assert model_bytes(model) == expected
+    assert model_bytes(model.to(torch.bfloat16)) < expected
+
+
+# ----------------------------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize(("B", "T"), [(2, 12), (1, 7)])
+def test_flops_match_flop_counter(kind: str, B: int, T: int) -> None:
+    model = _eager(tiny_model(kind))
+    f = flops_per_token(model, T)
+    assert f == _hand_flops_per_token(tiny_config(kind), T)
+    assert f * B * T == _counted_flops(model, B, T)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_heterogeneous_flops_params_kv(kind: str) -> None:
+    model = _heterogeneous(kind)
+    dense = tiny_model(kind)
+    geo = ArchAdapter(model).geometries()
+    assert geo[1].intermediate == 48
+    assert geo[2].num_kv_heads == ArchAdapter(dense).geometry(2).num_kv_heads // 2
+    assert not ArchAdapter(model).is_uniform()
+    B, T = 2, 10
+    assert flops_per_token(model, T) * B * T == _counted_flops(model, B, T)
+    assert count_params(model) == sum(p.numel() for p in model.parameters()) < count_params(dense)
+    assert kv_bytes_per_token(model) == _cache_bytes_per_token(model, B, T)
+    assert kv_bytes_per_token(model) < kv_bytes_per_token(dense)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_low_rank_and_shortcut_linears_are_counted(kind: str) -> None:
+    model = _exotic(kind)
+    assert isinstance(ArchAdapter(model).attention(1).q_proj, FlopCounted)
+    assert not isinstance(ArchAdapter(model).attention(0).o_proj, FlopCounted)
+    B, T = 2, 9
+    assert flops_per_token(model, T) * B * T == _counted_flops(model, B, T)
+    bd = param_breakdown(model)
+    h = model.config.hidden_size
+    assert bd["other"] == h * h
+    assert bd["total"] == count_params(model) == sum(p.numel() for p in model.parameters())
+    assert kv_bytes_per_token(model) == _cache_bytes_per_token(model, B, T)
+
+
+def test_flop_counted_protocol_overrides_children() -> None:
+    lr = LowRankCounted(64, 32, rank=4)
+    assert linear_flops_per_token(lr) == 2 * 4 * (64 + 32)
+    assert linear_flops_per_token(LowRank(64, 32, rank=4)) == 2 * 4 * (64 + 32)
+    assert linear_flops_per_token(nn.Linear(10, 3)) == 60
+
+
+def test_tied_lm_head_still_counts_as_matmul() -> None:
+    model = tiny_model("llama-gqa")
+    cfg = model.config
+    T = 16
+    no_head = flops_per_token(model, T) - 2 * cfg.hidden_size * cfg.vocab_size
+    assert no_head == _hand_flops_per_token(cfg, T) - 2 * cfg.hidden_size * cfg.vocab_size
+    assert flops_per_token(model, 32) - flops_per_token(model, 16) == (
+        cfg.num_hidden_layers * 4 * cfg.num_attention_heads * cfg.head_dim * 16
+    )
+    with pytest.raises(ValueError):
+        flops_per_token(model, 0)
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_kv_bytes_match_real_cache(kind: str) -> None:
+    model = tiny_model(kind)
+    cfg = model.config
+    expected = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert kv_bytes_per_token(model) == expected
+    assert kv_bytes_per_token(model) == _cache_bytes_per_token(model, 2, 5)
+    assert kv_bytes_per_token(model, torch.bfloat16) == expected // 2
+
+
+def test_kv_bytes_default_dtype_follows_model() -> None:
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    assert kv_bytes_per_token(model) == _cache_bytes_per_token(model, 1, 4)
+    assert footprint(model, 8).dtype == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------- footprint
+
+
+def test_footprint_dict_and_ratios() -> None:
+    dense = footprint(tiny_model("llama-mha"), 12)
+    pruned = footprint(_heterogeneous("llama-mha"), 12)
+    d = pruned.to_dict()
+    assert set(d) >= {"params", "flops_per_token", "kv_bytes_per_token", "dtype", "seq_len", "layers"}
+    assert d["layers"][1]["intermediate"] == 48 and d["layers"][2]["num_kv_heads"] == 2
+    assert d["layers"][2]["group_size"] == 1
+    assert Footprint(**d) == pruned
+    r = pruned.ratios(dense)
+    assert set(r) == {"params", "flops", "kv"}
+    assert 0 < r["params"] < 1 and 0 < r["flops"] < 1
+    assert r["kv"] == pytest.approx(5 / 6)
+    assert dense.ratios(dense) == {"params": 1.0, "flops": 1.0, "kv": 1.0}
+
+
+def test_meta_llama2_7b() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32,
+    )
+    t0 = time.perf_counter()
+    with track_peak_rss() as mem:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        fp = footprint(model, 2048)
+    elapsed = time.perf_counter() - t0
+    assert all(p.is_meta for p in model.parameters())
+    assert fp.params == count_params(model) == 6_738_415_616
+    assert fp.breakdown["lm_head"] == fp.breakdown["embedding"] == 32000 * 4096
+    h, inter, T = 4096, 11008, 2048
+    per_layer = 2 * h * 96 * 128 + 2 * h * h + 4 * 32 * 128 * T + 6 * h * inter
+    assert fp.flops_per_token == 32 * per_layer + 2 * h * 32000
+    assert fp.kv_bytes_per_token == 32 * 2 * 4096 * 4  # fp32 meta model
+    assert kv_bytes_per_token(model, torch.float16) == 524_288  # the well-known 0.5 MiB/token
+    assert model_bytes(model) >= 6_738_415_616 * 4
+    assert mem.increase_bytes < 1 << 30  # nothing of the 27 GB was allocated
+    assert elapsed < 60
+
+
+# ----------------------------------------------------------------------------------- latency, memory
+
+
+def test_latency_positive_finite() -> None:
+    model = tiny_model("llama-gqa")
+    for vocab in (512, None):
+        r = latency(model, vocab, prompt_len=8, new_tokens=3, batch_size=2, repeats=2, warmup=1)
+        for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s_per_token"):
+            assert r[k] > 0 and math.isfinite(r[k]), k
+        assert r["new_tokens"] == 3 and r["batch_size"] == 2
+    assert not model.training
+
+
+def test_latency_rejects_meta_and_bad_args() -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama-gqa"))
+    with pytest.raises(ValueError, match="meta"):
+        latency(model, 512, prompt_len=4, new_tokens=1, repeats=1)
+    with pytest.raises(ValueError):
+        latency(tiny_model("llama-gqa"), 512, prompt_len=0)
+
+
+def test_peak_rss() -> None:
+    assert peak_rss_bytes() > 10 * 2**20
+    with track_peak_rss() as mem:
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched
+        del x
+    assert mem.method in {"vmhwm", "sampled", "ru_maxrss"}
+    if mem.method != "ru_maxrss":
+        assert mem.increase_bytes >= 48 * 2**20
+    assert mem.peak_bytes >= mem.start_bytes
+
+
+def test_peak_rss_sampled_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESS_NO_CLEAR_REFS", "1")
+    with track_peak_rss(interval_s=0.005) as mem:
+        x = torch.ones(16 * 2**20)
+        time.sleep(0.2)
+        del x
+    assert mem.method in {"sampled", "ru_maxrss"}
+    if mem.method == "sampled":
+        assert mem.increase_bytes >= 48 * 2**20

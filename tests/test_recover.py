@@ -1,0 +1,155 @@
+"""Recovery training: full and LoRA on a token budget through HF Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from compress.calibration import CalibrationSource
+from compress.errors import UsageError
+from compress.recover import DEFAULT_LORA_TARGETS, Recovery, RecoveryConfig, recover, resolve_lora_targets
+from compress.testing import assets_dir, tiny_model, tiny_tokenizer
+
+needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+BUDGET = dict(tokens=4096, seq_len=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def source():
+    if assets_dir() is None:
+        pytest.skip("needs $COMPRESS_ASSETS")
+    return CalibrationSource.from_spec("tinystories", tiny_tokenizer(), seed=0, max_chars=150_000)
+
+
+def _eval_loss(model, blocks):
+    with torch.no_grad():
+        return float(model(input_ids=blocks, labels=blocks).loss)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _nparams(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_validation_and_defaults():
+    cfg = RecoveryConfig(tokens=1000)
+    assert cfg.mode == "full" and cfg.lr == 5e-5 and cfg.targets == list(DEFAULT_LORA_TARGETS)
+    assert RecoveryConfig(tokens=1000, mode="lora").lr == 1e-4
+    assert RecoveryConfig(tokens=1000, mode="lora", lr=3e-4).lr == 3e-4
+    assert RecoveryConfig(tokens=1000, seq_len=10, batch_size=3, grad_accum=2).num_steps(world_size=2) == 9
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=0)
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=-5)
+    with pytest.raises(ValidationError, match="extra"):
+        RecoveryConfig(tokens=100, learning_rate=1e-3)
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=100, mode="qlora")
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=100, warmup_ratio=1.5)
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=100, lora_targets=[])
+
+
+def test_lora_target_resolution():
+    model = tiny_model("llama-gqa")
+    names = resolve_lora_targets(model, DEFAULT_LORA_TARGETS)
+    assert len(names) == 7 * 3 and "model.layers.0.self_attn.q_proj" in names
+    # a non-Linear projection (low-rank factorisation) is replaced by the linears inside it
+    a = model.model.layers[1].self_attn
+    a.q_proj = nn.Sequential(nn.Linear(64, 4, bias=False), nn.Linear(4, 64, bias=False))
+    names = resolve_lora_targets(model, ["q_proj"])
+    assert "model.layers.1.self_attn.q_proj.0" in names and "model.layers.1.self_attn.q_proj.1" in names
+    with pytest.raises(UsageError, match="matches no module"):
+        resolve_lora_targets(model, ["qkv_proj"])
+    with pytest.raises(UsageError, match="no nn.Linear"):
+        resolve_lora_targets(model, ["act_fn"])
+
+
+# ---------------------------------------------------------------------------- training
+def test_full_recovery_lowers_loss(source):
+    model = tiny_model("llama-gqa")
+    model.config.use_cache = True
+    held_out = source.with_seed(123).batches(8, 64)
+    before = _eval_loss(model, held_out)
+    res = recover(model, source, RecoveryConfig(**BUDGET, lr=2e-3, warmup_ratio=0.0), progress=False)
+    assert res.model is model and res.steps == 16 and res.tokens_seen == 4096 and res.world_size == 1
+    assert res.losses and res.losses[0][0] == 1 and res.wall_s > 0
+    assert not res.model.training and res.model.config.use_cache is True
+    after = _eval_loss(res.model, held_out)
+    assert after < before - 0.3, (before, after)
+    assert res.losses[-1][1] < res.losses[0][1]
+
+
+def test_lora_recovery_merges_back(source):
+    model = tiny_model("llama-gqa")
+    before = _state(model)
+    n_before = _nparams(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    res = recover(model, source, RecoveryConfig(**BUDGET, mode="lora", lr=1e-3), progress=False)
+    m = res.model
+    assert type(m).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in n.lower() for n, _ in m.named_modules())
+    assert not any(type(mod).__module__.startswith("peft") for mod in m.modules())
+    assert _nparams(m) == n_before and set(_state(m)) == set(before)
+    after = _state(m)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
+    assert not any("norm" in k or "embed" in k for k in changed)  # only targeted linears move
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert not m.training
+
+
+def test_same_seed_is_deterministic(source):
+    cfg = RecoveryConfig(tokens=1024, seq_len=64, batch_size=4, lr=1e-3, seed=7)
+    a = recover(tiny_model("llama-gqa"), source, cfg, progress=False).model
+    b = recover(tiny_model("llama-gqa"), source, cfg, progress=False).model
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = recover(tiny_model("llama-gqa"), source, cfg.model_copy(update={"seed": 8}), progress=False).model
+    sc = _state(c)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_pruned_widths_and_lowrank_modules(source):
+    """Layers of different widths and a non-Linear (factorised) projection train under LoRA."""
+    model = tiny_model("llama-gqa")
+    mlp = model.model.layers[1].mlp
+    keep = torch.arange(40)
+    for name in ("gate_proj", "up_proj"):
+        old = getattr(mlp, name)
+        new = nn.Linear(64, 40, bias=False)
+        new.weight.data.copy_(old.weight.data[keep])
+        setattr(mlp, name, new)
+    down = nn.Linear(40, 64, bias=False)
+    down.weight.data.copy_(mlp.down_proj.weight.data[:, keep])
+    mlp.down_proj = down
+    a = model.model.layers[2].self_attn
+    a.o_proj = nn.Sequential(nn.Linear(64, 8, bias=False), nn.Linear(8, 64, bias=False))
+    n_before = _nparams(model)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    res = Recovery(source, RecoveryConfig(tokens=10_000, seq_len=32, batch_size=2, mode="lora"), progress=False)(
+        model, tokens=256
+    )
+    assert res.steps == 4
+    assert _nparams(res.model) == n_before
+    assert {k: v.shape for k, v in res.model.state_dict().items()} == shapes
+    assert isinstance(res.model.model.layers[2].self_attn.o_proj, nn.Sequential)
+    with pytest.raises(UsageError, match="matches no module"):
+        recover(model, source, RecoveryConfig(tokens=64, seq_len=32, mode="lora", lora_targets=["wq"]))
