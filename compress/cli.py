@@ -126,7 +126,10 @@ def _print_summary(rec: dict[str, Any]) -> None:
             con.print(f"every layer: {layers[0]}")
     if rec.get("export"):
         e = rec["export"]
-        con.print(f"saved [bold]{e['path']}[/] ({e['kind']} format: {e['reason']})")
+        if e.get("path"):
+            con.print(f"saved [bold]{e['path']}[/] ({e['kind']} format: {e['reason']})")
+        else:
+            con.print(f"would export in {e['kind']} format ({e['reason']})")
     if rec.get("timing_s"):
         con.print(f"time: load {rec['timing_s']['load']:.1f}s, prune {rec['timing_s']['prune']:.1f}s; "
                   f"peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -94,7 +94,9 @@ def assets_root(required: bool = True) -> Path | None:
     if not required:
         return None
     if not value:
-        raise UsageError("COMPRESS_ASSETS is not set; point it at the assets folder (it holds data/ and models/)")
+        raise UsageError(
+            "COMPRESS_ASSETS is not set; point it at the assets folder (it holds data/ and models/)"
+        )
     raise UsageError(f"COMPRESS_ASSETS={value} is not a folder; point it at the assets folder")
 
 
@@ -132,7 +134,9 @@ def ppl_text(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise UsageError(f"unknown perplexity source {source!r}; use one of {', '.join(PPL_DATASETS)} or a text file path")
+    raise UsageError(
+        f"unknown perplexity source {source!r}; use one of {', '.join(PPL_DATASETS)} or a text file path"
+    )
 
 
 # ------------------------------------------------------------------------------------ perplexity
@@ -231,7 +235,9 @@ def perplexity(
         raise UsageError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and seq_len > max_pos:
-        raise UsageError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; use a shorter seq_len")
+        raise UsageError(
+            f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; use a shorter seq_len"
+        )
 
     with _quiet_transformers():
         ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -300,7 +306,9 @@ def tasks_dir() -> Path:
     override = os.environ.get("COMPRESS_TASKS_DIR")
     path = Path(override) if override else Path(__file__).resolve().parents[1] / "benchmarks" / "tasks"
     if not path.is_dir():
-        raise UsageError(f"task folder {path} not found; set COMPRESS_TASKS_DIR to the benchmarks/tasks folder")
+        raise UsageError(
+            f"task folder {path} not found; set COMPRESS_TASKS_DIR to the benchmarks/tasks folder"
+        )
     return path
 
 
@@ -318,7 +326,9 @@ def materialized_tasks_dir(assets: Path | None = None) -> Iterator[Path]:
         out = Path(tmp)
         for src in sorted(tasks_dir().iterdir()):
             if src.suffix in (".yaml", ".yml"):
-                (out / src.name).write_text(src.read_text(encoding="utf-8").replace(ASSETS_PLACEHOLDER, escaped))
+                (out / src.name).write_text(
+                    src.read_text(encoding="utf-8").replace(ASSETS_PLACEHOLDER, escaped)
+                )
             elif src.suffix == ".py":
                 shutil.copyfile(src, out / src.name)
         yield out
@@ -412,18 +422,28 @@ def lm_eval_tasks(
         known = set(manager.all_tasks)
         missing = [name for _, name in pairs if name not in known]
         if missing:
-            raise UsageError(f"lm-eval does not know task(s) {', '.join(missing)}; use any of {_valid_names()}")
+            raise UsageError(
+                f"lm-eval does not know task(s) {', '.join(missing)}; use any of {_valid_names()}"
+            )
         stack.enter_context(_eval_mode(model))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[name for _, name in pairs],
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            bootstrap_iters=0,
-            log_samples=False,
-        )
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name for _, name in pairs],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
+        except ConnectionError as e:
+            if not needs_hub:
+                raise
+            raise UsageError(
+                f"{e} - {HUB_PREFIX}<task> needs the HF hub or a filled datasets cache; offline, use the "
+                f"local tasks ({', '.join(ZERO_SHOT_TASKS)})"
+            ) from None
 
     if out is None:  # only on non-zero ranks of a distributed run
         return {}
@@ -437,7 +457,9 @@ def lm_eval_tasks(
             if isinstance(raw.get(f"{m},none"), (int, float))
         }
         if not metrics:
-            raise UsageError(f"task {name!r} reported no acc/acc_norm (got {sorted(raw)}); only multiple-choice tasks are supported")
+            raise UsageError(
+                f"task {name!r} reported no acc/acc_norm (got {sorted(raw)}); only multiple-choice tasks are supported"
+            )
         metric = _headline(key, metrics)
         n = out.get("n-samples", {}).get(name, {}).get("effective")
         results[key] = {**metrics, "n": n, "metric": metric, "score": metrics[metric], "task": name}
@@ -474,7 +496,9 @@ def evaluate_model(
         for source, lengths in ppl.items():
             text = ppl_text(source)
             result["ppl"][source] = {
-                str(n): perplexity(model, tokenizer, text, seq_len=int(n), max_windows=max_windows, progress=progress)
+                str(n): perplexity(
+                    model, tokenizer, text, seq_len=int(n), max_windows=max_windows, progress=progress
+                )
                 for n in lengths
             }
     if tasks:

@@ -121,8 +121,12 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
     arch = registry.adapter_for(model)
     after = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     _goal_check(target, dense, after, pruner.name)
+    from compress.export import stock_expressible
+
+    stock, why = stock_expressible(model, arch)
     return {
         "dry_run": True,
+        "export": {"kind": "stock" if stock else "compress", "reason": why, "path": None},
         "model": source,
         "method": pruner.name,
         "target": str(target),

@@ -144,13 +144,16 @@ def test_perplexity_errors(model, tok):
 
 @needs_assets
 def test_stories260k_tinystories_ppl_about_5():
-    """Real model sanity check. The full file gives 5.05 at 512 (SOURCES.md; ~17 s here); the first
-    120 windows are easier text (about 4.3), so the bound is loose."""
+    """Real model sanity check. The whole file gives 5.05 at 512 (SOURCES.md; reproduced exactly by
+    perplexity(), but 15-35 s on this CPU); its first 120 windows are easier text (3.99), hence the
+    loose bound."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ASSETS / "models" / "stories260k"
     m, t = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    res = ev.perplexity(m, t, ev.ppl_text("tinystories"), seq_len=512, batch_size=40, max_windows=120, progress=False)
+    res = ev.perplexity(
+        m, t, ev.ppl_text("tinystories"), seq_len=512, batch_size=40, max_windows=120, progress=False
+    )
     assert res["total_windows"] == 767 and res["windows"] == 120
     assert 3.5 < res["ppl"] < 6.0
 
@@ -186,11 +189,13 @@ def test_materialized_yamls_point_at_assets():
 
 @needs_assets
 def test_prompts_match_lm_eval_format():
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     with ev.materialized_tasks_dir() as d:
         manager = TaskManager(include_path=str(d), include_defaults=False)
-        tasks = get_task_dict(["compress_piqa", "compress_winogrande", "compress_boolq", "compress_hellaswag"], manager)
+        tasks = manager.load(
+            ["compress_piqa", "compress_winogrande", "compress_boolq", "compress_hellaswag"]
+        )["tasks"]
         args = {}
         for name, task in tasks.items():
             task.build_all_requests(limit=1, rank=0, world_size=1)
@@ -199,7 +204,9 @@ def test_prompts_match_lm_eval_format():
     q = "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
     assert [a[0] for a in args["compress_piqa"]] == [q, q]
     assert args["compress_piqa"][0][1].startswith(" Provide the guinea pig with a cage full of a few inches")
-    assert "ripped paper strips" in args["compress_piqa"][0][1] and "ripped jeans" in args["compress_piqa"][1][1]
+    assert (
+        "ripped paper strips" in args["compress_piqa"][0][1] and "ripped jeans" in args["compress_piqa"][1][1]
+    )
     # winogrande: partial scoring, one context per option, the same continuation after each
     assert args["compress_winogrande"] == [
         ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
@@ -211,7 +218,10 @@ def test_prompts_match_lm_eval_format():
     assert ctx.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
     assert [c for _, c in args["compress_boolq"]] == [" no", " yes"]
     # hellaswag: ctx_b capitalised as lm-eval does ("... on a roof. he" -> "... on a roof. He")
-    assert args["compress_hellaswag"][0] == ("Roof shingle removal: A man is sitting on a roof. He", " is using wrap to wrap a pair of skis.")
+    assert args["compress_hellaswag"][0] == (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        " is using wrap to wrap a pair of skis.",
+    )
 
 
 @needs_assets
@@ -224,12 +234,16 @@ def test_lm_eval_tasks_on_tiny_model(model, tok):
         assert r["metric"] == ev.HEADLINE_METRIC[key] and r["score"] == r[r["metric"]]
         assert all(0.0 <= r[m] <= 1.0 for m in ("acc", "acc_norm") if m in r)
     assert "acc_norm" not in res["winogrande"] and "acc_norm" in res["piqa"]
-    assert res["average"] == pytest.approx(sum(res[k]["score"] for k in ("piqa", "winogrande", "arc_challenge")) / 3)
+    assert res["average"] == pytest.approx(
+        sum(res[k]["score"] for k in ("piqa", "winogrande", "arc_challenge")) / 3
+    )
 
 
 @needs_assets
 def test_evaluate_model_combines(model, tok):
-    out = ev.evaluate_model(model, tok, ppl={"tinystories": [64]}, tasks=["boolq"], limit=2, max_windows=2, progress=False)
+    out = ev.evaluate_model(
+        model, tok, ppl={"tinystories": [64]}, tasks=["boolq"], limit=2, max_windows=2, progress=False
+    )
     assert set(out) == {"ppl", "tasks"}
     assert out["ppl"]["tinystories"]["64"]["windows"] == 2
     assert out["tasks"]["boolq"]["n"] == 2 and out["tasks"]["boolq"]["metric"] == "acc"

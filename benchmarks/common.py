@@ -1,0 +1,126 @@
+"""Shared protocol of the per-method SmolLM2-135M reports (``benchmarks/<method>_smollm2.py``).
+
+Every method is measured the same way so rows can be compared:
+
+* model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32) from ``$COMPRESS_ASSETS``;
+* pruning: ``compress.run.run`` — the same code path as ``compress run``;
+* perplexity: WikiText-2 test, the pruning papers' protocol (rows joined with blank lines,
+  non-overlapping windows, no BOS) at 2048 and 128 context. On 2 CPU cores the full test set takes
+  ~10 min per context per model, so the default is the first 32,768 tokens (16 windows of 2048,
+  256 windows of 128) — ``PPL_WINDOWS``; ``--full`` evaluates every window. Every record says which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+PPL_WINDOWS = {2048: 16, 128: 256}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def smollm2_path() -> str:
+    assets = os.environ.get("COMPRESS_ASSETS")
+    if not assets:
+        raise SystemExit("set COMPRESS_ASSETS to the shared assets folder (e.g. ../shared/assets)")
+    return str(Path(assets) / "models" / "smollm2-135m-instruct-q4_1")
+
+
+_TEXT: str | None = None
+
+
+def wikitext_ppl(model, tokenizer, *, full: bool = False) -> dict[str, Any]:
+    """PPL at 2048 and 128 context on WikiText-2 test (first 32,768 tokens unless ``full``)."""
+    global _TEXT
+    from compress.evaluate import perplexity, wikitext2_text
+
+    if _TEXT is None:
+        _TEXT = wikitext2_text("test")
+    out: dict[str, Any] = {}
+    for L, n in PPL_WINDOWS.items():
+        r = perplexity(model, tokenizer, _TEXT, seq_len=L, max_windows=None if full else n,
+                       batch_size=1 if L > 512 else 16, progress=False)
+        out[f"ppl{L}"] = round(r["ppl"], 4)
+        out[f"ppl{L}_windows"] = r["windows"]
+    return out
+
+
+def dense_row(*, full: bool = False) -> dict[str, Any]:
+    from compress.loading import load_model
+    from compress.measure import footprint
+
+    lm = load_model(smollm2_path())
+    fp = footprint(lm.model)
+    return {"method": "dense", "target": "100%", "params": fp.params, "flops_per_token": fp.flops_per_token,
+            "kv_bytes_per_token": fp.kv_bytes_per_token, **wikitext_ppl(lm.model, lm.tokenizer, full=full)}
+
+
+def prune_row(method: str, target: str, *, settings: dict | None = None, seed: int = 0, calib: str | None = None,
+              recover_tokens: int = 0, recover_mode: str = "full", recover_settings: dict | None = None,
+              full: bool = False, label: str | None = None) -> dict[str, Any]:
+    """Prune SmolLM2 with ``compress.run.run`` (no export) and measure it."""
+    from compress.run import RunSpec, clean_record, run
+
+    spec = RunSpec(method=method, target=target, model=smollm2_path(), seed=seed, calib=calib,
+                   settings=dict(settings or {}), recover_tokens=recover_tokens, recover_mode=recover_mode,
+                   recover_settings=dict(recover_settings or {}), progress=False)
+    t = time.perf_counter()
+    rec = run(spec, log=lambda m: None)
+    wall = time.perf_counter() - t
+    model = rec["_model"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    row = {
+        "method": label or method,
+        "target": target,
+        "settings": settings or {},
+        "recover_tokens": recover_tokens,
+        "params": rec["achieved"]["params"],
+        "flops_per_token": rec["achieved"]["flops_per_token"],
+        "kv_bytes_per_token": rec["achieved"]["kv_bytes_per_token"],
+        "ratios": rec["ratios"],
+        "prune_s": rec["timing_s"]["prune"],
+        "wall_s": round(wall, 1),
+        "peak_rss_bytes": rec["peak_rss_bytes"],
+        "notes": clean_record(rec).get("notes"),
+        "recovery": rec.get("recovery"),
+        **wikitext_ppl(model, tok, full=full),
+    }
+    return row
+
+
+def write_results(name: str, rows: list[dict[str, Any]], columns: list[str] | None = None,
+                  preamble: str = "") -> Path:
+    """``results/<name>.jsonl`` and a markdown table ``results/<name>.md``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jl = RESULTS / f"{name}.jsonl"
+    jl.write_text("".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    cols = columns or ["method", "target", "params", "ratios.params", "ratios.flops", "ratios.kv", "ppl2048",
+                       "ppl128", "prune_s", "peak_rss_mib"]
+
+    def get(r: dict, c: str):
+        if c == "peak_rss_mib":
+            v = r.get("peak_rss_bytes")
+            return f"{v / 2**20:.0f}" if v else ""
+        cur: Any = r
+        for part in c.split("."):
+            cur = cur.get(part) if isinstance(cur, dict) else None
+        if isinstance(cur, float):
+            return f"{cur:.4g}" if not c.startswith("ratios") else f"{cur:.1%}"
+        if isinstance(cur, int) and c == "params":
+            return f"{cur:,}"
+        return "" if cur is None else str(cur)
+
+    lines = [preamble.strip(), ""] if preamble.strip() else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(get(r, c) for c in cols) + " |" for r in rows]
+    md = RESULTS / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md

@@ -1,0 +1,1 @@
+"""TransAct pruning plugin for compress."""

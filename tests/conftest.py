@@ -1,0 +1,37 @@
+"""Test-wide settings: offline hub, private HF cache, assets location."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="compress-hf-home-"))
+_default_assets = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+if not os.environ.get("COMPRESS_ASSETS") and _default_assets.is_dir():
+    os.environ["COMPRESS_ASSETS"] = str(_default_assets)
+
+import pytest  # noqa: E402
+
+ASSETS = Path(os.environ["COMPRESS_ASSETS"]) if os.environ.get("COMPRESS_ASSETS") else None
+needs_assets = pytest.mark.skipif(ASSETS is None or not ASSETS.is_dir(), reason="needs $COMPRESS_ASSETS")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if ASSETS is None or not ASSETS.is_dir():
+        pytest.skip("needs $COMPRESS_ASSETS")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(assets: Path) -> Path:
+    return assets / "models" / "smollm2-135m-instruct-q4_1"
+
+
+@pytest.fixture(scope="session")
+def stories_dir(assets: Path) -> Path:
+    return assets / "models" / "stories260k"
