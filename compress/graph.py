@@ -76,21 +76,47 @@ class Plan:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def compose(self, later: Plan) -> Plan:
-        """The plan equal to applying ``self`` then ``later`` (whose indices refer to ``self``'s result)."""
+        """The plan equal to applying ``self`` then ``later`` (whose indices refer to ``self``'s result).
+
+        :func:`apply_plan` keeps indices in ascending order, so ``later``'s index ``j`` names the ``j``-th
+        smallest index kept by ``self``. A layer whose attention lists only ``heads`` or only ``kv_heads``
+        leaves the other implicit; composing it with a plan that names the other kind needs the group
+        size, so ``self`` must then list both (the result of :func:`resolve_attention`).
+        """
 
         def comp(first: list[int] | None, second: list[int] | None) -> list[int] | None:
             if second is None:
-                return first
+                return None if first is None else sorted(set(first))
             if first is None:
-                return list(second)
-            return [first[j] for j in second]
+                return sorted(set(second))
+            kept = sorted(set(first))
+            return [kept[j] for j in sorted(set(second))]
+
+        def attn(i: int, a: LayerPlan, b: LayerPlan) -> tuple[list[int] | None, list[int] | None]:
+            if b.heads is None and b.kv_heads is None:
+                return comp(a.heads, None), comp(a.kv_heads, None)
+            if a.heads is None and a.kv_heads is None:
+                return comp(None, b.heads), comp(None, b.kv_heads)
+            if a.heads is not None and a.kv_heads is not None:  # fully resolved: group size is known
+                ah, ak = sorted(set(a.heads)), sorted(set(a.kv_heads))
+                g = len(ah) // len(ak)
+                bk = sorted(set(b.kv_heads)) if b.kv_heads is not None else sorted({h // g for h in b.heads or []})
+                bh = (sorted(set(b.heads)) if b.heads is not None
+                      else [h for k in bk for h in range(k * g, (k + 1) * g)])
+                return [ah[j] for j in bh], [ak[j] for j in bk]
+            if (a.heads is None) == (b.heads is None) and (a.kv_heads is None) == (b.kv_heads is None):
+                return comp(a.heads, b.heads), comp(a.kv_heads, b.kv_heads)
+            raise UsageError(
+                f"cannot compose the attention plans of layer {i}: the first lists only "
+                f"{'kv_heads' if a.heads is None else 'heads'} and the second "
+                f"{'kv_heads' if b.heads is None else 'heads'}; list both heads and kv_heads in the first"
+            )
 
         out = Plan(hidden=comp(self.hidden, later.hidden))
         for i in sorted(set(self.layers) | set(later.layers)):
             a, b = self.layers.get(i, LayerPlan()), later.layers.get(i, LayerPlan())
-            out.layers[i] = LayerPlan(
-                heads=comp(a.heads, b.heads), kv_heads=comp(a.kv_heads, b.kv_heads), mlp=comp(a.mlp, b.mlp)
-            )
+            heads, kv = attn(i, a, b)
+            out.layers[i] = LayerPlan(heads=heads, kv_heads=kv, mlp=comp(a.mlp, b.mlp))
         return out
 
 

@@ -2,7 +2,8 @@
 
 A plugin that fails to import, whose hooks raise, or that registers a method name already taken is
 recorded (name, distribution, version, error) and skipped; every other plugin and command keeps
-working. ``COMPRESS_STRICT_PLUGINS=1`` re-raises instead (for plugin authors and CI).
+working. ``COMPRESS_STRICT_PLUGINS=1`` re-raises instead (for plugin authors and CI). The project's own
+distributions (``compress-*``) load first, so a third-party plugin cannot take a built-in method name.
 
 Environment:
 
@@ -73,7 +74,7 @@ class Registry:
         builtin = PluginInfo("compress-core", "compress", _version("compress"), "compress.plugins")
         self._add(_BuiltinArchitectures(), builtin)
         if load_entry_points:
-            for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+            for ep in sorted(entry_points(group=GROUP), key=_load_order):
                 self.load_entry_point(ep)
 
     # ------------------------------------------------------------------ loading
@@ -181,6 +182,14 @@ class Registry:
                 **cls.capabilities.to_dict(),
             })
         return rows
+
+
+def _load_order(ep: EntryPoint) -> tuple[bool, str]:
+    """The project's own distributions (``compress``, ``compress-*``) first, then by entry-point name:
+    names are first come, first served, so a third-party plugin cannot take a built-in method's name."""
+    dist = getattr(getattr(ep, "dist", None), "name", None) or ""
+    first_party = dist.lower().replace("_", "-") == "compress" or dist.lower().replace("_", "-").startswith("compress-")
+    return (not first_party, ep.name)
 
 
 def _version(dist: str) -> str | None:

@@ -89,11 +89,27 @@ class Target:
 
     def __str__(self) -> str:
         if self.fraction is not None:
-            pct = f"{self.fraction * 100:.10g}%"
+            pct = f"{_fmt_pct(self.fraction)}%"
             return pct if self.metric == "params" else f"{self.metric}:{pct}"
         assert self.absolute is not None
         body = _fmt(self.absolute)
         return body if self.metric == "params" else f"{self.metric}:{body}"
+
+
+def _fmt_pct(fraction: float) -> str:
+    """The shortest percentage that parses back to exactly ``fraction`` (``parse`` divides by 100)."""
+    x = fraction * 100
+    for digits in (10, 12, 15, 17):
+        s = f"{x:.{digits}g}"
+        if float(s) / 100.0 == fraction:
+            return s
+    up = down = x
+    for _ in range(8):  # x/100 may round differently; a neighbouring float of x parses back
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        for c in (up, down):
+            if c / 100.0 == fraction:
+                return repr(c)
+    return repr(x)
 
 
 def _fmt(v: float) -> str:

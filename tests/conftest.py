@@ -35,3 +35,15 @@ def smollm2_dir(assets: Path) -> Path:
 @pytest.fixture(scope="session")
 def stories_dir(assets: Path) -> Path:
     return assets / "models" / "stories260k"
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_dir: Path):
+    """SmolLM2-135M loaded once from its GGUF through ``compress.loading.load_model`` (dequantized, ~30 s).
+
+    Shared by the slow tests; never modify it in place (deep-copy first)."""
+    if not smollm2_dir.is_dir():
+        pytest.skip(f"{smollm2_dir} is missing")
+    from compress.loading import load_model
+
+    return load_model(str(smollm2_dir))

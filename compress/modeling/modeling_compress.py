@@ -206,7 +206,7 @@ def build_layer(config: CompressConfig, base: PretrainedConfig, i: int, layer_cl
         layer.post_attention_layernorm = norm_cls(h_mid, eps=eps)
         mlp.gate_proj = _linear_like(mlp.gate_proj, h_mid, mlp.gate_proj.out_features, None)
         mlp.up_proj = _linear_like(mlp.up_proj, h_mid, mlp.up_proj.out_features, None)
-    if h_out != h_mid:
+    if h_out != h_in:  # the layer was built at width h_in, so down_proj writes h_in until resized
         mlp.down_proj = _linear_like(mlp.down_proj, mlp.down_proj.in_features, h_out, None)
     for path, rank in (spec.get("low_rank") or {}).items():
         old = layer.get_submodule(path)

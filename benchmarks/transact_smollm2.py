@@ -1,0 +1,141 @@
+"""TransAct on SmolLM2-135M (issue #3 measurements), CPU.
+
+    python benchmarks/transact_smollm2.py [--part floors|shots|cost|all] [--full]
+
+* ``floors``: dense vs TransAct one-shot (gqa=groups and gqa=heads) at 80/60/40 % of parameters vs the
+  ``magnitude`` and ``random`` floors at the same widths (the same solver gives the same achieved size).
+* ``shots``: one-shot vs K=4 shots with training after each shot vs one-shot + the same total training
+  budget after pruning (all at 60 %).
+* ``cost``: TransAct scoring time / a plain no-grad forward over the same tokens, and peak RSS / model bytes.
+
+Calibration for the benchmark is 32 × 512 tokens of WikiText-2 valid (the default 128 × 2048 takes
+~10 min per scoring pass on 2 CPU cores); perplexity follows ``benchmarks/common.py``.
+Results: ``benchmarks/results/transact_smollm2*.{jsonl,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+CALIB = {"calib_samples": 32, "calib_seq_len": 512}
+TARGETS = ("80%", "60%", "40%")
+
+
+def floors(full: bool) -> list[dict]:
+    rows = [common.dense_row(full=full)]
+    for tgt in TARGETS:
+        for gqa in ("groups", "heads"):
+            rows.append(common.prune_row("transact", tgt, settings={**CALIB, "gqa": gqa},
+                                         label=f"transact (gqa={gqa})", full=full))
+            print(rows[-1], flush=True)
+        for m in ("magnitude", "random"):
+            rows.append(common.prune_row(m, tgt, full=full))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def shots(full: bool, per_shot: int, gqa: str) -> list[dict]:
+    rec = {"seq_len": 256, "batch_size": 8, "lr": 5e-5}
+    K = 4
+    rows = [
+        common.prune_row("transact", "60%", settings={**CALIB, "gqa": gqa}, label="one-shot, no training", full=full),
+        common.prune_row("transact", "60%", settings={**CALIB, "gqa": gqa, "shots": K,
+                                                      "recover_tokens_per_shot": per_shot, "recover_lr": 5e-5},
+                         recover_settings=rec, label=f"K={K} shots, {per_shot} tok/shot (avg)", full=full),
+        common.prune_row("transact", "60%", settings={**CALIB, "gqa": gqa}, recover_tokens=K * per_shot,
+                         recover_settings=rec, label=f"one-shot + {K * per_shot} tok after", full=full),
+    ]
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def cost() -> dict:
+    import torch
+
+    from compress.calibration import CalibrationSource, run_calibration
+    from compress.loading import load_model
+    from compress.measure import model_bytes, track_peak_rss
+    from compress.plugins import get_registry
+    from compress.pruner import PruneContext
+    from compress_transact.plugin import TransActPruner
+
+    lm = load_model(common.smollm2_path())
+    model, tok = lm.model, lm.tokenizer
+    arch = get_registry().adapter_for(model)
+    src = CalibrationSource.from_spec("wikitext2", tok, seed=0)
+    batches = src.batches(CALIB["calib_samples"], CALIB["calib_seq_len"])
+    pruner = TransActPruner(CALIB)
+    ctx = PruneContext(arch=arch, tokenizer=tok, calibration=src, progress=False, log=lambda m: None)
+    run_calibration(model, batches[:4], batch_size=4, progress=False)  # warm-up
+    gc.collect()
+    plain, scored = [], []
+    for _ in range(2):
+        t = time.perf_counter()
+        run_calibration(model, batches, batch_size=pruner.config.calib_batch_size, progress=False)
+        plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with track_peak_rss() as rss:
+            pruner.collect(model, ctx, batches)
+        scored.append(time.perf_counter() - t)
+    mb = model_bytes(model)
+    # peak RSS of a whole prune relative to the model's bytes (the process also holds torch/transformers)
+    import os
+
+    import psutil
+
+    base_rss = psutil.Process(os.getpid()).memory_info().rss
+    with track_peak_rss() as whole:
+        from compress.target import Target
+
+        pruner.prune(model, Target.parse("60%"), ctx)
+    row = {
+        "tokens": int(batches.numel()),
+        "plain_forward_s": round(min(plain), 3),
+        "scoring_s": round(min(scored), 3),
+        "scoring_over_forward": round(min(scored) / min(plain), 3),
+        "model_bytes": mb,
+        "scoring_peak_increase_bytes": rss.increase_bytes,
+        "prune_peak_rss_bytes": whole.peak_bytes,
+        "rss_before_prune_bytes": base_rss,
+        "peak_rss_over_model_bytes": round(whole.peak_bytes / mb, 3),
+        "peak_increase_over_model_bytes": round((whole.peak_bytes - base_rss) / mb, 3),
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="all", choices=("floors", "shots", "cost", "all"))
+    ap.add_argument("--full", action="store_true", help="full WikiText-2 test set (slow)")
+    ap.add_argument("--per-shot", type=int, default=40_000)
+    ap.add_argument("--gqa", default="groups")
+    a = ap.parse_args()
+    pre = ("SmolLM2-135M-Instruct (Q4_1 → fp32), CPU. TransAct calibration 32×512 tokens of WikiText-2 valid; "
+           "PPL on the first 32,768 WikiText-2 test tokens (16×2048, 256×128 windows) unless stated.")
+    if a.part in ("floors", "all"):
+        common.write_results("transact_smollm2_floors", floors(a.full), preamble=pre)
+    if a.part in ("shots", "all"):
+        common.write_results("transact_smollm2_shots", shots(a.full, a.per_shot, a.gqa), preamble=pre,
+                             columns=["method", "target", "params", "ratios.params", "recover_tokens", "ppl2048",
+                                      "ppl128", "prune_s", "wall_s"])
+    if a.part in ("cost", "all"):
+        row = cost()
+        common.write_results("transact_smollm2_cost", [row], preamble=pre + " Cost of scoring vs a plain forward.",
+                             columns=["tokens", "plain_forward_s", "scoring_s", "scoring_over_forward",
+                                      "model_bytes", "prune_peak_rss_bytes", "peak_rss_over_model_bytes",
+                                      "peak_increase_over_model_bytes"])
+
+
+if __name__ == "__main__":
+    main()

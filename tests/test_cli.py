@@ -1,0 +1,257 @@
+"""The ``compress`` command line: in-process through ``compress.cli.main`` and a few real subprocesses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress.cli import main
+from compress.export import weights_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA2_7B = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
+COMPRESS_BIN = Path(sys.executable).with_name("compress")
+
+
+def _unique_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+# ------------------------------------------------------------------------------------------- run
+def test_run_magnitude_writes_reloadable_folder(tmp_path, capsys, stories_dir):
+    out = tmp_path / "out"
+    rc, stdout, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "60%", "--model",
+                               str(stories_dir), "--out", str(out), "--json")
+    assert rc == 0, err
+    rec = json.loads(stdout)
+    assert rec["method"] == "magnitude" and rec["target"] == "60%"
+    assert rec["plugin"]["distribution"] == "compress-baselines"
+    assert rec["export"]["path"] == str(out.resolve()) and rec["export"]["kind"] == "stock"
+    assert rec["achieved"]["params"] <= 0.6 * rec["dense"]["params"] < rec["dense"]["params"]
+    assert rec["weights_sha256"] == weights_sha256(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert _unique_params(reloaded) == rec["achieved"]["params"]
+    on_disk = json.loads((out / "compress_run.json").read_text())
+    assert on_disk["achieved"] == rec["achieved"] and on_disk["plan_hash"] == rec["plan_hash"]
+
+    # the same run in-process (no export) gives the same plan and the same logits as the saved folder
+    from compress.run import RunSpec, run
+
+    mem = run(RunSpec(method="magnitude", target="60%", model=str(stories_dir), progress=False),
+              log=lambda m: None)
+    assert mem["plan_hash"] == rec["plan_hash"]
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (reloaded(ids).logits - mem["_model"](ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_run_human_summary(tmp_path, capsys, stories_dir):
+    rc, stdout, err = _run_cli(capsys, "run", "--method", "random", "--target", "kv:50%", "--model",
+                               str(stories_dir), "--out", str(tmp_path / "o"), "--no-progress")
+    assert rc == 0, err
+    assert "random → kv:50%" in stdout and "saved" in stdout and "KV bytes/token" in stdout
+    assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_dry_run_llama2_7b_transact_loads_no_weights(capsys, monkeypatch):
+    import transformers
+
+    import compress.loading
+
+    def no_weights(*a, **k):
+        raise AssertionError("--dry-run must not load weights")
+
+    monkeypatch.setattr(compress.loading, "load_model", no_weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
+    rc, stdout, err = _run_cli(capsys, "run", "--method", "transact", "--target", "2B", "--model", str(LLAMA2_7B),
+                               "--dry-run", "--json")
+    assert rc == 0, err
+    rec = json.loads(stdout)
+    assert rec["dry_run"] is True and rec["method"] == "transact"
+    assert 1.95e9 <= rec["achieved"]["params"] <= 2e9
+    assert 6.7e9 < rec["dense"]["params"] < 6.8e9
+    assert rec["export"]["path"] is None and rec["export"]["kind"] in ("stock", "compress")
+    rc, stdout, err = _run_cli(capsys, "run", "--method", "transact", "--target", "2B", "--model", str(LLAMA2_7B),
+                               "--dry-run")
+    assert rc == 0, err
+    assert "dry run: no weights loaded" in stdout and "would export" in stdout
+
+
+# ------------------------------------------------------------------------------------------- usage errors
+def _bad_json(tmp: Path) -> str:
+    p = tmp / "settings.json"
+    p.write_text("{shots: 2,,}")
+    return str(p)
+
+
+USAGE_ERRORS = [
+    (["--method", "magnitud", "--target", "60%"], "did you mean 'magnitude'"),
+    (["--method", "magnitude", "--target", "abc"], "cannot parse target 'abc'"),
+    (["--method", "magnitude", "--target", "0"], "must be a positive amount"),
+    (["--method", "magnitude", "--target", "150%"], "above 100%"),
+    (["--method", "magnitude", "--target", "60%", "--model", "{tmp}/no/such/model"], "does not exist"),
+    (["--method", "magnitude", "--target", "60%", "--set", "unknown_key=1"], "unknown key 'unknown_key'"),
+    (["--method", "transact", "--target", "60%", "--set", "shots=abc"], "shots"),
+    (["--method", "transact", "--target", "60%", "--set", "noequals"], "is not key=value"),
+    (["--method", "transact", "--target", "60%", "--config", "{badjson}"], "is not valid JSON"),
+    (["--method", "transact", "--target", "60%", "--config", "{tmp}/missing.json"], "cannot read config file"),
+    (["--method", "magnitude", "--target", "60%", "--out", "{tmp}/exists"], "already exists; pass --overwrite"),
+    (["--method", "magnitude", "--target", "600M"], "above the dense model"),
+    (["--method", "magnitude", "--target", "10"], "below the smallest legal shape"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE_ERRORS, ids=[m for _, m in USAGE_ERRORS])
+def test_usage_errors_exit_2_and_write_nothing(tmp_path, capsys, stories_dir, args, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "exists").mkdir()
+    (work / "exists" / "mine.txt").write_text("keep")
+    subs = {"tmp": str(work), "badjson": _bad_json(tmp_path)}
+    argv = ["run", *(a.format(**subs) for a in args)]
+    if "--model" not in argv:
+        argv += ["--model", str(stories_dir)]
+    if "--out" not in argv:
+        argv += ["--out", str(work / "out")]
+    before = sorted(str(p) for p in work.rglob("*"))
+    rc, stdout, err = _run_cli(capsys, *argv)
+    assert rc == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert sorted(str(p) for p in work.rglob("*")) == before  # nothing written, nothing removed
+
+
+def test_out_required(capsys, stories_dir):
+    rc, _, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "60%", "--model", str(stories_dir))
+    assert rc == 2 and "--out is required" in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["run", "--target", "60%"])
+    assert ei.value.code == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["frobnicate"])
+    assert ei.value.code == 2
+
+
+def test_kv_target_refused_for_heads_mode(tmp_path, capsys, stories_dir):
+    rc, _, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "kv:50%", "--set", "gqa=heads",
+                          "--model", str(stories_dir), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "kv: target needs whole KV groups" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- listing / inspect
+def test_methods_and_plugins(capsys):
+    rc, out, _ = _run_cli(capsys, "methods", "--json")
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {"random", "magnitude", "transact"} <= set(rows)
+    assert rows["magnitude"]["aliases"] == ["l2"] and rows["transact"]["distribution"] == "compress-transact"
+    rc, out, _ = _run_cli(capsys, "methods")
+    assert rc == 0 and "magnitude (l2)" in out and "transact" in out
+    rc, out, _ = _run_cli(capsys, "plugins", "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    plugins = {p["name"]: p for p in doc["plugins"]}
+    assert plugins["naive"]["status"] == "loaded" and plugins["naive"]["methods"] == ["magnitude", "random"]
+    assert {"llama", "qwen2", "compress"} <= set(doc["architectures"])
+    assert all("traceback" not in p for p in doc["plugins"])
+    rc, out, _ = _run_cli(capsys, "plugins")
+    assert rc == 0 and "naive" in out and "architectures:" in out
+
+
+def test_inspect(capsys, stories_dir):
+    rc, out, err = _run_cli(capsys, "inspect", str(stories_dir), "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    assert doc["footprint"]["params"] == _unique_params(model)
+    assert doc["model_type"] == "llama" and doc["layers"] == model.config.num_hidden_layers
+    assert doc["methods"]["magnitude"] == "yes" and doc["methods"]["transact"] == "yes"
+    rc, out, err = _run_cli(capsys, "inspect", str(stories_dir))
+    assert rc == 0, err
+    assert f"parameters {_unique_params(model):,}" in out
+    rc, out, err = _run_cli(capsys, "inspect", str(LLAMA2_7B), "--json")
+    assert rc == 0 and 6.7e9 < json.loads(out)["footprint"]["params"] < 6.8e9
+
+
+def test_inspect_missing_model(capsys, tmp_path):
+    rc, _, err = _run_cli(capsys, "inspect", str(tmp_path / "nope"))
+    assert rc == 2 and err.startswith("error: ") and "does not exist" in err
+
+
+# ------------------------------------------------------------------------------------------- real subprocesses
+def test_console_script(tmp_path, stories_dir):
+    out = tmp_path / "out"
+    r = subprocess.run([str(COMPRESS_BIN), "run", "--method", "magnitud", "--target", "60%", "--model",
+                        str(stories_dir), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        r.stderr.strip()] and "error: unknown method 'magnitud'; did you mean 'magnitude'?" in r.stderr
+    assert not out.exists()
+    r = subprocess.run([str(COMPRESS_BIN), "inspect", str(stories_dir), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["footprint"]["params"] == _unique_params(
+        AutoModelForCausalLM.from_pretrained(stories_dir))
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2 (slow)
+@pytest.mark.slow
+def test_run_magnitude_smollm2(tmp_path, capsys, monkeypatch, smollm2_dir, smollm2_loaded):
+    """``compress run`` end to end on SmolLM2-135M. The GGUF is dequantized once per session (~30 s):
+    ``load_model`` is checked against the same path and then answers with a copy of that load."""
+    import compress.export
+    import compress.loading
+
+    calls, exported = [], {}
+
+    def cached_load(source=None, **kw):
+        calls.append(source)
+        assert Path(source) == smollm2_dir and kw.get("trust_remote_code") is False
+        return copy.deepcopy(smollm2_loaded)
+
+    real_export = compress.export.export_model
+
+    def spy_export(model, *a, **k):
+        exported["model"] = model
+        return real_export(model, *a, **k)
+
+    monkeypatch.setattr(compress.loading, "load_model", cached_load)
+    monkeypatch.setattr(compress.export, "export_model", spy_export)
+    out = tmp_path / "smol"
+    rc, stdout, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "60%", "--model",
+                               str(smollm2_dir), "--out", str(out), "--no-progress")
+    assert rc == 0, err
+    assert calls == [str(smollm2_dir)] and "saved" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in cfg and "quantization_config" not in cfg
+    rec = json.loads((out / "compress_run.json").read_text())
+    assert rec["achieved"]["params"] <= 0.6 * rec["dense"]["params"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    assert _unique_params(reloaded) == rec["achieved"]["params"]
+    tok = smollm2_loaded.tokenizer
+    ids = torch.tensor([tok("The quick brown fox jumps over").input_ids])
+    with torch.no_grad():
+        diff = (reloaded(ids).logits - exported["model"](ids).logits).abs().max().item()
+    assert diff <= 1e-4
