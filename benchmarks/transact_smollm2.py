@@ -32,7 +32,7 @@ TARGETS = ("80%", "60%", "40%")
 def floors(full: bool) -> list[dict]:
     rows = [common.dense_row(full=full)]
     for tgt in TARGETS:
-        for gqa in ("groups", "heads"):
+        for gqa in (("groups",) if tgt == "80%" else ("groups", "heads")):
             rows.append(common.prune_row("transact", tgt, settings={**CALIB, "gqa": gqa},
                                          label=f"transact (gqa={gqa})", full=full))
             print(rows[-1], flush=True)

@@ -1,4 +1,4 @@
-"""``compress`` command line: run | methods | plugins | inspect | eval.
+"""``compress`` command line: run | methods | plugins | inspect | eval | bench | report.
 
 Exit codes: 0 success, 1 run failure, 2 usage error. Errors are one line (``error: ...``) with a
 hint; ``-v`` shows the traceback.
@@ -89,6 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, progress=not args.json and not args.no_progress,
     )
     con = _console()
+    if not spec.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     record = run(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m)))
     rec = clean_record(record)
     if args.json:
@@ -234,6 +238,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(value: float | None) -> int | float | None:
+    """``--limit 4`` is a count (lm-eval takes values >= 1 as counts), ``--limit 0.1`` a fraction."""
+    return int(value) if value is not None and value >= 1 and value == int(value) else value
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compress.evaluate import evaluate_model
     from compress.loading import load_model
@@ -242,11 +251,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ppl: dict[str, list[int]] = {}
     for item in args.ppl or []:
         name, _, lens = item.partition(":")
-        ppl[name] = [int(x) for x in lens.split(",")] if lens else [2048]
+        try:
+            ppl[name] = [int(x) for x in lens.split(",")] if lens else [2048]
+        except ValueError:
+            from compress.errors import UsageError
+
+            raise UsageError(f"--ppl {item!r}: context lengths must be integers, e.g. wikitext2:2048,128") from None
     tasks = [t for t in (args.tasks or "").split(",") if t]
-    res = evaluate_model(loaded.model, loaded.tokenizer, ppl=ppl or None, tasks=tasks or None, limit=args.limit,
-                         max_windows=args.max_windows)
+    res = evaluate_model(loaded.model, loaded.tokenizer, ppl=ppl or None, tasks=tasks or None,
+                         limit=_limit(args.limit), max_windows=args.max_windows)
     print(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def _csv_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.bench import load_suite, read_records, run_suite
+    from compress.bench.runner import RECORDS, latest_by_cell
+
+    suite = load_suite(args.suite, max_windows=args.max_windows, limit=_limit(args.limit))
+    out = Path(args.out or Path("runs") / "bench" / suite.name)
+    methods, models = _csv_list(args.methods), _csv_list(args.models)
+    if args.list:
+        done = latest_by_cell(read_records(out / RECORDS))
+        for cell in suite.cells(methods=methods, models=models):
+            status = done.get(cell.id, {}).get("status", "todo")
+            print(f"{cell.id}  {status:6}  {cell.describe()}")
+        return 0
+    summary = run_suite(suite, out, resume=args.resume, retry_failed=args.retry_failed, overwrite=args.overwrite,
+                        methods=methods, models=models, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"{summary.total} cell(s): {summary.ran} run, {summary.skipped} skipped; {summary.ok} ok, "
+          f"{len(summary.failed)} failed. Records: {out / RECORDS}", file=sys.stderr)
+    if not args.no_report:
+        from compress.bench.report import load_runs, write_report
+
+        files = write_report(load_runs([out]), out / "report", title=f"compress bench: {suite.name}")
+        print(f"report: {files['markdown']}", file=sys.stderr)
+    return summary.exit_code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.bench.report import load_runs, write_report
+
+    records = load_runs(args.runs)
+    first = Path(args.runs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report"
+    title = args.title or "compress bench: " + ", ".join(sorted({str(r.get("suite")) for r in records}))
+    files = write_report(records, out, title=title)
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+    else:
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print("\n".join(f"wrote {v}" for v in files.values()), file=sys.stderr)
     return 0
 
 
@@ -302,11 +365,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="run a benchmark suite (one isolated process and record per cell)")
+    b.add_argument("suite", help="suite YAML, e.g. benchmarks/suites/smoke.yaml")
+    b.add_argument("--out", help="results folder (default: runs/bench/<suite name>)")
+    b.add_argument("--resume", action="store_true", help="skip cells that already have a record")
+    b.add_argument("--retry-failed", action="store_true", help="with --resume: run failed cells again")
+    b.add_argument("--overwrite", action="store_true", help="discard existing records and start over")
+    b.add_argument("--methods", help="only these methods (comma list of names/labels; add 'dense' for the dense row)")
+    b.add_argument("--models", help="only these model ids (comma list)")
+    b.add_argument("--max-windows", type=int, default=None, help="override eval.max_windows (changes cell ids)")
+    b.add_argument("--limit", type=float, default=None, help="override eval.limit (changes cell ids)")
+    b.add_argument("--list", action="store_true", help="list the cells and their status; run nothing")
+    b.add_argument("--no-report", action="store_true", help="do not write <out>/report at the end")
+    b.set_defaults(fn=cmd_bench)
+
+    rp = sub.add_parser("report", help="markdown/JSON/CSV tables and plots from benchmark records")
+    rp.add_argument("runs", nargs="+", help="records.jsonl files or bench output folders")
+    rp.add_argument("--out", help="report folder (default: <first run>/report)")
+    rp.add_argument("--title", help="report title")
+    rp.add_argument("--json", action="store_true", help="print the written paths as JSON instead of the table")
+    rp.set_defaults(fn=cmd_report)
     return p
+
+
+def _disable_hf_progress_bars() -> None:
+    """transformers and huggingface_hub read HF_HUB_DISABLE_PROGRESS_BARS when imported, which
+    ``import compress`` has already done: switch their bars ("Loading weights", "Writing model shards")
+    off explicitly, so stderr carries only our own progress and one-line errors."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except Exception:  # noqa: BLE001 - cosmetic only
+        return
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("0", "false", "no", ""):
+        _disable_hf_progress_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -179,6 +179,7 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
 
         calib = CalibrationSource.from_spec(spec.calib or DEFAULT_CALIB, tok, seed=spec.seed)
         n, L = getattr(cfg, "calib_samples", 128), getattr(cfg, "calib_seq_len", 2048)
+        L = min(L, int(getattr(model.config, "max_position_embeddings", None) or L))
         calib_hash = calib.fingerprint(n, L) if pruner.capabilities.needs_calibration else None
 
     rec_obj = None

@@ -97,8 +97,12 @@ def solve_uniform(
     seq_len: int = 2048,
     prune_attention: bool = True,
     prune_mlp: bool = True,
+    fixed: tuple[int, int] | None = None,
 ) -> Widths:
     """Uniform widths for ``layers`` (default: all) so the model lands at or below ``target``.
+
+    ``fixed=(attention units, MLP channels)`` skips the search (explicit widths, e.g. a paper's
+    configuration) and only predicts the resulting value; the caller checks it against the goal.
 
     The attention keep ratio is ``attn_ratio`` times the MLP keep ratio (1.0 = balanced, which the
     TransAct paper found best). The largest ratio that meets the goal is found by bisection; the MLP
@@ -136,6 +140,13 @@ def solve_uniform(
     def value(a: int, m: int) -> float:
         return dense - ca * (units_dense - a) - cm * (mlp_dense - m)
 
+    if fixed is not None:
+        a, m = int(fixed[0]), int(fixed[1])
+        if not (1 <= a <= units_dense and 1 <= m <= mlp_dense):
+            raise TargetError(f"explicit widths ({a} attention units, {m} MLP channels) are outside "
+                              f"1..{units_dense} and 1..{mlp_dense}")
+        return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
+                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric)
     a_min, m_min = widths(0.0)
     if value(a_min, m_min) > goal:
         raise TargetError(

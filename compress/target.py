@@ -79,7 +79,7 @@ class Target:
         return self.absolute
 
     def check_reachable(self, dense_value: float) -> None:
-        """Refuse a goal at or above dense (nothing to prune) before any work starts."""
+        """Refuse a goal above the dense model before any work starts (100% is a legal no-op)."""
         g = self.goal(dense_value)
         if g > dense_value:
             raise TargetError(

@@ -160,14 +160,15 @@ def test_kv_target_refused_for_heads_mode(tmp_path, capsys, stories_dir):
 
 
 # ------------------------------------------------------------------------------------------- listing / inspect
-def test_methods_and_plugins(capsys):
+def test_methods_and_plugins(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps cells at 80 columns when not on a terminal
     rc, out, _ = _run_cli(capsys, "methods", "--json")
     assert rc == 0
     rows = {r["name"]: r for r in json.loads(out)}
     assert {"random", "magnitude", "transact"} <= set(rows)
     assert rows["magnitude"]["aliases"] == ["l2"] and rows["transact"]["distribution"] == "compress-transact"
     rc, out, _ = _run_cli(capsys, "methods")
-    assert rc == 0 and "magnitude (l2)" in out and "transact" in out
+    assert rc == 0 and "magnitude (l2)" in out and "compress-transact 0.1.0" in out
     rc, out, _ = _run_cli(capsys, "plugins", "--json")
     assert rc == 0
     doc = json.loads(out)
@@ -205,14 +206,10 @@ def test_console_script(tmp_path, stories_dir):
     r = subprocess.run([str(COMPRESS_BIN), "run", "--method", "magnitud", "--target", "60%", "--model",
                         str(stories_dir), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        r.stderr.strip()] and "error: unknown method 'magnitud'; did you mean 'magnitude'?" in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: unknown method 'magnitud'; did you mean 'magnitude'? "
+                                             "known methods: " + r.stderr.split("known methods: ", 1)[1].strip()]
+    assert r.stdout == ""
     assert not out.exists()
-    r = subprocess.run([str(COMPRESS_BIN), "inspect", str(stories_dir), "--json"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["footprint"]["params"] == _unique_params(
-        AutoModelForCausalLM.from_pretrained(stories_dir))
 
 
 # ------------------------------------------------------------------------------------------- SmolLM2 (slow)

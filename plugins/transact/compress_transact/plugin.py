@@ -110,24 +110,16 @@ class TransActPruner(Pruner):
         """The widths the last shot lands on."""
         unit = self._attn_unit(arch)
         cfg = self.config
-        widths = solve_uniform(arch, target, attn_unit=unit, attn_ratio=cfg.attn_ratio,  # type: ignore[arg-type]
-                               mlp_round_to=cfg.mlp_round_to)
-        if cfg.attn_heads is None:
-            return widths
-        g = arch.geometry(0)
-        per_unit = g.group_size if unit == "kv_group" else g.num_kv_heads
-        if cfg.attn_heads % per_unit or not 0 < cfg.attn_heads <= g.num_heads:
-            raise TargetError(f"attn_heads={cfg.attn_heads} must be a multiple of {per_unit} and at most "
-                              f"{g.num_heads} for gqa={cfg.gqa}")
-        if cfg.mlp_dim is not None and cfg.mlp_dim > g.intermediate:
-            raise TargetError(f"mlp_dim={cfg.mlp_dim} is above the dense MLP width {g.intermediate}")
-        units = cfg.attn_heads // per_unit
-        ca = (widths.dense - widths.predicted)  # keep the solver's bookkeeping for the record
-        explicit = Widths(attn_unit=widths.attn_unit, attn_units=units, attn_units_dense=widths.attn_units_dense,
-                          mlp=int(cfg.mlp_dim or g.intermediate), mlp_dense=widths.mlp_dense,
-                          predicted=float("nan"), goal=widths.goal, dense=widths.dense, metric=widths.metric)
-        del ca
-        return explicit
+        fixed = None
+        if cfg.attn_heads is not None:
+            g = arch.geometry(0)
+            per_unit = g.group_size if unit == "kv_group" else g.num_kv_heads
+            if cfg.attn_heads % per_unit or not 0 < cfg.attn_heads <= g.num_heads:
+                raise TargetError(f"attn_heads={cfg.attn_heads} must be a multiple of {per_unit} and at most "
+                                  f"{g.num_heads} for gqa={cfg.gqa}")
+            fixed = (cfg.attn_heads // per_unit, int(cfg.mlp_dim or g.intermediate))
+        return solve_uniform(arch, target, attn_unit=unit, attn_ratio=cfg.attn_ratio,  # type: ignore[arg-type]
+                             mlp_round_to=cfg.mlp_round_to, fixed=fixed)
 
     def schedule(self, arch: ArchAdapter, final: Widths) -> list[tuple[int, int]]:
         """(attention units, MLP channels) after each shot: the official linear interpolation."""
