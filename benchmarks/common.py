@@ -22,6 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 PPL_WINDOWS = {2048: 16, 128: 256}
+if os.environ.get("COMPRESS_BENCH_QUICK"):  # half the tokens (16,384) when CPU time is scarce; recorded per row
+    PPL_WINDOWS = {2048: 8, 128: 128}
+if os.environ.get("COMPRESS_BENCH_THREADS"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["COMPRESS_BENCH_THREADS"]))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

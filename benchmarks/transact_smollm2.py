@@ -60,13 +60,13 @@ def shots(full: bool, per_shot: int, gqa: str) -> list[dict]:
 
 def cost() -> dict:
     import torch
+    from compress_transact.plugin import TransActPruner
 
     from compress.calibration import CalibrationSource, run_calibration
     from compress.loading import load_model
     from compress.measure import model_bytes, track_peak_rss
     from compress.plugins import get_registry
     from compress.pruner import PruneContext
-    from compress_transact.plugin import TransActPruner
 
     lm = load_model(common.smollm2_path())
     model, tok = lm.model, lm.tokenizer
@@ -121,8 +121,10 @@ def main() -> None:
     ap.add_argument("--per-shot", type=int, default=40_000)
     ap.add_argument("--gqa", default="groups")
     a = ap.parse_args()
+    n2048, n128 = common.PPL_WINDOWS[2048], common.PPL_WINDOWS[128]
     pre = ("SmolLM2-135M-Instruct (Q4_1 → fp32), CPU. TransAct calibration 32×512 tokens of WikiText-2 valid; "
-           "PPL on the first 32,768 WikiText-2 test tokens (16×2048, 256×128 windows) unless stated.")
+           f"PPL on the first {n2048 * 2048:,} WikiText-2 test tokens ({n2048}×2048 and {n128}×128 windows; "
+           "`ppl*_windows` columns), no BOS, rows joined by blank lines.")
     if a.part in ("floors", "all"):
         common.write_results("transact_smollm2_floors", floors(a.full), preamble=pre)
     if a.part in ("shots", "all"):

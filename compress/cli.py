@@ -274,17 +274,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from compress.bench import load_suite, read_records, run_suite
     from compress.bench.runner import RECORDS, latest_by_cell
 
-    suite = load_suite(args.suite, max_windows=args.max_windows, limit=_limit(args.limit))
+    suite = load_suite(args.suite, max_windows=args.max_windows, max_tokens=args.max_tokens,
+                       limit=_limit(args.limit))
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     methods, models = _csv_list(args.methods), _csv_list(args.models)
+    recovery = None
+    if args.recovery:
+        try:
+            recovery = [int(float(t)) for t in _csv_list(args.recovery) or []]
+        except ValueError:
+            from compress.errors import UsageError
+
+            raise UsageError(f"--recovery {args.recovery!r}: give token budgets, e.g. --recovery 0") from None
     if args.list:
         done = latest_by_cell(read_records(out / RECORDS))
-        for cell in suite.cells(methods=methods, models=models):
+        for cell in suite.cells(methods=methods, models=models, recovery=recovery):
             status = done.get(cell.id, {}).get("status", "todo")
             print(f"{cell.id}  {status:6}  {cell.describe()}")
         return 0
     summary = run_suite(suite, out, resume=args.resume, retry_failed=args.retry_failed, overwrite=args.overwrite,
-                        methods=methods, models=models, log=lambda m: print(m, file=sys.stderr, flush=True))
+                        methods=methods, models=models, recovery=recovery,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{summary.total} cell(s): {summary.ran} run, {summary.skipped} skipped; {summary.ok} ok, "
           f"{len(summary.failed)} failed. Records: {out / RECORDS}", file=sys.stderr)
     if not args.no_report:
@@ -374,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="discard existing records and start over")
     b.add_argument("--methods", help="only these methods (comma list of names/labels; add 'dense' for the dense row)")
     b.add_argument("--models", help="only these model ids (comma list)")
+    b.add_argument("--recovery", help="only these recovery budgets in tokens (comma list, e.g. 0)")
     b.add_argument("--max-windows", type=int, default=None, help="override eval.max_windows (changes cell ids)")
+    b.add_argument("--max-tokens", type=int, default=None, help="override eval.max_tokens (changes cell ids)")
     b.add_argument("--limit", type=float, default=None, help="override eval.limit (changes cell ids)")
     b.add_argument("--list", action="store_true", help="list the cells and their status; run nothing")
     b.add_argument("--no-report", action="store_true", help="do not write <out>/report at the end")

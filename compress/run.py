@@ -234,6 +234,7 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
         record["export"] = info
         record["weights_sha256"] = info["weights_sha256"]
     record["_model"] = model
+    record["_tokenizer"] = tok
     return record
 
 

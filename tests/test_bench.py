@@ -1,0 +1,335 @@
+"""``compress bench`` / ``compress report``: suite files, record schema, resume, failure isolation,
+report rendering, and one real smoke-suite cell end to end (stories260K, a few seconds of work per
+cell; most of a cell's time is its process importing torch and transformers)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from compress.bench import RECORD_KEYS, SCHEMA, load_suite, read_records
+from compress.bench.runner import run_suite
+from compress.cli import main
+from compress.errors import UsageError
+from compress.evaluate import ZERO_SHOT_TASKS
+from compress.testing import assets_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = ROOT / "benchmarks" / "suites"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+needs_assets = pytest.mark.skipif(assets_dir() is None, reason="COMPRESS_ASSETS not set")
+
+# Fast cells: dense and random run (in their own processes); random at 1M parameters (above the
+# 260K dense model) and the unknown method fail before any process starts.
+TINY = """
+name: tiny
+models:
+  - id: stories260k
+    path: ${COMPRESS_ASSETS}/models/stories260k
+methods: [random, nosuch]
+targets: ["50%", "1M"]
+eval:
+  ppl: {tinystories: [128]}
+  max_windows: 2
+  latency: {prompt_len: 16, new_tokens: 4, repeats: 1, warmup: 0}
+threads: 1
+"""
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _write(tmp_path: Path, text: str, name: str = "suite.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# ------------------------------------------------------------------------------ suite files
+
+
+@needs_assets
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s + "colour: red\n", "unknown key 'colour'"),
+    (lambda s: s.replace("methods: [random, nosuch]", "methods: [{name: random, sets: {}}]"),
+     "unknown key 'methods.0.sets'"),
+    (lambda s: s.replace("  max_windows: 2", "  max_window: 2"), "unknown key 'eval.max_window'"),
+    (lambda s: s.replace('targets: ["50%", "1M"]\n', ""), "missing field 'targets'"),
+    (lambda s: s.replace('targets: ["50%", "1M"]', 'targets: ["half"]'), "cannot parse target 'half'"),
+    (lambda s: s.replace("  max_windows: 2", "  tasks: [piqaa]"), "unknown task 'piqaa'"),
+    (lambda s: s.replace("{tinystories: [128]}", "{nowhere: [128]}"), "unknown source 'nowhere'"),
+    (lambda s: s.replace("${COMPRESS_ASSETS}", "${NO_SUCH_VAR_XYZ}"), "NO_SUCH_VAR_XYZ is not set"),
+    (lambda s: s.replace("models/stories260k", "models/missing"), "does not exist"),
+    (lambda s: s + "  - bad: [\n", "not valid YAML"),
+    (lambda s: s.replace("methods: [random, nosuch]", "methods: [random, random]"), "'random' is listed twice"),
+])
+def test_bad_suite_file_is_a_one_line_usage_error(tmp_path, capsys, edit, message):
+    path = _write(tmp_path, edit(TINY))
+    rc, out, err = _cli(capsys, "bench", path, "--out", tmp_path / "o")
+    assert rc == 2
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@needs_assets
+def test_suite_cells_dense_first_and_stable_ids(tmp_path):
+    suite = load_suite(SUITES / "smoke.yaml")
+    cells = suite.cells()
+    methods = ["dense", "random", "magnitude", "transact", "llm_pruner", "slicegpt", "lorap"]
+    assert [c.method for c in cells] == methods
+    assert cells[0].target == "100%" and cells[0].settings == {} and cells[0].calib is None
+    assert cells[0].model["hash_of"] == "config.json" and len(cells[0].model["hash"]) == 64
+    ids = [c.id for c in cells]
+    assert len(set(ids)) == len(ids) and ids == [c.id for c in load_suite(SUITES / "smoke.yaml").cells()]
+    # threads and labels do not change a cell's id; the evaluation protocol does
+    assert cells[1].model_copy(update={"threads": 7, "label": "x"}).id == ids[1]
+    quick = load_suite(SUITES / "smoke.yaml", max_windows=1).cells()
+    assert quick[1].eval["max_windows"] == 1 and quick[1].id != ids[1]
+    assert [c.method for c in suite.cells(methods=["transact"])] == ["transact"]
+    with pytest.raises(UsageError, match="no method 'nosuch'"):
+        suite.cells(methods=["nosuch"])
+
+
+@needs_assets
+def test_smollm2_suite_is_valid():
+    suite = load_suite(SUITES / "smollm2.yaml")
+    cells = suite.cells()
+    assert cells[0].method == "dense"
+    assert {c.method for c in cells[1:]} == {"random", "magnitude", "transact", "llm_pruner", "slicegpt", "lorap"}
+    assert {c.target for c in cells[1:]} == {"80%", "50%"}
+    budgets = {c.recovery["tokens"] for c in cells[1:]}
+    assert len(budgets) == 2 and 0 in budgets
+    assert len(cells) == 1 + 6 * 2 * 2
+    assert suite.eval.ppl == {"wikitext2": [2048, 128]} and suite.eval.max_windows is None
+    assert set(suite.eval.tasks) == set(ZERO_SHOT_TASKS) and suite.eval.limit
+    assert cells[0].model["hash_of"] == "gguf-header"
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny suite run once through the CLI: (out folder, exit code, records, stderr)."""
+    if assets_dir() is None:
+        pytest.skip("COMPRESS_ASSETS not set")
+    tmp = tmp_path_factory.mktemp("bench")
+    suite = _write(tmp, TINY)
+    out = tmp / "out"
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["bench", str(suite), "--out", str(out), "--no-report"])
+    return out, rc, read_records(out / "records.jsonl"), err.getvalue(), suite
+
+
+def test_records_schema_and_failure_isolation(tiny_run):
+    out, rc, records, err, _ = tiny_run
+    assert rc == 1, err  # failed cells -> exit 1, but every cell has its record
+    assert len(records) == 5 and len({r["cell_id"] for r in records}) == 5
+    by = {(r["method"], r["target"]): r for r in records}
+    assert records[0]["method"] == "dense"
+    for r in records:
+        assert set(RECORD_KEYS) <= set(r), set(RECORD_KEYS) - set(r)
+        assert r["schema"] == SCHEMA and r["suite"] == "tiny" and r["status"] in ("ok", "failed")
+        assert r["model"]["id"] == "stories260k" and len(r["model"]["hash"]) == 64
+        assert isinstance(r["seed"], int) and isinstance(r["eval"], dict) and r["eval"]["max_windows"] == 2
+    ok = [by[("dense", "100%")], by[("random", "50%")]]
+    for r in ok:
+        assert r["status"] == "ok" and r["error"] is None, r["error"]
+        for k in ("params", "flops_per_token", "kv_bytes_per_token"):
+            assert r["achieved"][k] > 0 and r["dense"][k] > 0
+        assert set(r["ratios"]) == {"params", "flops", "kv"}
+        ppl = r["ppl"]["tinystories"]["128"]
+        assert ppl["windows"] == 2 and ppl["partial"] is True and ppl["ppl"] > 1
+        assert r["latency"]["prefill_tokens_per_s"] > 0 and r["latency"]["decode_tokens_per_s"] > 0
+        assert isinstance(r["peak_rss_bytes"], int) and r["peak_rss_bytes"] > 0
+        assert r["threads"] == 1
+        assert {"python", "torch", "transformers", "lm_eval", "torch_pruning"} <= set(r["versions"])
+        assert r["plugin"]["distribution"] and r["tasks"] == {} and r["accuracy_avg"] is None
+        assert (out / "logs" / f"{r['cell_id']}.log").is_file()
+    dense, rnd = ok
+    assert dense["ratios"] == {"params": 1.0, "flops": 1.0, "kv": 1.0} and dense["plugin"]["distribution"] == "compress"
+    assert rnd["plugin"]["distribution"] == "compress-baselines" and rnd["config"]["gqa"] == "groups"
+    assert 0.45 < rnd["ratios"]["params"] <= 0.5 and isinstance(rnd["prune_wall_s"], float)
+    assert rnd["plan_hash"] and rnd["calibration_hash"] is None  # random needs no calibration
+    for key in (("random", "1M"), ("nosuch", "50%"), ("nosuch", "1M")):
+        r = by[key]
+        assert r["status"] == "failed" and r["stage"] == "preflight" and "\n" not in r["error"]
+        assert r["achieved"] is None and r["ppl"] == {}
+    assert "above the dense model" in by[("random", "1M")]["error"]
+    assert "unknown method 'nosuch'" in by[("nosuch", "50%")]["error"]
+
+
+def test_resume_runs_only_missing_cells(tiny_run, tmp_path, capsys, monkeypatch):
+    src, _, records, _, suite = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    import compress.bench.runner as runner
+
+    def no_spawn(*a, **k):
+        raise AssertionError("a finished cell was run again")
+
+    # 1. everything has a record: nothing runs, the exit code still reports the failed cells
+    monkeypatch.setattr(runner, "_spawn", no_spawn)
+    rc, _, err = _cli(capsys, "bench", suite, "--out", out, "--resume", "--no-report")
+    assert rc == 1 and "5 cell(s): 0 run, 5 skipped" in err
+    assert read_records(out / "records.jsonl") == records
+    # 2. without --resume an existing run is refused
+    rc, _, err = _cli(capsys, "bench", suite, "--out", out, "--no-report")
+    assert rc == 2 and "--resume" in err
+    # 3. --retry-failed reruns the failed cells only (these fail before any process starts)
+    rc, _, err = _cli(capsys, "bench", suite, "--out", out, "--resume", "--retry-failed", "--no-report")
+    assert rc == 1 and "3 run, 2 skipped" in err
+    again = read_records(out / "records.jsonl")
+    assert len(again) == 8 and all(r["status"] == "failed" for r in again[5:])
+    # 4. delete one finished line: exactly that cell runs again (in a real process)
+    monkeypatch.undo()
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    victim = next(i for i, line in enumerate(lines) if '"method": "random"' in line and '"status": "ok"' in line)
+    gone = json.loads(lines[victim])["cell_id"]
+    (out / "records.jsonl").write_text("".join(lines[:victim] + lines[victim + 1:]))
+    rc, _, err = _cli(capsys, "bench", suite, "--out", out, "--resume", "--no-report")
+    assert rc == 1 and "1 run, 4 skipped" in err, err
+    final = read_records(out / "records.jsonl")
+    assert len(final) == 8 and final[-1]["cell_id"] == gone and final[-1]["status"] == "ok"
+
+
+def _fake_python(tmp_path: Path, body: str) -> str:
+    p = tmp_path / "fake-python"
+    p.write_text("#!/bin/sh\n" + body + "\n")
+    p.chmod(0o755)
+    return str(p)
+
+
+@needs_assets
+def test_crashed_or_hung_cell_process_gets_a_failed_record(tmp_path):
+    suite = load_suite(_write(tmp_path, TINY))
+    crash = _fake_python(tmp_path, 'echo "Segmentation fault (pretend)" >&2; exit 139')
+    s = run_suite(suite, tmp_path / "a", methods=["dense"], python=crash, log=lambda m: None)
+    (rec,) = read_records(tmp_path / "a" / "records.jsonl")
+    assert s.exit_code == 1 and s.failed == [rec["cell_id"]]
+    assert rec["status"] == "failed" and rec["stage"] == "process"
+    assert "exited with code 139" in rec["error"] and "Segmentation fault (pretend)" in rec["error"]
+    hang = _fake_python(tmp_path, "exec sleep 30")
+    suite = suite.model_copy(update={"timeout_s": 1.0})
+    run_suite(suite, tmp_path / "b", methods=["dense"], python=hang, log=lambda m: None)
+    (rec,) = read_records(tmp_path / "b" / "records.jsonl")
+    assert rec["stage"] == "timeout" and "timeout_s=1" in rec["error"]
+
+
+@needs_assets
+def test_one_bench_per_results_folder(tmp_path):
+    import fcntl
+
+    suite = load_suite(_write(tmp_path, TINY))
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(UsageError, match="another compress bench is writing"):
+            run_suite(suite, out, methods=["dense"], python="/bin/false", log=lambda m: None)
+    assert not (out / "records.jsonl").exists()
+
+
+@needs_assets
+def test_bench_list(tmp_path, capsys):
+    rc, out, _ = _cli(capsys, "bench", SUITES / "smoke.yaml", "--out", tmp_path / "o", "--list")
+    assert rc == 0 and len(out.splitlines()) == 7 and all("todo" in line for line in out.splitlines())
+    assert not (tmp_path / "o").exists()
+
+
+@needs_assets
+@pytest.mark.slow
+def test_smoke_suite_cell_end_to_end(tmp_path, capsys):
+    """One real smoke-suite cell: TransAct on stories260K with calibration, PPL, lm-eval and latency."""
+    rc, _, err = _cli(capsys, "bench", SUITES / "smoke.yaml", "--out", tmp_path, "--methods", "transact")
+    assert rc == 0, err
+    (r,) = read_records(tmp_path / "records.jsonl")
+    assert r["status"] == "ok" and r["method"] == "transact" and r["target"] == "50%"
+    assert r["plugin"] == {"distribution": "compress-transact", "version": r["plugin"]["version"]}
+    assert r["config"]["calib_samples"] == 8 and r["config"]["calib_seq_len"] == 128
+    assert r["calibration"]["spec"] == "tinystories" and len(r["calibration_hash"]) == 64 and r["plan_hash"]
+    assert r["achieved"]["params"] <= 0.5 * r["dense"]["params"]
+    assert r["ppl"]["tinystories"]["128"]["windows"] == 4
+    assert set(r["tasks"]) == {"piqa", "arc_easy"}
+    for res in r["tasks"].values():
+        assert res["n"] == 4 and 0 <= res["acc"] <= 1 and 0 <= res["acc_norm"] <= 1
+        assert res["metric"] == "acc" and res["score"] == res["acc"]
+    assert r["accuracy_avg"] == pytest.approx((r["tasks"]["piqa"]["acc"] + r["tasks"]["arc_easy"]["acc"]) / 2)
+    assert r["latency"]["prompt_len"] == 64 and r["prune_wall_s"] > 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| transact | 50% | none |" in md
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def test_report_from_fixture_records(tmp_path, capsys):
+    src = FIXTURES / "records.jsonl"
+    records = read_records(src)
+    rc, out, err = _cli(capsys, "report", src, "--out", tmp_path)
+    assert rc == 0, err
+    md = (tmp_path / "report.md").read_text()
+    assert out.strip() == md.strip()
+    table = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    header, first = table[0], table[1]
+    assert header.startswith("| method | target | recovery | params |")
+    assert "piqa acc" in header and "avg" in header and "PPL tinystories@128" in header
+    assert first.startswith("| dense | — | — |")  # dense first
+    ok = [r for r in records if r["status"] == "ok" and r["method"] != "dense"]
+    best_ppl = min(r["ppl"]["tinystories"]["128"]["ppl"] for r in ok)
+    assert f"**{best_ppl:.2f}**" in md
+    dense_row = first.split(" | ")
+    assert not any(c.startswith("**") for c in dense_row)  # the reference row is never "best"
+    assert "first 4 windows" in md and "limit 4 examples per task" in md  # the protocol is stated
+    assert "## Failed cells" in md and "unknown method 'nosuch'" in md.split("## Failed cells")[1]
+    with open(tmp_path / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records) and rows[0]["method"] == "dense"
+    assert {"params_ratio", "flops_ratio", "kv_ratio", "piqa.acc", "piqa.acc_norm", "accuracy_avg"} <= set(rows[0])
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert len(doc["rows"]) == len(records) - 1 and len(doc["failed"]) == 1
+    for name in ("accuracy_vs_flops.png", "accuracy_vs_kv.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        assert f"]({name})" in md
+
+
+def test_report_inputs(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURES / "records.jsonl", run / "records.jsonl")
+    rc, out, _ = _cli(capsys, "report", run, "--json")
+    assert rc == 0 and set(json.loads(out)) >= {"markdown", "csv", "json", "plot_flops", "plot_kv"}
+    assert (run / "report" / "report.md").is_file()
+    rc, _, err = _cli(capsys, "report", tmp_path / "nothing-here")
+    assert rc == 2 and "no records at" in err
+
+
+# ------------------------------------------------------------------------------ compress eval
+
+
+@needs_assets
+def test_eval_cli_perplexity_and_limit(capsys):
+    from compress.cli import _limit
+
+    assert _limit(4.0) == 4 and isinstance(_limit(4.0), int) and _limit(0.25) == 0.25 and _limit(None) is None
+    stories = Path(assets_dir()) / "models" / "stories260k"
+    rc, out, err = _cli(capsys, "eval", stories, "--ppl", "tinystories:64", "--max-windows", "2")
+    assert rc == 0, err
+    res = json.loads(out)["ppl"]["tinystories"]["64"]
+    assert res["windows"] == 2 and res["ppl"] > 1
+    rc, _, err = _cli(capsys, "eval", stories, "--ppl", "tinystories:abc")
+    assert rc == 2 and "context lengths must be integers" in err
