@@ -39,7 +39,15 @@ MLP channels kept). `magnitude` = the weight-L2 floor at the same targets (whole
 channels, uniform widths). Calibration: WikiText-2 validation, 128 × 128 tokens, seed 0 (the
 official LoRAP setting is 128 × 128 BookCorpus). PPL: WikiText-2 test, first 32,768 tokens, at 2048
 and 128 context (`benchmarks/common.py`). No recovery training. CPU, 1 thread, 2 shared cores;
-prune_s is wall time of the pruning step, peak RSS of the process during it.
+prune_s is wall time of the pruning step (machine shared with other jobs, so it varies by ~2x),
+peak RSS of the process during it. `ranks` = q/k/v/o ranks, `d` = stays dense.
+
+Findings of this run: LoRAP stays usable where the magnitude floor (which must remove whole KV
+groups) collapses. AWSVD clearly beats plain SVD (PPL@2048 39.4 vs 58.6 at 80%, 165 vs 1787 at 60%).
+Keeping the bottom 1% of MLP channels (15 of 1536) changes nothing measurable at 80% and is slightly
+worse at 60% (165 vs 157): without recovery training, the paper's least-save finding does not
+reproduce on this model. With GQA, V (576 → 192) is cheap and stays dense at both targets, and O
+stays dense at 80% (s ≈ 0.25 < 1/3, as V/O do for LLaMA-7B at s = 0.2); Q/K carry the attention cut.
 """
 
 
