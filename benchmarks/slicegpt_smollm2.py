@@ -12,9 +12,12 @@ Rows (shared protocol of ``benchmarks/common.py``: WikiText-2 test PPL at 2048 a
   28M of 135M) the untied lm_head plus the shortcut matrices make them *larger* than the dense
   model, which ``compress run`` refuses for any target ≤ 100%, so they call the pruner directly
   (same context, timing and RSS measurement as ``compress.run``);
-* ``slicegpt`` at the params targets 80% and 60% (``compress.run``, d' solved), and the same with
-  ``slice_head=true``;
-* ``magnitude`` (the naive floor: heads/KV groups + MLP channels by weight L2) at 80% and 60%.
+* ``slicegpt`` at the params targets 80% and 60% (``compress.run``, d' solved);
+* ``magnitude`` (the naive floor: heads/KV groups + MLP channels by weight L2) at 80% and 60%;
+* ``slicegpt`` with ``slice_head=true`` at 80% and 60% (last; skip with ``--only`` to save time).
+
+Rows are appended to ``--resume`` as they finish and the tables rewritten after each cell, so an
+interrupted run continues where it stopped.
 
 Calibration: WikiText-2 (our ``wikitext2`` alias, the validation file), ``--samples`` sequences of
 2048 tokens (the official default is 128; fewer here to fit 2 shared CPU cores — the table says how many).
@@ -23,6 +26,7 @@ Calibration: WikiText-2 (our ``wikitext2`` alias, the validation file), ``--samp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,12 +86,36 @@ def sparsity_row(sparsity: float, settings: dict[str, Any], *, full: bool = Fals
     return row
 
 
+def sizing_table(settings: dict[str, Any]) -> str:
+    """d' and predicted size of every cell, with and without slice_head (meta model, no weights)."""
+    from compress_baselines.slicegpt import SliceGPTConfig, solve_dims
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compress import ArchAdapter, Target
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_path()))
+    arch = ArchAdapter(model)
+    lines = ["| sized by | d' | params | of dense | d' (slice_head) | params (slice_head) | of dense |",
+             "|---|---|---|---|---|---|---|"]
+    for label, target, extra in [*[(f"sparsity {s}", "1B", {"sparsity": s}) for s in (0.2, 0.25, 0.3)],
+                                 *[(f"target {t}", t, {}) for t in ("80%", "60%")]]:
+        cells = [label]
+        for head in (False, True):
+            sz = solve_dims(model, arch, Target.parse(target), SliceGPTConfig(**settings, **extra, slice_head=head))
+            cells += [str(sz.dims.embedding), f"{int(sz.predicted):,}", f"{sz.predicted / sz.dense:.1%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=16, help="calibration sequences of 2048 tokens (official 128)")
+    ap.add_argument("--samples", type=int, default=8, help="calibration sequences of 2048 tokens (official 128)")
     ap.add_argument("--full", action="store_true", help="PPL on the whole WikiText-2 test set")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="", help="comma list of row labels to run (debug)")
+    ap.add_argument("--only", default="", help="comma list of cell labels to run")
+    ap.add_argument("--resume", default="/tmp/slicegpt_smollm2_rows.jsonl",
+                    help="rows done so far (one JSON per line); cells found there are not re-run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,24 +125,19 @@ def main() -> None:
         *[(f"sparsity{s}", lambda s=s: sparsity_row(s, dict(calib), full=args.full)) for s in (0.2, 0.25, 0.3)],
         *[(f"slicegpt{t}", lambda t=t: prune_row("slicegpt", t, settings=dict(calib), full=args.full))
           for t in ("80%", "60%")],
+        *[(f"magnitude{t}", lambda t=t: prune_row("magnitude", t, full=args.full)) for t in ("80%", "60%")],
         *[(f"slicegpt-head{t}", lambda t=t: prune_row("slicegpt", t, settings={**calib, "slice_head": True},
                                                       full=args.full, label="slicegpt (slice_head)"))
           for t in ("80%", "60%")],
-        *[(f"magnitude{t}", lambda t=t: prune_row("magnitude", t, full=args.full)) for t in ("80%", "60%")],
     ]
     only = {x for x in args.only.split(",") if x}
-    rows = []
-    for label, fn in cells:
-        if only and label not in only:
-            continue
-        t = time.perf_counter()
-        row = fn()
-        sizing = (row.get("notes") or {}).get("sizing") or {}
-        row["d"] = sizing.get("d")
-        row["calib"] = f"{args.samples}x{SEQ_LEN}" if row["method"].startswith("slicegpt") else ""
-        rows.append(row)
-        print(f"{label}: params {row['params']:,} ppl2048 {row.get('ppl2048')} ppl128 {row.get('ppl128')} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    resume = Path(args.resume)
+    done: dict[str, dict[str, Any]] = {}
+    if resume.is_file():
+        for line in resume.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("calib_samples") in (None, args.samples) and r.get("full") == args.full:
+                done[r["cell"]] = r
     preamble = f"""
 # SliceGPT on SmolLM2-135M-Instruct (Q4_1 dequantized to fp32), vs the magnitude floor
 
@@ -124,15 +147,38 @@ protocol, `benchmarks/common.py`). SliceGPT calibration: WikiText-2 validation (
 `final_orientation: random`, `round_to: 8`. `d` = sliced hidden width (of 576). `params` counts every unique
 tensor: for SliceGPT this includes the shortcut matrices (2·d² per layer) and the lm_head, which slicing
 unties from the embedding (+28.3M at full width). Rows `sparsity s` are sized by the official `--sparsity`
-(no params target: they are larger than dense, see the module doc); the others meet the params target.
+(no params target: most are larger than dense, see below); the others meet the params target.
 `slice_head`: the last layer's output and the lm_head input are sliced too (official `do_slice_head`).
-`prune_s` = pruning wall time on 1 thread (CPU shared with other jobs), `peak_rss_mib` = peak RSS of the
-process during pruning. No recovery training. Generated by `benchmarks/slicegpt_smollm2.py`.
+`prune_s` = pruning wall time on 1 thread (2 CPU cores shared with other jobs, so wall ≈ 2–3× CPU time),
+`peak_rss_mib` = peak RSS of the process during pruning. No recovery training.
+Generated by `benchmarks/slicegpt_smollm2.py --samples {args.samples}`.
+
+Sizing (closed form, shortcuts and untied lm_head included; dense = 134,515,008 parameters):
+
+{sizing_table({"round_to": 8})}
 """
     cols = ["method", "target", "d", "params", "ratios.params", "ratios.flops", "ppl2048", "ppl128", "calib",
             "prune_s", "peak_rss_mib"]
-    name = "slicegpt_smollm2" if not only else "slicegpt_smollm2_partial"
-    md = write_results(name, rows, columns=cols, preamble=preamble)
+    rows = []
+    for label, fn in cells:
+        if only and label not in only:
+            continue
+        if label in done:
+            rows.append(done[label])
+            continue
+        t = time.perf_counter()
+        row = fn()
+        sizing = (row.get("notes") or {}).get("sizing") or {}
+        row.update(cell=label, d=sizing.get("d"), full=args.full,
+                   calib=f"{args.samples}x{SEQ_LEN}" if row["method"].startswith("slicegpt") else "",
+                   calib_samples=args.samples if row["method"].startswith("slicegpt") else None)
+        rows.append(row)
+        with resume.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        print(f"{label}: params {row['params']:,} ppl2048 {row.get('ppl2048')} ppl128 {row.get('ppl128')} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        write_results("slicegpt_smollm2", rows, columns=cols, preamble=preamble)
+    md = write_results("slicegpt_smollm2", rows, columns=cols, preamble=preamble)
     print(f"wrote {md}")
 
 

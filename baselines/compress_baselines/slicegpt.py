@@ -69,16 +69,17 @@ Deviations from the official code
 ---------------------------------
 * ``center_embeddings`` (default False): the official ``fuse_modules`` subtracts each token
   embedding's mean for every model family. That is part of the LayerNorm→RMSNorm conversion (OPT)
-  and is not an invariance of an RMSNorm model (QuaRot#7 calls it unnecessary for LLaMA; SpinQuant#14
-  reports a better Llama-2 PPL without it). Set it to True for the official behaviour.
+  and is not an invariance of an RMSNorm model (the authors call it unimportant for LLaMA in QuaRot#7; a
+  comment on SpinQuant#14 reports a better Llama-2 PPL without it). True gives the official behaviour.
 * Second pass per layer: the official code re-runs the whole layer after rotating o_proj and the MLP
   inputs to get the layer output. The new post-attention residual is exactly ``h·U_mid`` (h from the
   first pass), so we compute the MLP half only from the stored ``h`` — the same function without
   re-running attention; the first pass stops at the post-attention norm.
 * Norm eps (item 4 above); RMSNorm weights are kept (d' parameters per norm, counted in the size).
 * Shortcut matrices are ``nn.Linear`` weights (transposed Q) rather than raw ``attn_shortcut_Q``
-  parameters; the export reloads with ``AutoModelForCausalLM`` (official sliced models need the
-  ``slicegpt`` package and have no working inference path, TransformerCompression#73, #114, #116).
+  parameters; the export reloads with ``AutoModelForCausalLM`` and ``generate()`` works (official
+  sliced models need the ``slicegpt`` package to load, TransformerCompression#73 and #114, and have no
+  inference demo, #116).
 * Only the constant slicing schedule is exposed (the official script uses ``ConstSlicingScheduler``).
 """
 
