@@ -47,3 +47,17 @@ def smollm2_loaded(smollm2_dir: Path):
     from compress.loading import load_model
 
     return load_model(str(smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and far faster when the CPU is shared.
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ from compress.testing import assets_dir, tiny_model, tiny_tokenizer
 ASSETS = assets_dir()
 needs_assets = pytest.mark.skipif(ASSETS is None, reason="needs $COMPRESS_ASSETS")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXT = "\n".join(f"Line {i}: the cat sat on mat number {i * 7 % 13} and smiled." for i in range(200)) + "\n"

@@ -26,12 +26,7 @@ from compress.testing import assets_dir, check_pruner, tiny_model, tiny_tokenize
 needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================ reference gradients

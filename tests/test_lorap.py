@@ -27,12 +27,7 @@ needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from compress.testing import assets_dir, tiny_model, tiny_tokenizer
 
 needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUDGET = dict(tokens=4096, seq_len=64, batch_size=4)

@@ -32,12 +32,7 @@ from compress.testing import TINY_KINDS, assets_dir, check_pruner, tiny_config, 
 needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
