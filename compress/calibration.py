@@ -9,6 +9,8 @@ Two halves:
 * :class:`ChannelStats`, :func:`record` and :func:`run_calibration` collect per-channel statistics
   of module inputs or outputs through forward hooks while the model runs over calibration blocks.
   Nothing but the running sums is kept, so memory does not grow with the number of tokens.
+  ``run_calibration(..., layerwise=True)`` feeds the same hooks one decoder layer at a time
+  (:mod:`compress.layerwise`, the engine every calibration-based method runs through).
 
 Typical use::
 
@@ -206,17 +208,20 @@ class CalibrationSource:
         idx = starts[:, None] + torch.arange(seq_len)[None, :]
         return self.tokens[idx]
 
-    def sequential_blocks(self, n: int, seq_len: int) -> torch.Tensor:
+    def sequential_blocks(self, n: int, seq_len: int, skip_tokens: int = 0) -> torch.Tensor:
         """``n`` consecutive non-overlapping blocks, shape ``[n, seq_len]`` (training data).
 
-        The stream starts at a seeded offset and wraps around to the start of the corpus when
-        ``n * seq_len`` exceeds it (then blocks repeat, i.e. more than one epoch).
+        The stream starts at a seeded offset (plus ``skip_tokens`` already consumed by earlier
+        training, so successive calls continue the stream) and wraps around to the start of the
+        corpus when it runs out (then blocks repeat, i.e. more than one epoch).
         """
+        if skip_tokens < 0:
+            raise CalibrationError(f"skip_tokens must be >= 0, got {skip_tokens}")
         if n <= 0:
             raise CalibrationError(f"number of blocks must be positive, got {n}")
         n_tok = self._check_len(seq_len)
         g = torch.Generator().manual_seed(self.seed)
-        offset = int(torch.randint(0, n_tok, (1,), generator=g))
+        offset = int(torch.randint(0, n_tok, (1,), generator=g)) + skip_tokens
         idx = (offset + torch.arange(n * seq_len)) % n_tok
         return self.tokens[idx].view(n, seq_len)
 
@@ -568,6 +573,36 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def _progress(
+    progress: bool | Callable[[int, int], None] | None, total: int, description: str
+) -> Iterator[Callable[[], None]]:
+    """Yield an ``advance()`` to call after each of ``total`` units of work.
+
+    ``progress``: ``True``/``False`` for a rich progress bar, a callable ``(done, total)``, or ``None``
+    for a bar only when there are more than 4 units.
+    """
+    use_bar = (progress is None and total > 4) or progress is True
+    if not use_bar:
+        done = 0
+
+        def advance_cb() -> None:
+            nonlocal done
+            done += 1
+            if callable(progress):
+                progress(done, total)
+
+        yield advance_cb
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.update(task, advance=1)
+
+
 def run_calibration(
     model: nn.Module,
     batches: torch.Tensor,
@@ -576,14 +611,22 @@ def run_calibration(
     attention_mask: torch.Tensor | None = None,
     progress: bool | Callable[[int, int], None] | None = None,
     description: str = "calibration",
+    layerwise: bool = False,
+    device: str | torch.device | None = None,
+    cache: str | os.PathLike = "cpu",
 ) -> int:
     """Run ``model(input_ids=...)`` over ``batches`` (``[N, T]``) in mini-batches, without gradients.
 
     Used inside :func:`record` to feed the hooks. ``attention_mask`` (``[N, T]``, 1 = real token)
     is passed to the model and also excludes padded positions from the statistics. ``progress``:
     ``True``/``False`` for a rich progress bar, a callable ``(done, total)`` called after each
-    mini-batch, or ``None`` (default) for a bar only when there are more than 4 mini-batches.
-    Returns the number of (unmasked) tokens processed.
+    mini-batch (each layer when layer-wise), or ``None`` (default) for a bar only when there are
+    more than 4 of them. Returns the number of (unmasked) tokens processed.
+
+    ``layerwise=True`` runs the same mini-batches one decoder layer at a time through
+    :class:`compress.layerwise.LayerwiseRunner` (layers computed on ``device``, hidden states cached
+    in ``cache``: ``"cpu"``, ``"device"`` or a folder); the hooks see the same activations, the
+    lm_head never runs.
     """
     if batches.dim() != 2:
         raise ValueError(f"batches must be [N, seq_len], got shape {tuple(batches.shape)}")
@@ -591,27 +634,20 @@ def run_calibration(
         raise ValueError("attention_mask must have the shape of batches")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if layerwise:
+        from compress.layerwise import LayerwiseRunner
+
+        with LayerwiseRunner(model, batches, batch_size=batch_size, attention_mask=attention_mask, device=device,
+                             cache=cache, progress=progress, description=description) as runner:
+            for step in runner:
+                step.forward(keep=True)
+            return runner.tokens
     device = _model_device(model)
     n = batches.shape[0]
     starts = list(range(0, n, batch_size))
-    total = len(starts)
     seen = 0
-
-    bar_ctx: contextlib.AbstractContextManager[Any]
-    use_bar = (progress is None and total > 4) or progress is True
-    if use_bar:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar_ctx = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            transient=True,
-        )
-    else:
-        bar_ctx = contextlib.nullcontext()
-
-    with bar_ctx as bar, torch.no_grad():
-        task = bar.add_task(description, total=total) if use_bar else None
-        for done, s in enumerate(starts, 1):
+    with _progress(progress, len(starts), description) as advance, torch.no_grad():
+        for s in starts:
             ids = batches[s : s + batch_size].to(device)
             kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
             mask = None
@@ -626,8 +662,5 @@ def run_calibration(
                 model(**kwargs)
             finally:
                 _CURRENT_MASK.reset(token)
-            if use_bar:
-                bar.update(task, advance=1)
-            elif callable(progress):
-                progress(done, total)
+            advance()
     return seen

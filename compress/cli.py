@@ -1,4 +1,4 @@
-"""``compress`` command line: run | methods | plugins | inspect | eval | bench | report.
+"""``compress`` command line: run | recover | methods | plugins | inspect | eval | bench | report.
 
 Exit codes: 0 success, 1 run failure, 2 usage error. Errors are one line (``error: ...``) with a
 hint; ``-v`` shows the traceback.
@@ -33,32 +33,6 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _read_settings_file(path: str) -> dict[str, Any]:
-    from compress.errors import UsageError
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"config file {path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                             "fix it or pass settings with --set key=value") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path} must hold a mapping of setting names to values")
-    return data
-
-
 def _console():
     from rich.console import Console
 
@@ -74,19 +48,23 @@ def _fmt_num(x: float) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
+    from compress.recipe import Recipe, load_recipe
     from compress.run import RunSpec, clean_record, run
 
-    settings = _read_settings_file(args.config) if args.config else {}
-    settings.update(_parse_set(args.set))
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    # CLI flags and --set win over the recipe, which wins over the defaults.
+    run_kwargs = recipe.run_kwargs(method=args.method, target=args.target, seed=args.seed, calib=args.calib,
+                                   recover_tokens=args.recover_tokens, recover_mode=args.recover_mode,
+                                   settings=_parse_set(args.set))
     if not args.out and not args.dry_run and not args.no_save:
         from compress.errors import UsageError
 
         raise UsageError("--out is required (or --dry-run to plan only, --no-save to measure without saving)")
     spec = RunSpec(
-        method=args.method, target=args.target, model=args.model, out=args.out, seed=args.seed,
-        calib=args.calib, settings=settings, dtype=args.dtype, device=args.device, dry_run=args.dry_run,
-        overwrite=args.overwrite, recover_tokens=args.recover_tokens, recover_mode=args.recover_mode,
-        trust_remote_code=args.trust_remote_code, progress=not args.json and not args.no_progress,
+        **run_kwargs, model=args.model, out=args.out, dtype=args.dtype, device=args.device, dry_run=args.dry_run,
+        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        progress=not args.json and not args.no_progress, resume=args.resume,
+        layerwise=args.layerwise, offload_dir=args.offload_dir,
     )
     con = _console()
     if not spec.progress:
@@ -134,9 +112,45 @@ def _print_summary(rec: dict[str, Any]) -> None:
             con.print(f"saved [bold]{e['path']}[/] ({e['kind']} format: {e['reason']})")
         else:
             con.print(f"would export in {e['kind']} format ({e['reason']})")
+    if rec.get("memory"):
+        m = rec["memory"]
+        work = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(m["working_bytes"].items(), key=lambda kv: -kv[1]))
+        con.print(f"estimated peak memory ({m['mode']}): {m['peak_bytes'] / 2**30:.2f} GiB = weights "
+                  f"{m['weights_bytes'] / 2**30:.2f} GiB" + (f" + {work} GiB" if work else ""))
     if rec.get("timing_s"):
         con.print(f"time: load {rec['timing_s']['load']:.1f}s, prune {rec['timing_s']['prune']:.1f}s; "
                   f"peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Recovery training of a saved model; runs as is under ``accelerate launch`` (rank 0 writes)."""
+    from compress.recover import RecoverSpec, recover_saved
+    from compress.run import clean_record
+
+    settings = _parse_set(args.set)
+    for key in ("seq_len", "batch_size", "grad_accum", "lr", "logging_steps"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    progress = not args.json and not args.no_progress
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    spec = RecoverSpec(model=args.model, out=args.out, tokens=args.tokens, mode=args.mode, calib=args.calib,
+                       seed=args.seed, settings=settings, dtype=args.dtype, overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code, progress=progress)
+    con = _console()
+    record = recover_saved(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m)))
+    if "export" not in record:  # not the main process: rank 0 prints the result
+        return 0
+    rec = clean_record(record)
+    if args.json:
+        print(json.dumps(rec, indent=1, sort_keys=True))
+    else:
+        r, e = rec["recovery"], rec["export"]
+        print(f"recovered {rec['model']}: {r['steps']} steps, {r['tokens_seen']:,} tokens, {r['world_size']} "
+              f"process(es), loss {r['first_loss']:.4f} → {r['last_loss']:.4f}\nsaved {e['path']} ({e['kind']} format)")
+    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -286,14 +300,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from compress.errors import UsageError
 
             raise UsageError(f"--recovery {args.recovery!r}: give token budgets, e.g. --recovery 0") from None
+    targets = _csv_list(args.targets)
+    if args.verify:
+        return _verify(args, suite, methods=methods, models=models, recovery=recovery, targets=targets)
     if args.list:
         done = latest_by_cell(read_records(out / RECORDS))
-        for cell in suite.cells(methods=methods, models=models, recovery=recovery):
+        for cell in suite.cells(methods=methods, models=models, recovery=recovery, targets=targets):
             status = done.get(cell.id, {}).get("status", "todo")
             print(f"{cell.id}  {status:6}  {cell.describe()}")
         return 0
     summary = run_suite(suite, out, resume=args.resume, retry_failed=args.retry_failed, overwrite=args.overwrite,
-                        methods=methods, models=models, recovery=recovery,
+                        methods=methods, models=models, recovery=recovery, targets=targets,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{summary.total} cell(s): {summary.ran} run, {summary.skipped} skipped; {summary.ok} ok, "
           f"{len(summary.failed)} failed. Records: {out / RECORDS}", file=sys.stderr)
@@ -305,16 +322,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _verify(args: argparse.Namespace, suite: Any, **filters: Any) -> int:
+    """``compress bench SUITE --verify RECORDS``: re-run the cells, compare exactly, exit 1 on a mismatch."""
+    from compress.bench.verify import verify_suite
+
+    checks = verify_suite(suite, args.verify, args.out, resume=args.resume, overwrite=args.overwrite,
+                          log=lambda m: print(m, file=sys.stderr, flush=True), **filters)
+    for c in checks:
+        print(c.line(), flush=True)
+    bad = [c for c in checks if not c.ok]
+    print(f"verified {len(checks)} cell(s) against {args.verify}: {len(checks) - len(bad)} identical, "
+          f"{len(bad)} mismatched", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from compress.bench.report import load_runs, write_report
 
     records = load_runs(args.runs)
+    reported = None
+    if args.reported:
+        from compress.bench.reported import load_reported
+
+        reported = load_reported(args.reported)
     first = Path(args.runs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report"
     title = args.title or "compress bench: " + ", ".join(sorted({str(r.get("suite")) for r in records}))
-    files = write_report(records, out, title=title)
+    files = write_report(records, out, title=title, reported=reported)
     if args.json:
         print(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
     else:
@@ -324,31 +360,87 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with the tool's error style: one line ``error: ...`` and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def _attach_values(argv: list[str]) -> list[str]:
+    """``--target -5%`` → ``--target=-5%``: argparse would take the value for an option and answer
+    "expected one argument"; attached, it reaches Target.parse, which says what is wrong with it."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--target":
+            nxt = next(it, None)
+            if nxt is not None and nxt.startswith("-") and not nxt.startswith("--"):
+                out.append(f"--target={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(a)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compress", description="Structured pruning of causal LMs, with measurements.")
+    p = _Parser(prog="compress", description="Structured pruning of causal LMs, with measurements.")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="prune a model to a target and save it")
     r.add_argument("--model", help="HF folder, hub id, .gguf file (default: $COMPRESS_MODEL or SmolLM2-135M)")
-    r.add_argument("--method", required=True, help="pruning method (see `compress methods`)")
-    r.add_argument("--target", required=True, help="what remains: 2B, 350M, 60%%, flops:50%%, kv:25%%")
+    r.add_argument("--method", help="pruning method (see `compress methods`; default: the recipe's method)")
+    r.add_argument("--target", help="what remains: 2B, 350M, 60%%, flops:50%%, kv:25%% (default: the recipe's)")
     r.add_argument("--out", help="output folder (written atomically)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None, help="default: the recipe's, else 0")
     r.add_argument("--calib", help="calibration text: file, folder, jsonl[:field], wikitext2, tinystories, hf:NAME")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
-    r.add_argument("--config", help="JSON or YAML file of method settings (--set wins)")
+    # --config is the pre-recipe name of the same option, kept so existing commands keep working.
+    r.add_argument("--recipe", "--config", dest="recipe", metavar="FILE",
+                   help="YAML/JSON recipe: method, its settings, optional run keys (flags and --set win)")
     r.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate one decoder layer at a time: weights stay in CPU RAM, each layer visits --device "
+                        "in turn (default: on above 4 GiB of weights)")
+    r.add_argument("--offload-dir", metavar="DIR", help="layer-wise: cache calibration activations in files under DIR")
     r.add_argument("--dry-run", action="store_true", help="plan shapes on the meta device; load no weights")
     r.add_argument("--no-save", action="store_true", help="prune and measure without writing a model")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    r.add_argument("--recover-tokens", type=int, default=0, help="recovery training budget after pruning")
-    r.add_argument("--recover-mode", choices=("full", "lora"), default="full")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (iterative methods, e.g. TransAct shots)")
+    r.add_argument("--recover-tokens", type=int, default=None, help="recovery training budget after pruning")
+    r.add_argument("--recover-mode", choices=("full", "lora"), default=None)
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
     r.add_argument("--json", action="store_true", help="print the run record as JSON")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+    rc = sub.add_parser("recover", help="recovery training of a saved model (works under `accelerate launch`)")
+    rc.add_argument("model", help="saved model folder (stock or compress format) or hub id")
+    rc.add_argument("--tokens", type=int, required=True, help="training token budget, all processes together")
+    rc.add_argument("--out", required=True, help="output folder (written atomically, by the main process only)")
+    rc.add_argument("--mode", choices=("full", "lora"), default="full", help="full parameters, or LoRA merged back")
+    rc.add_argument("--calib", "--data", dest="calib", help="training text: file, folder, jsonl[:field], alias, "
+                    "hf:NAME (default wikitext2)")
+    rc.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
+    rc.add_argument("--batch-size", type=int, default=None, help="sequences per device per step (default 4)")
+    rc.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
+    rc.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-5 full, 1e-4 lora)")
+    rc.add_argument("--logging-steps", type=int, default=None, help="log the loss every N steps")
+    rc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="other recovery setting, e.g. warmup_ratio=0 or lora_r=16 (repeatable)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    rc.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    rc.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
+    rc.add_argument("--json", action="store_true", help="print the record as JSON")
+    rc.add_argument("--no-progress", action="store_true")
+    rc.set_defaults(fn=cmd_recover)
 
     m = sub.add_parser("methods", help="list pruning methods and their capabilities")
     m.add_argument("--json", action="store_true")
@@ -385,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="only these methods (comma list of names/labels; add 'dense' for the dense row)")
     b.add_argument("--models", help="only these model ids (comma list)")
     b.add_argument("--recovery", help="only these recovery budgets in tokens (comma list, e.g. 0)")
+    b.add_argument("--targets", help="only these targets (comma list, e.g. 80%%,50%%; the dense row stays)")
+    b.add_argument("--verify", metavar="RECORDS", help="re-run the selected cells and compare them exactly with "
+                   "these committed records (records.jsonl or its folder); exit 1 on a mismatch")
     b.add_argument("--max-windows", type=int, default=None, help="override eval.max_windows (changes cell ids)")
     b.add_argument("--max-tokens", type=int, default=None, help="override eval.max_tokens (changes cell ids)")
     b.add_argument("--limit", type=float, default=None, help="override eval.limit (changes cell ids)")
@@ -396,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="records.jsonl files or bench output folders")
     rp.add_argument("--out", help="report folder (default: <first run>/report)")
     rp.add_argument("--title", help="report title")
+    rp.add_argument("--reported", metavar="DIR", help="published numbers (YAML file or folder, e.g. "
+                    "benchmarks/reported): shown as *paper* rows next to cells of the same model and setting")
     rp.add_argument("--json", action="store_true", help="print the written paths as JSON instead of the table")
     rp.set_defaults(fn=cmd_report)
     return p
@@ -419,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("0", "false", "no", ""):
         _disable_hf_progress_bars()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         from compress.errors import CompressError
     except Exception as e:  # noqa: BLE001

@@ -36,4 +36,10 @@ class PluginError(CompressError):
 
 
 class NumericalError(CompressError):
-    """NaN/inf found in weights or in collected statistics."""
+    """NaN/inf found in weights or in collected statistics; the run stops.
+
+    Exit code 2: non-finite values come from the input (weights, calibration text, a dtype too narrow
+    for the activations) or from user settings (e.g. a recovery learning rate), not from a crash.
+    """
+
+    exit_code = 2

@@ -158,7 +158,9 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir():
+        raise UsageError(f"cannot create {out}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to {parent}; choose a writable --out")
     return out
 
@@ -200,6 +202,10 @@ def export_model(
         (tmp / PLAN_FILE).write_text(json.dumps({**(plan or {}), **meta}, indent=1, sort_keys=True) + "\n")
         (tmp / RECORD_FILE).write_text(json.dumps({**(record or {}), **meta}, indent=1, sort_keys=True,
                                                   default=str) + "\n")
+        if (record or {}).get("recipe"):
+            from compress.recipe import RECIPE_FILE, dump_recipe
+
+            (tmp / RECIPE_FILE).write_text(dump_recipe(record["recipe"]), encoding="utf-8")
         (tmp / "README.md").write_text(card or _default_card(record or {}, chosen))
         _fsync_tree(tmp)
         if out.exists():
@@ -248,7 +254,8 @@ def _default_card(record: dict, kind: str) -> str:
         f"- format: `{kind}`" + (" — load with `trust_remote_code=True`, or `import compress` first"
                                  if kind == "compress" else " — loads with stock transformers"),
         "",
-        "`compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record.",
+        "`compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record;",
+        "`compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.",
         "",
     ]
     return "\n".join(lines)

@@ -8,12 +8,25 @@ Default model when ``--model`` is omitted, first match wins:
 3. ``$COMPRESS_ASSETS/models/smollm2-135m-instruct-q4_1``.
 
 GGUF weights are dequantized to the requested dtype and the quantizer state is cleared so the model can
-be pruned and saved like any other. ``trust_remote_code`` is off unless the user asks for it.
+be pruned and saved like any other.
+
+Safe loading:
+
+* weights come from safetensors (or GGUF) only: a folder with only pickle weights (``*.bin``/``*.pt``)
+  is refused, and ``use_safetensors=True`` keeps transformers from falling back to ``torch.load``;
+* a checkpoint whose weights do not cover the model (missing tensors would be randomly initialised),
+  or that is corrupt, is refused;
+* ``trust_remote_code`` is off unless the user passes ``--trust-remote-code``;
+* a folder exported by compress in its own format (``model_type: compress``) is recognised by the
+  sha256 of its ``modeling_compress.py``, recorded in ``config.json`` at export, and always loads with
+  this package's classes, never with the folder's code; a modified modeling file is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +57,95 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}")
     return DTYPES[name]
+
+
+def parse_device(device: str | None) -> str:
+    """Check that ``device`` exists here (one-line error instead of a torch assertion deep in a run)."""
+    device = device or "cpu"
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"device {device!r} is not available: this torch ({torch.__version__}) sees no CUDA "
+                             "GPU; use --device cpu")
+        if d.index is not None and d.index >= n:
+            raise UsageError(f"device {device!r} is not available: {n} CUDA GPU(s) here; use cuda:0..cuda:{n - 1}")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r} is not available here; use --device cpu")
+    return device
+
+
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _read_config_json(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {folder / 'config.json'}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{folder / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); "
+                         "re-save the model") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{folder / 'config.json'} does not hold a JSON object; re-save the model")
+    return data
+
+
+def compress_format(folder: str | os.PathLike) -> bool:
+    """True for a folder that compress exported in its own format, after checking its modeling file.
+
+    Such a folder loads with this package's registered classes (no remote code). Its
+    ``modeling_compress.py`` (kept for users without compress, through ``auto_map``) must still be the
+    file whose sha256 was recorded at export; anything else means the folder was modified, and it is
+    refused rather than loaded or offered to ``trust_remote_code``.
+    """
+    from compress.modeling import COMPRESS_MODEL_TYPE, MODELING_FILE
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return False
+    cfg = _read_config_json(folder)
+    if cfg.get("model_type") != COMPRESS_MODEL_TYPE:
+        return False
+    code = folder / MODELING_FILE.name
+    if code.exists():
+        recorded = cfg.get("compress_modeling_sha256")
+        actual = hashlib.sha256(code.read_bytes()).hexdigest()
+        if recorded != actual:
+            raise UsageError(
+                f"{code} does not match the sha256 recorded at export ({str(recorded)[:12]}… vs {actual[:12]}…): "
+                "the folder was modified; restore the file or re-export the model (it is never run)"
+            )
+    return True
+
+
+def local_model_type(source: str | None) -> str | None:
+    """``model_type`` from a local folder's config.json without loading anything (None for GGUF files,
+    hub ids and folders without a config), so that an unsupported architecture is refused early."""
+    if not source:
+        return None
+    p = Path(source).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()) or _gguf_in(p) is not None:
+        return None
+    mt = _read_config_json(p).get("model_type")
+    return str(mt) if mt is not None else None
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse a folder whose only weights are pickles (loading them can run arbitrary code)."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickles = sorted(p.name for pat in _PICKLE_WEIGHTS for p in folder.glob(pat))
+    if pickles:
+        raise UsageError(
+            f"{folder} has only pickle weights ({', '.join(pickles[:3])}); compress loads safetensors only, since "
+            "unpickling can run code: convert them once where you trust the file "
+            "(from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
+        )
+    raise UsageError(f"{folder} has no weights (no *.safetensors); point --model at a saved model")
 
 
 def default_model() -> str:
@@ -98,24 +200,34 @@ def load_config(source: str, *, trust_remote_code: bool = False):
             mt = d.get("model_type")
             return AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != "model_type"})
         _check_source(source)
+        if path.is_dir() and compress_format(path):
+            trust_remote_code = False  # our own class, registered above; the folder's code is never run
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except UsageError:
         raise
-    except ValueError as e:
-        raise UsageError(f"cannot read a model config from {source!r}: {str(e).splitlines()[0]}") from e
-    except OSError as e:
-        raise UsageError(f"cannot read a model config from {source!r}: {str(e).splitlines()[0]}") from e
+    except (ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e):
+            raise UsageError(_REMOTE_CODE.format(source=source)) from e
+        raise UsageError(f"cannot read a model config from {source!r}: {msg}") from e
+
+
+_REMOTE_CODE = ("{source} needs its own modeling code, which compress never runs unless you pass "
+                "--trust-remote-code (only if you trust its authors)")
 
 
 def _check_source(source: str) -> None:
     p = Path(source)
     looks_local = source.startswith((".", "/", "~")) or os.sep in source.strip("/").split("/", 1)[-1] or p.exists()
     if p.exists():
+        if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+            raise UsageError(f"{source} is not readable; check its permissions")
         if p.is_dir() and not (p / "config.json").exists():
             raise UsageError(f"{source} is a folder without config.json; point --model at a saved HF model, "
                              "a .gguf file, or a hub id")
-        if not os.access(p, os.R_OK):
-            raise UsageError(f"{source} is not readable; check its permissions")
+        if p.is_file() and p.suffix not in (".gguf", ".json"):
+            raise UsageError(f"{source} is a file, not a model; point --model at a saved HF folder, a .gguf file, "
+                             "a config .json (--dry-run) or a hub id")
         return
     if looks_local or source.count("/") > 1:
         raise UsageError(f"model path {source} does not exist; check the path (or use a hub id like org/name)")
@@ -133,11 +245,24 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
     dt = parse_dtype(dtype)
     path = Path(source).expanduser()
     gguf = _gguf_in(path) if path.exists() else None
+    if not device_map:
+        device = parse_device(device)
     if not gguf:
         _check_source(source)
+        if path.is_file():  # a config .json: enough for --dry-run and inspect, not for a run
+            raise UsageError(f"{source} is a config without weights; use it with --dry-run, or point --model "
+                             "at a saved model folder")
+        if path.is_dir():
+            _check_weights(path)
+            if compress_format(path):
+                trust_remote_code = False  # our own class, registered above; the folder's code is never run
     kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if not gguf:
+        kwargs["use_safetensors"] = True  # never torch.load a pickle
     if device_map:
         kwargs["device_map"] = device_map
+    from safetensors import SafetensorError
+
     try:
         if gguf is not None:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
@@ -152,14 +277,22 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
             except Exception:  # noqa: BLE001 - no tokenizer.json next to the gguf: read it from the gguf
                 tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), gguf_file=gguf.name)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source,
+                                                               output_loading_info=True, **kwargs)
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:
+                raise UsageError(f"the weights of {source} lack {len(missing)} tensor(s) the config needs "
+                                 f"(e.g. {missing[0]}); they would be random: re-save the model")
             tokenizer = _load_tokenizer(str(path) if path.exists() else source, trust_remote_code)
     except UsageError:
         raise
+    except SafetensorError as e:
+        raise UsageError(f"the weights of {source} cannot be read ({str(e).splitlines()[0][:120]}): the file is "
+                         "corrupt or truncated; re-download or re-save the model") from e
     except (OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "trust_remote_code" in msg:
-            raise UsageError(f"{source} needs custom code; re-run with --trust-remote-code if you trust it") from e
+        if "trust_remote_code" in str(e):
+            raise UsageError(_REMOTE_CODE.format(source=source)) from e
         raise UsageError(f"cannot load model {source!r}: {msg}") from e
     if not device_map:
         model.to(device)

@@ -2,7 +2,8 @@
 
 A plugin that fails to import, whose hooks raise, or that registers a method name already taken is
 recorded (name, distribution, version, error) and skipped; every other plugin and command keeps
-working. ``COMPRESS_STRICT_PLUGINS=1`` re-raises instead (for plugin authors and CI). The project's own
+working. A method that raises an unexpected exception while it runs (``Registry.reported``) is reported
+in one line with its plugin's name and distribution. ``COMPRESS_STRICT_PLUGINS=1`` re-raises instead (for plugin authors and CI). The project's own
 distributions (``compress-*``) load first, so a third-party plugin cannot take a built-in method name.
 
 Environment:
@@ -17,6 +18,8 @@ from __future__ import annotations
 import difflib
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -25,7 +28,7 @@ import pluggy
 
 from compress import hookspecs
 from compress.arch import ArchAdapter
-from compress.errors import PluginError, Unsupported, UsageError
+from compress.errors import CompressError, PluginError, Unsupported, UsageError
 from compress.pruner import Pruner
 
 GROUP = "compress"
@@ -161,14 +164,40 @@ class Registry:
         extra = f" (plugins that failed to load: {', '.join(failed)}; see `compress plugins`)" if failed else ""
         raise UsageError(f"unknown method {name!r}; {hint}known methods: {', '.join(known) or 'none'}{extra}")
 
-    def adapter_for(self, model: Any) -> ArchAdapter:
-        mt = getattr(model.config, "model_type", None)
-        if mt not in self.architectures:
+    def check_model_type(self, model_type: str | None) -> None:
+        """Refuse an architecture no adapter knows (before any weight is loaded, when possible)."""
+        if model_type not in self.architectures:
             raise Unsupported(
-                f"architecture {mt!r} is not supported; supported: {', '.join(sorted(self.architectures))} "
+                f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(self.architectures))} "
                 "(a plugin can add one through the register_architectures hook)"
             )
+
+    def adapter_for(self, model: Any) -> ArchAdapter:
+        mt = getattr(model.config, "model_type", None)
+        self.check_model_type(mt)
         return self.architectures[mt](model)
+
+    @contextmanager
+    def reported(self, method: str, stage: str) -> Iterator[None]:
+        """Run a method's code (``check``, ``plan_shapes``, ``prune``); an exception that is not a
+        :class:`~compress.errors.CompressError` is a bug in that plugin: it becomes a one-line
+        :class:`PluginError` naming the method, its entry point and distribution, so the user knows whom
+        to tell (``-v`` shows the original traceback). ``COMPRESS_STRICT_PLUGINS=1`` re-raises it as is."""
+        try:
+            yield
+        except CompressError:
+            raise
+        except Exception as e:
+            if _strict():
+                raise
+            info = self.origin.get(self.aliases.get(method, method))
+            where = (f"plugin {info.name!r} ({info.distribution or '?'} {info.version or '?'})" if info
+                     else "an unregistered plugin")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise PluginError(
+                f"method {method!r} from {where} failed in {stage}(): {type(e).__name__}: {first[:200]}; this is a "
+                "bug in that plugin: report it to its authors (-v shows the traceback); other methods still work"
+            ) from e
 
     def methods_table(self) -> list[dict[str, Any]]:
         rows = []

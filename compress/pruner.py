@@ -68,9 +68,33 @@ class PruneContext:
     seed: int = 0
     device: str = "cpu"
     recover: Callable[[nn.Module, int], nn.Module] | None = None  # (model, tokens) -> model
-    state_dir: Path | None = None  # where an iterative method may checkpoint (resume)
+    state_dir: Path | None = None  # where an iterative method checkpoints (None: no checkpoints)
+    state_key: str = ""  # identifies the run; a checkpoint written under another key is never resumed
     log: Callable[[str], None] = print
     progress: bool = True
+    # Layer-wise calibration (compress.layerwise): layers run one at a time on ``device`` while the
+    # weights stay where they are and the calibration activations are cached in CPU RAM, or in files
+    # under ``offload_dir`` when it is set. Methods pass compress.layerwise.context_options(ctx) on.
+    layerwise: bool = False
+    offload_dir: Path | None = None
+
+    def checkpoint(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Save ``model``'s weights and the JSON-able ``state`` after a finished step (atomic; no-op
+        without ``state_dir``). ``compress run --resume`` then continues from here."""
+        if self.state_dir is not None:
+            from compress.checkpoint import save_checkpoint
+
+            save_checkpoint(self.state_dir, self.state_key, model, state)
+
+    def resume_point(self):
+        """The last checkpoint of THIS run (a :class:`compress.checkpoint.Checkpoint`), or None.
+
+        To resume: cut the fresh model to the saved shapes (e.g. ``apply_plan`` with the saved plan),
+        then ``checkpoint.load_into(model)`` restores the weights and the torch RNG state."""
+        from compress.checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(self.state_dir)
+        return ckpt if ckpt is not None and ckpt.key == self.state_key else None
 
 
 @dataclass
@@ -108,6 +132,18 @@ class Pruner:
         """Shape-only planning for ``--dry-run``: cut ``model`` (usually on the meta device) to the
         shapes :meth:`prune` would produce, without data, and return a summary of the chosen sizes."""
         raise Unsupported(f"method {self.name!r} has no shape-only planning (--dry-run)")
+
+    def working_memory(self, model: nn.Module, target: Target, mem: Any) -> dict[str, int]:
+        """Bytes this method keeps alive besides the dense weights, by item, for the estimated peak
+        memory of ``--dry-run`` (formulas: :mod:`compress.memory`; ``mem`` is its ``MemoryModel`` of
+        the dense ``model``). Default: calibration forwards of ``calib_samples`` × ``calib_seq_len``
+        tokens in mini-batches of ``calib_batch_size``, layer by layer for sequential methods or
+        ``--layerwise``. Override to add the method's own tensors (gradients, decompositions)."""
+        if not self.capabilities.needs_calibration:
+            return {}
+        cfg = self.config
+        return mem.calibration(cfg.calib_samples, cfg.calib_seq_len, cfg.calib_batch_size,
+                               layerwise=mem.layerwise or self.capabilities.sequential)
 
     def prune(self, model: nn.Module, target: Target, ctx: PruneContext) -> PruneResult:
         raise NotImplementedError

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,11 +33,15 @@ from compress.errors import UsageError
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "RecoverSpec",
     "Recovery",
     "RecoveryConfig",
     "RecoveryResult",
+    "is_main_process",
     "recover",
+    "recover_saved",
     "resolve_lora_targets",
+    "wait_for_everyone",
 ]
 
 #: LLM-Pruner's official LoRA recovery setting: every attention and MLP projection.
@@ -171,6 +175,37 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree whose parameters are on the meta device (no memory).
+
+    Buffers are copied (small: rotary frequencies); shared parameters stay shared.
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # deepcopy consults the memo first: every Parameter maps to a meta one
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def load_full_state(skeleton: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Fill a :func:`meta_skeleton` with full (gathered) weights; parameters shared in the skeleton
+    (tied embeddings) are shared again. Every parameter must be in ``state``."""
+    aliases: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    for names in aliases.values():
+        first = skeleton.get_parameter(names[0])
+        for other in names[1:]:
+            mod, _, attr = other.rpartition(".")
+            setattr(skeleton.get_submodule(mod) if mod else skeleton, attr, first)
+    left = [n for n, p in skeleton.named_parameters() if p.is_meta]
+    if left:  # pragma: no cover - strict load_state_dict already refuses this
+        raise RuntimeError(f"parameters left without weights after gathering: {left[:5]}")
+    return skeleton
+
+
 def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -183,8 +218,13 @@ def recover(
     output_dir: str | None = None,
     callbacks: Sequence[Any] | None = None,
     progress: bool = True,
+    skip_tokens: int = 0,
 ) -> RecoveryResult:
     """Train ``model`` on ``cfg.tokens`` tokens of ``source`` and return it (trained in place).
+
+    ``skip_tokens``: tokens of the source's training stream already consumed by earlier calls
+    (:class:`Recovery` tracks it), so training between pruning shots sees fresh text each time, as
+    the official TransAct data stream does.
 
     ``mode="full"`` trains every parameter; ``mode="lora"`` trains LoRA adapters on
     ``cfg.targets`` and merges them into the weights. The model ends in ``eval()`` mode with its
@@ -230,6 +270,7 @@ def recover(
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
             remove_unused_columns=False,
+            ddp_find_unused_parameters=False,  # every trained parameter is used in every step
             disable_tqdm=not progress,
         )
 
@@ -247,7 +288,7 @@ def recover(
             raise UsageError(f"invalid recovery setting: {' '.join(str(e).split())[:200]}") from e
 
         n_blocks = steps * cfg.batch_size * cfg.grad_accum * world
-        blocks = source.sequential_blocks(n_blocks, cfg.seq_len)
+        blocks = source.sequential_blocks(n_blocks, cfg.seq_len, skip_tokens=skip_tokens)
 
         set_seed(cfg.seed)  # LoRA's A matrices are drawn at wrapping time
         if config is not None and use_cache is not None:
@@ -278,8 +319,19 @@ def recover(
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)
+        # FSDP (accelerate config) shards the parameters in place; keep a weightless copy of the
+        # module tree to rebuild a plain model from the gathered full weights afterwards.
+        skeleton = meta_skeleton(train_model) if getattr(trainer, "is_fsdp_enabled", False) else None
         with _quiet_peft():
             trainer.train()
+        if skeleton is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # a collective: every process gathers the full weights, as after DDP each holds them
+            full = get_model_state_dict(trainer.model_wrapped, options=StateDictOptions(full_state_dict=True))
+            rebuilt = load_full_state(skeleton, full)
+            model = rebuilt if train_model is model else model
+            train_model = rebuilt
         losses = [
             (int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r and "step" in r
         ]
@@ -320,16 +372,167 @@ class Recovery:
     """A recovery recipe bound to its data, for methods that train between pruning steps.
 
     ``Recovery(source, cfg)(model, tokens=N)`` runs :func:`recover` with the budget replaced by
-    ``N`` (e.g. TransAct splits its budget over the shots).
+    ``N`` (e.g. TransAct splits its budget over the shots) and, with ``lr``, the learning rate.
+    Successive calls continue one data stream: ``consumed`` counts the tokens trained on so far
+    (all processes together), and the next call starts after them. Set it to resume a stream.
     """
 
     source: CalibrationSource
     cfg: RecoveryConfig
     output_dir: str | None = None
     progress: bool = True
+    consumed: int = 0
 
-    def __call__(self, model: nn.Module, *, tokens: int | None = None, callbacks: Sequence[Any] | None = None) -> RecoveryResult:
-        cfg = self.cfg if tokens is None else self.cfg.model_copy(update={"tokens": tokens})
+    def __call__(self, model: nn.Module, *, tokens: int | None = None, lr: float | None = None,
+                 callbacks: Sequence[Any] | None = None) -> RecoveryResult:
+        update: dict[str, Any] = {}
+        if tokens is not None:
+            update["tokens"] = tokens
+        if lr is not None:
+            update["lr"] = lr
+        cfg = self.cfg.model_copy(update=update) if update else self.cfg
         if cfg.tokens <= 0:
             raise UsageError(f"recovery token budget must be positive, got {cfg.tokens}")
-        return recover(model, self.source, cfg, output_dir=self.output_dir, callbacks=callbacks, progress=self.progress)
+        result = recover(model, self.source, cfg, output_dir=self.output_dir, callbacks=callbacks,
+                         progress=self.progress, skip_tokens=self.consumed)
+        self.consumed += result.tokens_seen
+        return result
+
+
+# ---------------------------------------------------------------------------- processes
+def process_state() -> Any:
+    """accelerate's shared process state, the one the Trainer uses.
+
+    Under ``accelerate launch`` (or ``torchrun``) it joins the process group (gloo on CPU, NCCL on
+    GPUs); in a plain process it is a single-process state. ``cpu`` matches what :func:`recover`
+    gives the Trainer, so whichever is created first, both agree.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files (rank 0, or the only process)."""
+    return bool(process_state().is_main_process)
+
+
+def wait_for_everyone() -> None:
+    """Barrier across the launched processes (a no-op in a single process)."""
+    process_state().wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- recovery of a saved model
+@dataclass
+class RecoverSpec:
+    """What ``compress recover`` was asked for: a saved model, a token budget, an output folder."""
+
+    model: str
+    out: str
+    tokens: int
+    mode: str = "full"
+    calib: str | None = None
+    seed: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)  # other RecoveryConfig fields
+    dtype: str | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+def _recovery_config(tokens: int, mode: str, seed: int, settings: dict[str, Any]) -> RecoveryConfig:
+    from pydantic import ValidationError
+
+    try:
+        return RecoveryConfig(**{**settings, "tokens": tokens, "mode": mode, "seed": seed})
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ())) or "recovery"
+            parts.append(f"unknown key {loc!r}" if err.get("type") == "extra_forbidden" else f"{loc}: {err.get('msg')}")
+        fields = ", ".join(sorted(set(RecoveryConfig.model_fields) - {"tokens", "mode", "seed"}))
+        raise UsageError(f"bad recovery settings: {'; '.join(parts)} (valid keys: {fields})") from None
+
+
+def _previous_run(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The ``compress_plan.json`` and ``compress_run.json`` of a folder written by compress, if any."""
+    import json
+    from pathlib import Path
+
+    from compress.export import PLAN_FILE, RECORD_FILE
+
+    out = []
+    for name in (PLAN_FILE, RECORD_FILE):
+        p = Path(folder) / name
+        try:
+            out.append(json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None)
+        except (OSError, ValueError):
+            out.append(None)
+    return out[0], out[1]
+
+
+def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Recovery training of a saved model (stock or compress format) and an atomic export.
+
+    The same :func:`recover` as ``compress run --recover-tokens``. Under ``accelerate launch`` every
+    process loads the model and trains its shard of each global batch (``batch_size`` per device ×
+    processes × ``grad_accum``); only the main process writes ``spec.out``, and every process
+    returns after it has. Everything that can be refused (settings, output folder, model path,
+    calibration source) is checked before training. Returns the run record (the trained model
+    under ``"_model"``).
+    """
+    from compress.calibration import CalibrationSource
+    from compress.export import check_output_dir, export_model
+    from compress.loading import load_model
+    from compress.measure import footprint
+    from compress.plugins import get_registry
+    from compress.run import DEFAULT_CALIB, check_finite_weights, versions
+
+    cfg = _recovery_config(spec.tokens, spec.mode, spec.seed, spec.settings)
+    out = check_output_dir(spec.out, spec.overwrite)
+    t0 = time.perf_counter()
+    loaded = load_model(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    arch = get_registry().adapter_for(model)
+    before = footprint(model, arch=arch)
+    check_finite_weights(model, "of the input model")
+    source = CalibrationSource.from_spec(spec.calib or DEFAULT_CALIB, tok, seed=spec.seed)
+    load_s = time.perf_counter() - t0
+
+    res = recover(model, source, cfg, progress=spec.progress)
+    model = res.model.to("cpu")
+    check_finite_weights(model, "after recovery training")
+    after = footprint(model, arch=get_registry().adapter_for(model))
+    if after.params != before.params:  # pragma: no cover - recover() contract
+        raise RuntimeError(f"recovery changed the parameter count ({before.params} -> {after.params})")
+    prev_plan, prev_run = _previous_run(loaded.source)
+    record: dict[str, Any] = {
+        "model": loaded.source,
+        "method": (prev_run or {}).get("method", "recover"),
+        "target": (prev_run or {}).get("target"),
+        "seed": spec.seed,
+        "recovery": {**res.summary(), "losses": res.losses, "config": cfg.model_dump(mode="json")},
+        "calibration": source.describe(),
+        "achieved": after.to_dict(),
+        "pruned_from": {k: (prev_run or {}).get(k) for k in ("model", "method", "target", "plan_hash")}
+        if prev_run else None,
+        "timing_s": {"load": round(load_s, 3), "recover": round(res.wall_s, 3)},
+        "versions": versions(),
+    }
+    if is_main_process():
+        log(f"recovery: {res.steps} steps × {cfg.tokens_per_step(res.world_size):,} tokens "
+            f"({res.world_size} process{'es' if res.world_size > 1 else ''}), loss {record['recovery']['first_loss']}"
+            f" → {record['recovery']['last_loss']}")
+    try:
+        if is_main_process():
+            plan = {k: v for k, v in (prev_plan or {}).items() if k not in ("format", "format_reason", "weights_sha256")}
+            plan["recovery"] = res.summary()
+            kind = "compress" if getattr(model.config, "model_type", None) == "compress" else "auto"
+            info = export_model(model, tok, out, kind=kind, plan=plan, record=record, overwrite=spec.overwrite)
+            record["export"] = info
+            record["weights_sha256"] = info["weights_sha256"]
+    finally:
+        wait_for_everyone()  # the other processes return only once the folder is complete (or failed)
+    record["_model"] = model
+    record["_tokenizer"] = tok
+    return record

@@ -2,7 +2,9 @@
 
 Order matters for the user: everything that can be refused (method, config keys, target syntax,
 output folder, model path, architecture, target reachability, calibration source) is checked before
-any expensive work, and nothing is written unless the run succeeds.
+any expensive work, and nothing is written unless the run succeeds — except the checkpoints of an
+iterative method, kept in a hidden sibling of ``--out`` (:func:`state_dir_for`) so that ``--resume``
+continues an interrupted run; they are removed once the output is saved.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
 from compress.errors import NumericalError, TargetError, UsageError
+from compress.layerwise import resolve_layerwise
 from compress.measure import Footprint, footprint, track_peak_rss
 from compress.plugins import get_registry
 from compress.pruner import PruneContext, Pruner
+from compress.recipe import resolved_recipe
 from compress.target import Target
 
 DEFAULT_CALIB = "wikitext2"
@@ -48,6 +53,12 @@ class RunSpec:
     trust_remote_code: bool = False
     seq_len_flops: int = 2048
     progress: bool = True
+    resume: bool = False  # continue an interrupted run from its checkpoint (iterative methods)
+    # calibrate one decoder layer at a time (compress.layerwise); None = on when the weights exceed
+    # compress.layerwise.LAYERWISE_AUTO_BYTES (4 GiB). Layer-wise, the weights stay in CPU RAM and each
+    # layer visits ``device`` in turn; ``offload_dir`` caches the calibration activations in files there.
+    layerwise: bool | None = None
+    offload_dir: str | None = None
 
 
 def _one_line_validation(e: ValidationError, what: str) -> str:
@@ -72,18 +83,23 @@ def make_pruner(method: str, settings: dict[str, Any]) -> Pruner:
                          f"(valid keys: {fields})") from None
 
 
+#: Distributions of the pinned stack (constraints.txt) whose installed versions every record carries,
+#: besides python, torch and transformers; the key is the name with "-" as "_".
+STACK = ("torch-pruning", "lm_eval", "peft", "accelerate", "datasets", "huggingface_hub", "tokenizers",
+         "safetensors", "pluggy", "pydantic", "numpy", "gguf", "compress", "compress-transact", "compress-baselines")
+
+
 def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import transformers
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for mod in ("torch_pruning", "lm_eval", "peft", "accelerate", "compress"):
+    for dist in STACK:
         try:
-            from importlib.metadata import version
-
-            dist = {"torch_pruning": "torch-pruning", "lm_eval": "lm_eval"}.get(mod, mod)
-            out[mod] = version(dist)
+            out[dist.replace("-", "_")] = version(dist)
         except Exception:  # noqa: BLE001
-            out[mod] = "absent"
+            out[dist.replace("-", "_")] = "absent"
     return out
 
 
@@ -101,23 +117,80 @@ def _goal_check(target: Target, dense: Footprint, achieved: Footprint, method: s
         raise TargetError(f"method {method} ended above its target: {target.metric} {got:.6g} > goal {goal:.6g}")
 
 
+STATE_SUFFIX = ".compress-state"
+
+
+def state_dir_for(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its checkpoints: a hidden sibling, removed once ``out`` is saved."""
+    return out.parent / f".{out.name}{STATE_SUFFIX}"
+
+
+def run_key(spec: RunSpec, pruner: Pruner, target: Target) -> str:
+    """Hash of everything that determines a run's result: a checkpoint resumes only the run that wrote it."""
+    from compress.loading import default_model
+
+    source = spec.model or default_model()
+    p = Path(source).expanduser()
+    doc = {
+        "model": str(p.resolve()) if p.exists() else source, "method": pruner.name,
+        "config": pruner.config.model_dump(mode="json"), "target": str(target), "seed": spec.seed,
+        "calib": spec.calib or DEFAULT_CALIB, "dtype": spec.dtype, "device": spec.device,
+        "recover": [spec.recover_tokens, spec.recover_mode, spec.recover_settings],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resume_state(state_dir: Path, key: str, spec: RunSpec, log) -> bool:
+    """Decide what to do with a checkpoint left by an interrupted run, before any work.
+
+    Returns True when the state folder must be discarded before pruning (``--overwrite``)."""
+    from compress.checkpoint import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(state_dir)
+    except UsageError:
+        if spec.overwrite:
+            return True
+        raise
+    if ckpt is None:
+        if spec.resume:
+            log(f"--resume: no interrupted run in {state_dir}; starting from the beginning")
+        return False
+    if spec.resume and ckpt.key == key:
+        log(f"resuming the interrupted run from {ckpt.path}")
+        return False
+    if spec.overwrite:
+        return True
+    if spec.resume:
+        raise UsageError(f"the interrupted run in {state_dir} had other settings (model, method, target, seed, "
+                         "calibration or dtype); repeat its command with --resume, or pass --overwrite to discard it")
+    raise UsageError(f"an interrupted run left its checkpoint in {state_dir}; pass --resume to continue it or "
+                     "--overwrite to start over")
+
+
 def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
     """Plan shapes on the meta device: no weights are loaded or allocated."""
     from transformers import AutoModelForCausalLM
 
-    from compress.loading import default_model, load_config
+    from compress.loading import default_model, load_config, parse_dtype
+    from compress.memory import estimate_peak_memory
 
     pruner = make_pruner(spec.method, spec.settings)
     target = Target.parse(spec.target)
     source = spec.model or default_model()
     cfg = load_config(source, trust_remote_code=spec.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):  # at the dtype the real run would load (float32 unless --dtype)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=spec.trust_remote_code,
+                                                 dtype=parse_dtype(spec.dtype))
     registry = get_registry()
     arch = registry.adapter_for(model)
-    pruner.check(model, target)
+    with registry.reported(pruner.name, "check"):
+        pruner.check(model, target)
     dense = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
-    planned = pruner.plan_shapes(model, target)
+    layerwise = resolve_layerwise(spec.layerwise if spec.offload_dir is None else True, model)
+    memory = estimate_peak_memory(pruner, model, target, layerwise=layerwise, arch=arch)
+    with registry.reported(pruner.name, "plan_shapes"):
+        planned = pruner.plan_shapes(model, target)
     arch = registry.adapter_for(model)
     after = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     _goal_check(target, dense, after, pruner.name)
@@ -134,6 +207,7 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
         "dense": dense.to_dict(),
         "achieved": after.to_dict(),
         "ratios": after.ratios(dense),
+        "memory": memory.to_dict(),
         "layers_after": after.layers[:1] if len({json.dumps(x, sort_keys=True) for x in after.layers}) == 1
         else after.layers,
     }
@@ -142,7 +216,7 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
 def run(spec: RunSpec, log=print) -> dict[str, Any]:
     """Prune (and optionally recover and export) a model. Returns the run record."""
     from compress.export import check_output_dir, export_model
-    from compress.loading import load_model
+    from compress.loading import load_model, local_model_type, parse_device
 
     if spec.dry_run:
         return dry_run(spec, log)
@@ -150,6 +224,15 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
     pruner = make_pruner(spec.method, spec.settings)
     target = Target.parse(spec.target)
     out = check_output_dir(spec.out, spec.overwrite) if spec.out else None
+    if spec.resume and out is None:
+        raise UsageError("--resume continues an interrupted run into its --out folder; give the same --out")
+    key = run_key(spec, pruner, target)
+    state_dir = state_dir_for(out) if out is not None else None
+    discard_state = _resume_state(state_dir, key, spec, log) if state_dir is not None else False
+    parse_device(spec.device)
+    model_type = local_model_type(spec.model)
+    if model_type is not None:  # refuse an unsupported architecture before loading any weight
+        registry.check_model_type(model_type)
     recovery = None
     if spec.recover_tokens:
         from compress.recover import RecoveryConfig
@@ -161,10 +244,19 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
             raise UsageError(f"bad recovery settings: {_one_line_validation(e, 'recovery')}") from None
 
     t0 = time.perf_counter()
-    loaded = load_model(spec.model, dtype=spec.dtype, device=spec.device, trust_remote_code=spec.trust_remote_code)
+    if spec.offload_dir is not None:
+        if spec.layerwise is False:
+            raise UsageError("--offload-dir caches layer-wise activations; drop --no-layerwise or --offload-dir")
+        if Path(spec.offload_dir).expanduser().is_file():
+            raise UsageError(f"--offload-dir {spec.offload_dir} is a file; give a folder")
+    loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
+    layerwise = resolve_layerwise(spec.layerwise if spec.offload_dir is None else True, model)
+    if not layerwise and spec.device != "cpu":
+        model.to(spec.device)  # whole-model: all weights on the device; layer-wise: they stay in CPU RAM
     arch = registry.adapter_for(model)
-    pruner.check(model, target)
+    with registry.reported(pruner.name, "check"):
+        pruner.check(model, target)
     dense = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     dense_value = {"params": dense.params, "flops": dense.flops_per_token, "kv": dense.kv_bytes_per_token}[target.metric]
     target.check_reachable(dense_value)
@@ -188,10 +280,16 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
 
         rec_obj = Recovery(calib, recovery, progress=spec.progress)
     ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
-                       recover=rec_obj, log=log, progress=spec.progress)
+                       recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
+                       layerwise=layerwise,
+                       offload_dir=Path(spec.offload_dir).expanduser() if spec.offload_dir else None)
+    if discard_state:
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)  # --overwrite: the interrupted run is discarded
     torch.manual_seed(spec.seed)
     t1 = time.perf_counter()
-    with track_peak_rss() as rss:
+    with track_peak_rss() as rss, registry.reported(pruner.name, "prune"):
         result = pruner.prune(model, target, ctx)
     prune_s = time.perf_counter() - t1
     model = result.model
@@ -202,7 +300,7 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
     if rec_obj is not None and not result.notes.get("recovered_inside"):
         r = rec_obj(model)
         model = r.model
-        recovery_info = {"tokens": r.tokens_seen, "steps": r.steps, "wall_s": r.wall_s,
+        recovery_info = {"tokens": r.tokens_seen, "steps": r.steps, "wall_s": r.wall_s, "world_size": r.world_size,
                          "final_loss": r.losses[-1][1] if r.losses else None}
     check_finite_weights(model, f"after {pruner.name}")
     plan_hash = hashlib.sha256(json.dumps(result.plan, sort_keys=True).encode()).hexdigest()
@@ -218,6 +316,10 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
         "calibration": calib.describe() if calib else None,
         "calibration_hash": calib_hash,
         "plan_hash": plan_hash,
+        "recipe": resolved_recipe(pruner.name, cfg.model_dump(mode="json"), target=str(target), seed=spec.seed,
+                                  calib=calib.spec if calib is not None else None,
+                                  recover_tokens=spec.recover_tokens, recover_mode=spec.recover_mode,
+                                  recover_settings=spec.recover_settings),
         "dense": dense.to_dict(),
         "achieved": achieved.to_dict(),
         "ratios": achieved.ratios(dense),
@@ -225,14 +327,27 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
         "notes": result.notes,
         "timing_s": {"load": round(load_s, 3), "prune": round(prune_s, 3)},
         "peak_rss_bytes": rss.peak_bytes,
+        "peak_rss_increase_bytes": rss.increase_bytes,
+        "layerwise": layerwise,
         "versions": versions(),
     }
+    if rec_obj is not None:  # trained through the HF Trainer: under `accelerate launch` only rank 0 writes
+        from compress.recover import is_main_process, wait_for_everyone
+
+        if not is_main_process():
+            out = None
     if out is not None:
         plan_doc = {"method": pruner.name, "target": str(target), "seed": spec.seed, "plan": result.plan}
         info = export_model(model, tok, out, kind=result.export, plan=plan_doc, record=record,
                             overwrite=spec.overwrite)
         record["export"] = info
         record["weights_sha256"] = info["weights_sha256"]
+        if state_dir is not None:
+            import shutil
+
+            shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
+    if rec_obj is not None:
+        wait_for_everyone()  # every process returns once the folder is written
     record["_model"] = model
     record["_tokenizer"] = tok
     return record

@@ -215,5 +215,5 @@ def shape_plan(arch: ArchAdapter, widths: Widths, layers: list[int] | None = Non
 
 def _topk(scores: torch.Tensor, k: int) -> list[int]:
     # stable: sort by (-score, index) so equal scores keep the lower index
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
-    return sorted(order[:k])
+    order = torch.sort(-scores.flatten(), stable=True).indices[:k]
+    return sorted(order.tolist())

@@ -51,6 +51,9 @@ class Target:
             metric = metric.lower()
             if metric not in METRICS:
                 raise TargetError(f"unknown target metric {metric!r} in {raw!r}; metrics are {', '.join(METRICS)}")
+        if body.startswith("-"):
+            raise TargetError(f"target {raw!r} is negative; a target says what remains, so give a positive "
+                              f"amount; {_HINT}")
         if body.endswith("%"):
             num = body[:-1].strip()
             try:

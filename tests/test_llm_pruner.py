@@ -367,9 +367,12 @@ def test_paper_recipe_is_a_valid_config():
     from pathlib import Path
 
     import compress_baselines
-    import yaml
+
+    from compress.recipe import load_recipe
 
     path = Path(compress_baselines.__file__).parent / "recipes" / "llm_pruner_paper.yaml"
-    cfg = LLMPrunerConfig(**yaml.safe_load(path.read_text()))
+    recipe = load_recipe(path)
+    assert recipe.method == "llm_pruner"
+    cfg = LLMPrunerConfig(**recipe.settings)
     assert (cfg.importance, cfg.pruning_ratio, cfg.calib_samples, cfg.calib_seq_len) == ("element1", 0.25, 10, 64)
     assert cfg.member_reduction == "sum" and not cfg.global_pruning

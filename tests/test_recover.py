@@ -121,6 +121,32 @@ def test_same_seed_is_deterministic(source):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+def test_recovery_calls_continue_one_data_stream(source, monkeypatch):
+    """Training between pruning shots sees fresh text each time (the official TransAct trainer streams
+    its dataset across shots), and a resumed stream (``consumed`` set) picks up where it stopped."""
+    seen: list[torch.Tensor] = []
+    real = CalibrationSource.sequential_blocks
+
+    def spy(self, n, seq_len, skip_tokens=0):
+        out = real(self, n, seq_len, skip_tokens=skip_tokens)
+        seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(CalibrationSource, "sequential_blocks", spy)
+    rec = Recovery(source, RecoveryConfig(tokens=256, seq_len=64, batch_size=2, lr=1e-4), progress=False)
+    model = tiny_model("llama-gqa")
+    rec(model, tokens=256)
+    assert rec.consumed == 256
+    rec(model, tokens=128, lr=2e-4)
+    assert rec.consumed == 384
+    first, second = seen
+    stream = real(source, 6, 64)  # the same stream in one piece
+    assert torch.equal(first, stream[:4]) and torch.equal(second, stream[4:6])
+    resumed = Recovery(source, rec.cfg, progress=False, consumed=256)
+    resumed(tiny_model("llama-gqa"), tokens=128)
+    assert torch.equal(seen[-1], second)
+
+
 def test_pruned_widths_and_lowrank_modules(source):
     """Layers of different widths and a non-Linear (factorised) projection train under LoRA."""
     model = tiny_model("llama-gqa")

@@ -37,7 +37,11 @@ and ``MetaPruner``:
   linears; flags are restored afterwards), gradients come from :func:`torch.autograd.grad` (no
   ``.grad`` left on the model, no optimizer state) and each layer's gradients are freed once it is
   scored. ``calib_batch_size`` splits the batch into micro-batches whose losses are weighted by their
-  share of the sequences, which gives the same gradient as the single official batch.
+  share of the sequences, which gives the same gradient as the single official batch. With
+  ``--layerwise`` (:func:`compress.layerwise.loss_gradients`) the whole model's autograd graph is never
+  built: a forward layer by layer keeps each layer's inputs on CPU, the loss comes from the final norm +
+  lm_head, and each layer is recomputed and back-propagated in reverse with the upstream gradient
+  (equal to the whole-model gradients up to float rounding, tested).
 * **Layer range.** Official README setting: layers 4..30 of LLaMA's 32 (``--block_*_layer_start 4
   --block_*_layer_end 30``). Scaled to ``L`` layers: ``start = floor(L·4/32 + ½)``,
   ``end = L − floor(L·2/32 + ½)`` (SmolLM2's 30 layers → 4..28; 32 → 4..30; very shallow models whose
@@ -94,7 +98,6 @@ from compress import (
     ArchAdapter,
     Capabilities,
     LayerPlan,
-    NumericalError,
     Plan,
     PruneContext,
     Pruner,
@@ -110,6 +113,7 @@ from compress import (
     solve_uniform,
     structure_group,
 )
+from compress.layerwise import context_options, loss_gradients
 from compress.sizing import unit_costs
 
 Importance = Literal["element1", "element2", "vector", "param_mix", "l1", "l2"]
@@ -267,72 +271,9 @@ def group_scores(
     return red.sum(-1)
 
 
-@torch.enable_grad()
-def taylor_gradients(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    tokens: torch.Tensor,
-    *,
-    first_order: bool = True,
-    fisher: bool = False,
-    batch_size: int | None = None,
-) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor]]:
-    """Gradients of the next-token loss w.r.t. ``params`` over ``tokens [N, T]`` (fp32 copies).
-
-    Returns ``(grads, fisher)``: ``grads`` is the gradient of the mean loss over the whole batch (as
-    one official backward over it), ``fisher`` is ``Σ_n g_n² / N`` with ``g_n`` the gradient of sample
-    ``n``'s own mean loss (official ``acc_grad``). Only ``params`` require grad while this runs; the
-    model's flags, mode and ``.grad`` are left as they were.
-    """
-    n = int(tokens.shape[0])
-    bs = n if batch_size is None else max(1, min(batch_size, n))
-    device = params[0].device
-    tokens = tokens.to(device)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    cfg = getattr(model, "config", None)
-    use_cache = getattr(cfg, "use_cache", None)
-    grads: dict[nn.Parameter, torch.Tensor] = {}
-    acc: dict[nn.Parameter, torch.Tensor] = {}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        model.eval()
-        if use_cache is not None:
-            cfg.use_cache = False
-
-        def grad_of(x: torch.Tensor) -> list[torch.Tensor | None]:
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise NumericalError(f"calibration loss is {float(loss)}; check the model and the calibration text")
-            return list(torch.autograd.grad(loss, params, allow_unused=True))
-
-        def accumulate(into: dict[nn.Parameter, torch.Tensor], gs: list[torch.Tensor | None], fn) -> None:
-            for k, p in enumerate(params):
-                g, gs[k] = gs[k], None  # drop autograd's copy as soon as it is folded in
-                g = torch.zeros_like(p, dtype=torch.float32) if g is None else fn(g.float())
-                if p in into:
-                    into[p] += g
-                else:
-                    into[p] = g
-
-        if first_order:
-            for start in range(0, n, bs):
-                x = tokens[start:start + bs]
-                w = x.shape[0] / n  # micro-batch losses weighted by their share of the (equal-length) sequences
-                accumulate(grads, grad_of(x), (lambda g: g) if w == 1.0 else (lambda g, w=w: g * w))
-        if fisher:
-            for j in range(n):
-                accumulate(acc, grad_of(tokens[j:j + 1]), lambda g: g * g / n)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
-        if use_cache is not None:
-            cfg.use_cache = use_cache
-    return grads, acc
+#: The gradients of the next-token loss (whole-model, or layer by layer with ``layerwise=True``) come
+#: from the core: :func:`compress.layerwise.loss_gradients`.
+taylor_gradients = loss_gradients
 
 
 # ====================================================================== the method
@@ -456,6 +397,27 @@ class LLMPruner(Pruner):
         apply_plan(model, plan, arch)
         return self._summary(sizes, attn, mlp)
 
+    def working_memory(self, model: nn.Module, target: Target, mem) -> dict[str, int]:
+        """Loss backward from the first pruned layer + the gradients of every scored weight: autograd's
+        copies (model dtype; all at once whole-model, one layer's layer-wise) and the fp32 sums (twice
+        with the Fisher term). Magnitude importance (l1/l2) reads the weights only."""
+        cfg = self.config
+        if cfg.importance not in TAYLOR:
+            return {}
+        arch = ArchAdapter(model)
+        attn, mlp = self.layer_ranges(arch.num_layers)
+        scored: dict[int, int] = {}
+        for i in attn:
+            scored[i] = scored.get(i, 0) + sum(m.weight.numel() for m in arch.attn_linears(i).values())
+        for i in mlp:
+            scored[i] = scored.get(i, 0) + sum(m.weight.numel() for m in arch.mlp_linears(i).values())
+        total = sum(scored.values())
+        terms = mem.gradients(cfg.calib_samples, cfg.calib_seq_len, cfg.calib_batch_size, first_layer=min(scored))
+        fp32_sums = (cfg.importance in _NEEDS_FIRST) + (cfg.importance in _NEEDS_FISHER)
+        terms["gradients_autograd"] = (max(scored.values()) if mem.layerwise else total) * mem.b
+        terms["gradients_fp32"] = total * 4 * fp32_sums
+        return terms
+
     def _summary(self, sizes: _Sizes, attn: list[int], mlp: list[int]) -> dict:
         out: dict = {
             "sizing": sizes.how,
@@ -496,7 +458,8 @@ class LLMPruner(Pruner):
             t0 = time.perf_counter()
             grads, fisher = taylor_gradients(
                 model, params, tokens, first_order=cfg.importance in _NEEDS_FIRST,
-                fisher=cfg.importance in _NEEDS_FISHER, batch_size=cfg.calib_batch_size)
+                fisher=cfg.importance in _NEEDS_FISHER, batch_size=cfg.calib_batch_size,
+                layerwise=ctx.layerwise, arch=arch, **context_options(ctx))
             timing["gradients"] = time.perf_counter() - t0
             notes["calibration"] = {"samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len,
                                     "backward_passes": (math.ceil(cfg.calib_samples / cfg.calib_batch_size)

@@ -29,7 +29,10 @@ sub-layer is compressed in its own way:
 * **Schedule**: sequential over layers. Each layer's input statistics are collected on the outputs
   of the already-compressed previous layers; within a layer, one pass collects the statistics of all
   seven linears (so the MLP statistics see the dense attention of that layer, as in the official
-  loop), the layer is compressed, and a second pass produces the next layer's inputs.
+  loop), the layer is compressed, and a second pass produces the next layer's inputs. The loop is
+  the core's layer-wise engine (:class:`compress.layerwise.LayerwiseRunner`), which gives every layer
+  its own attention mask (sliding-window layers included) and, with ``--layerwise``, keeps only the
+  current layer on the compute device and the signals in CPU RAM or on disk.
   Calibration: 128 sequences × 128 tokens (the official ``--nsamples`` / ``--calibration_seqlen``).
 
 Sizing
@@ -87,9 +90,7 @@ Deviations from the official code
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,6 +117,7 @@ from compress import (
     hookimpl,
 )
 from compress.calibration import record
+from compress.layerwise import LayerwiseRunner, context_options
 
 Decomposition = Literal["awsvd", "svd", "afm"]
 Sublayer = Literal["self_attn", "mlp"]
@@ -420,39 +422,7 @@ _KV_REFUSAL = (
 )
 
 
-# ====================================================================== layer-wise execution
-class _StopForward(Exception):
-    """Raised by the layer-0 hook once its inputs are captured (the rest of the model is not run)."""
-
-
-def _capture_layer0_inputs(model: nn.Module, arch: ArchAdapter, batches: torch.Tensor,
-                           batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Hidden states and keyword arguments (mask, rotary embeddings, positions) entering layer 0."""
-    store: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        kw = dict(kwargs)
-        hs = args[0] if args else kw.pop("hidden_states")
-        store.append((hs.detach(), kw))
-        raise _StopForward
-
-    device = arch.embed_tokens.weight.device
-    handle = arch.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for s in range(0, batches.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):
-                model(input_ids=batches[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return store
-
-
-def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> Iterator[torch.Tensor]:
-    for hs, kw in inputs:
-        out = layer(hs, **kw)
-        yield out[0] if isinstance(out, tuple) else out
-
-
+# ====================================================================== low-rank factors
 def _low_rank(old: nn.Module, left: torch.Tensor, right: torch.Tensor) -> LowRankLinear:
     w = old.weight
     bias = getattr(old, "bias", None)
@@ -491,10 +461,6 @@ class LorapPruner(Pruner):
         for i in range(arch.num_layers):
             if any(isinstance(m, LowRankLinear) for m in arch.attn_linears(i).values()):
                 raise Unsupported(f"layer {i} already has low-rank attention projections; run lorap on the dense model")
-        kinds = {getattr(layer, "attention_type", None) for layer in arch.layers}
-        if len(kinds) > 1:
-            raise Unsupported(f"lorap runs decoder layers one by one with one attention mask; this model mixes "
-                              f"attention types {sorted(map(str, kinds))} (sliding window); disable it or use another method")
         _Sizer(arch, self.config, target).solve()  # refuses an unreachable target before any work
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
@@ -514,6 +480,19 @@ class LorapPruner(Pruner):
         apply_plan(model, plan, arch)
         return sizing.summary()
 
+    def working_memory(self, model: nn.Module, target: Target, mem) -> dict[str, int]:
+        """Layer-by-layer calibration + the fp32 SVD of the largest attention projection (the scaled
+        copy of ``W``, ``U``, ``Vᵀ``) and, for ``afm``, the output second moments of one layer."""
+        terms = super().working_memory(model, target, mem)
+        arch = ArchAdapter(model)
+        shapes = [(m.out_features, m.in_features) for i in range(arch.num_layers)
+                  for m in arch.attn_linears(i).values()]
+        if "self_attn" in self.config.sublayers and shapes:
+            terms["svd"] = max(4 * (o * i + (o + i) * min(o, i) + min(o, i)) for o, i in shapes)
+            if self.config.decomposition == "afm":
+                terms["statistics"] = 4 * sum(o * o for o, _ in shapes[:4])
+        return terms
+
     @torch.no_grad()
     def prune(self, model: nn.Module, target: Target, ctx: PruneContext) -> PruneResult:
         cfg = self.config
@@ -528,14 +507,17 @@ class LorapPruner(Pruner):
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         batches = ctx.calibration.batches(cfg.calib_samples, cfg.calib_seq_len)
-        inputs = _capture_layer0_inputs(model, arch, batches, cfg.calib_batch_size)
         layer_plans: dict[str, dict[str, Any]] = {}
         q, k, v, o = arch.attn_names
         gate, up, down = arch.mlp_names
         std_names = dict(zip(arch.attn_names, ("q_proj", "k_proj", "v_proj", "o_proj"), strict=True))
+        # one layer at a time on the compute device; after each step the engine runs the compressed
+        # layer over the cached inputs to make the next layer's inputs
+        runner = LayerwiseRunner(model, batches, arch=arch, batch_size=cfg.calib_batch_size,
+                                 description="lorap", **context_options(ctx))
         try:
-            for i in range(arch.num_layers):
-                layer = arch.layers[i]
+            for step in runner:
+                i = step.index
                 lin = arch.attn_linears(i)
                 mlp = arch.mlp_linears(i)
                 ranks = sizing.ranks[i]
@@ -543,8 +525,7 @@ class LorapPruner(Pruner):
                 ins = {"qkv": lin[q], "o": lin[o], "gate_up": mlp[gate], "down": mlp[down]}
                 outs = {n: lin[n] for n in arch.attn_names} if attn_on and cfg.decomposition == "afm" else {}
                 with record(ins, where="input") as in_stats, record(outs, where="output", second_moment=True) as out_stats:
-                    for _ in _run_layer(layer, inputs):
-                        pass
+                    step.forward()
                 for st in (*in_stats.values(), *out_stats.values()):
                     st.check_finite(f"layer {i} calibration")
                 spec: dict[str, Any] = {}
@@ -574,10 +555,10 @@ class LorapPruner(Pruner):
                         apply_plan(model, Plan(layers={i: LayerPlan(mlp=keep)}), arch)
                     spec["mlp"] = keep
                 layer_plans[str(i)] = spec
-                inputs = [(hs_out, kw) for hs_out, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
                 if ctx.progress:
                     ctx.log(f"lorap: layer {i + 1}/{arch.num_layers} compressed")
         finally:
+            runner.close()
             if use_cache is not None:
                 model.config.use_cache = use_cache
         plan = {

@@ -13,7 +13,9 @@ Algorithm
    (q/k/v ← input norm, gate/up ← post-attention norm, lm_head ← final norm). The norms become
    weightless; the model computes exactly the same function (tested).
 2. **Sequential rotate-and-slice** (``rotate_and_slice_sequential``) with calibration inputs
-   propagated through the already-sliced layers. With ``Q`` the eigenvectors (descending eigenvalue)
+   propagated through the already-sliced layers by the core's layer-wise engine
+   (:class:`compress.layerwise.LayerwiseRunner`; with ``--layerwise`` the layer being sliced is the only
+   one on the compute device and the signals are cached in CPU RAM or on disk). With ``Q`` the eigenvectors (descending eigenvalue)
    of ``H = Σ XᵀX + 0.01·mean(diag H)·I`` (``pca_calc``, float64) and ``U = Q[:, :d']`` the kept
    directions, for every layer::
 
@@ -87,7 +89,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -110,6 +113,7 @@ from compress import (
     make_shortcut_layer,
 )
 from compress.errors import NumericalError
+from compress.layerwise import LayerwiseRunner, context_options
 from compress.measure import count_params, flops_per_token, linear_flops_per_token
 
 FLOPS_SEQ_LEN = 2048  # the context length of flops targets (compress run's default)
@@ -372,10 +376,27 @@ def _set_norm(norm: nn.Module, width: int, hidden: int) -> None:
         norm.normalized_shape = (width,)
 
 
+_ROW_CHUNK = 4096
+
+
+def _rowwise(w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(w.double())`` cast back to ``w``'s dtype, computed over blocks of rows so that no float64
+    copy of a whole embedding / lm_head matrix is ever alive (``fn`` must act on rows independently)."""
+    w = w.detach()
+    out: torch.Tensor | None = None
+    for s in range(0, w.shape[0], _ROW_CHUNK):
+        block = fn(w[s:s + _ROW_CHUNK].double()).to(w.dtype)
+        if out is None:
+            out = torch.empty((w.shape[0], *block.shape[1:]), dtype=w.dtype, device=w.device)
+        out[s:s + block.shape[0]] = block
+    assert out is not None
+    return out
+
+
 def _fold(norm: nn.Module, linears: Sequence[nn.Linear]) -> None:
     scale = norm.weight.detach().double()
     for lin in linears:
-        _set_linear(lin, lin.weight.detach().double() * scale[None, :])
+        _set_linear(lin, _rowwise(lin.weight, lambda rows: rows * scale[None, :]))
     with torch.no_grad():
         norm.weight.fill_(1.0)
 
@@ -405,7 +426,7 @@ def fuse_norms(model: nn.Module, arch: ArchAdapter, center_embeddings: bool = Fa
 
 
 # ====================================================================== PCA and rotations
-def pca(signals: Sequence[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def pca(signals: Iterable[torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Official ``pca_calc``: eigenvalues (descending) and eigenvectors of ``Σ XᵀX`` + 1% damping, float64."""
     H: torch.Tensor | None = None
     for x in signals:
@@ -432,30 +453,6 @@ def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
 
 class _StopForward(Exception):
     """Raised by a hook once the wanted activation is captured (the rest of the forward is skipped)."""
-
-
-def _capture_layer0(model: nn.Module, arch: ArchAdapter, batches: torch.Tensor,
-                    batch_size: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Hidden states (on CPU) and keyword arguments (mask, rotary embeddings, positions) entering layer 0."""
-    hs: list[torch.Tensor] = []
-    kws: list[dict[str, Any]] = []
-
-    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        kw = dict(kwargs)
-        x = args[0] if args else kw.pop("hidden_states")
-        hs.append(x.detach().cpu())
-        kws.append(kw)
-        raise _StopForward
-
-    device = arch.embed_tokens.weight.device
-    handle = arch.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for s in range(0, batches.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):
-                model(input_ids=batches[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return hs, kws
 
 
 def _attention_half(layer: nn.Module, norm: nn.Module, x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
@@ -501,8 +498,15 @@ def rotate_and_slice(
     generator: torch.Generator | None = None,
     log: Callable[[str], None] | None = None,
     keep_bases: bool = False,
+    device: str | torch.device | None = None,
+    cache: str | os.PathLike = "device",
 ) -> dict[str, Any]:
     """Official ``rotate_and_slice_sequential`` on a norm-fused model (:func:`fuse_norms` first).
+
+    Runs through the core's :class:`compress.layerwise.LayerwiseRunner`: layer ``i`` is on ``device``
+    (default: where the model is) while it is rotated and sliced, the calibration signals are cached
+    in ``cache`` (``"device"``, ``"cpu"`` or a folder). Besides the engine's cached inputs, at most two
+    signal sets of one layer are alive (the mid-layer residuals, then the layer outputs).
 
     Returns diagnostics: the kept fraction of each PCA's eigenvalue mass and, with ``keep_bases``,
     the orthonormal bases ``U`` of every boundary (``embedding``, then per layer ``mid`` and ``out``).
@@ -511,8 +515,8 @@ def rotate_and_slice(
         raise ValueError("dims do not describe this model")
     D = dims.hidden
     gen = generator or torch.Generator().manual_seed(0)
-    dev = arch.embed_tokens.weight.device
-    dtype = arch.embed_tokens.weight.dtype
+    emb = arch.embed_tokens
+    dtype = emb.weight.dtype
     q, k, v, o = arch.attn_names
     gate, up, down = arch.mlp_names
 
@@ -522,71 +526,76 @@ def rotate_and_slice(
             u = u @ random_orthogonal(d, gen).to(u.device)
         return u  # float64, D × d, orthonormal columns
 
-    def to_sliced(xs: list[torch.Tensor], u: torch.Tensor) -> list[torch.Tensor]:
-        uu = u.to(dtype)
-        return [(x.to(dev) @ uu).cpu() for x in xs]
-
     record: dict[str, Any] = {"kept_variance": {}}
     bases: dict[str, Any] = {"layers": []}
-    inps, kws = _capture_layer0(model, arch, batches, batch_size)
-    evals, evecs = pca(inps, dev)
-    u_in = basis(evecs, dims.embedding)
-    record["kept_variance"]["embedding"] = _kept_variance(evals, dims.embedding)
-    emb = arch.embed_tokens
-    emb.weight = nn.Parameter((emb.weight.double() @ u_in).to(dtype).contiguous(),
-                              requires_grad=emb.weight.requires_grad)
-    emb.embedding_dim = dims.embedding
-    inps = to_sliced(inps, u_in)
-    if keep_bases:
-        bases["embedding"] = u_in.cpu()
-
-    for i in range(arch.num_layers):
-        d_in, d_mid, d_out = dims.attn_in[i], dims.mlp_in[i], dims.mlp_out[i]
-        layer = arch.layers[i]
-        a, m = arch.attn_linears(i), arch.mlp_linears(i)
-        in_norm, post_norm = arch.input_norm(i), arch.post_attn_norm(i)
-        make_shortcut_layer(layer, d_in, d_mid, d_out)
-        # attention inputs follow the previous boundary; the residual goes back to full width for the PCA
-        for n in (q, k, v):
-            _set_linear(a[n], a[n].weight.double() @ u_in)
-        _set_norm(in_norm, d_in, D)
-        layer.attn_shortcut = _linear_from(u_in, emb.weight)  # d_in -> D: x = U_in·s
-        layer.mlp_shortcut = nn.Identity()
-        mids = [_attention_half(layer, post_norm, x.to(dev), kw).cpu() for x, kw in zip(inps, kws, strict=True)]
-        inps.clear()  # only two sets of signals are alive at a time
-        evals, evecs = pca(mids, dev)
-        u_mid = basis(evecs, d_mid)
-        kept = {"attn": _kept_variance(evals, d_mid)}
-        layer.attn_shortcut = _linear_from(u_mid.T @ u_in, emb.weight)  # weight = (U_inᵀ U_mid)ᵀ
-        ob = a[o].bias
-        _set_linear(a[o], u_mid.T @ a[o].weight.double(), None if ob is None else u_mid.T @ ob.double())
-        for n in (gate, up):
-            _set_linear(m[n], m[n].weight.double() @ u_mid)
-        _set_norm(post_norm, d_mid, D)
-        # the layer output at full width: the new residual is exactly h·U_mid (see module doc)
-        um = u_mid.to(dtype)
-        outs = []
-        for h in mids:
-            hp = h.to(dev) @ um
-            outs.append((hp @ um.T + layer.mlp(post_norm(hp))).cpu())
-        del mids
-        evals, evecs = pca(outs, dev)
-        u_out = basis(evecs, d_out)
-        kept["mlp"] = _kept_variance(evals, d_out)
-        layer.mlp_shortcut = _linear_from(u_out.T @ u_mid, emb.weight)
-        db = m[down].bias
-        _set_linear(m[down], u_out.T @ m[down].weight.double(), None if db is None else u_out.T @ db.double())
-        inps = to_sliced(outs, u_out)
-        del outs
-        record["kept_variance"][str(i)] = kept
-        if keep_bases:
-            bases["layers"].append({"mid": u_mid.cpu(), "out": u_out.cpu()})
-        u_in = u_out
-        if log is not None:
-            log(f"slicegpt: layer {i + 1}/{arch.num_layers} rotated and sliced "
-                f"({d_in}/{d_mid}/{d_out}, kept variance {kept['attn']:.4f}/{kept['mlp']:.4f})")
+    u_in = torch.empty(0)
+    with LayerwiseRunner(model, batches, arch=arch, batch_size=batch_size, device=device, cache=cache,
+                         description="slicegpt") as runner:
+        for step in runner:
+            i, layer, dev = step.index, step.layer, step.device
+            if i == 0:  # PCA of the embeddings: rotate and slice the embedding and the cached inputs
+                evals, evecs = pca((x for x, _ in step.batches()), dev)
+                u_in = basis(evecs, dims.embedding)
+                record["kept_variance"]["embedding"] = _kept_variance(evals, dims.embedding)
+                u_emb = u_in.to(emb.weight.device)
+                emb.weight = nn.Parameter(_rowwise(emb.weight, lambda rows, u=u_emb: rows @ u),
+                                          requires_grad=emb.weight.requires_grad)
+                emb.embedding_dim = dims.embedding
+                u0 = u_in.to(dtype)
+                step.map_inputs(lambda x, u0=u0: x @ u0)
+                if keep_bases:
+                    bases["embedding"] = u_in.cpu()
+            d_in, d_mid, d_out = dims.attn_in[i], dims.mlp_in[i], dims.mlp_out[i]
+            like = arch.attn_linears(i)[q].weight  # on the compute device with the layer
+            a, m = arch.attn_linears(i), arch.mlp_linears(i)
+            in_norm, post_norm = arch.input_norm(i), arch.post_attn_norm(i)
+            make_shortcut_layer(layer, d_in, d_mid, d_out)
+            # attention inputs follow the previous boundary; the residual goes back to full width for the PCA
+            for n in (q, k, v):
+                _set_linear(a[n], a[n].weight.double() @ u_in)
+            _set_norm(in_norm, d_in, D)
+            layer.attn_shortcut = _linear_from(u_in, like)  # d_in -> D: x = U_in·s
+            layer.mlp_shortcut = nn.Identity()
+            mids = step.new_cache()
+            for x, kw in step.batches(release=True):
+                mids.append(_attention_half(layer, post_norm, x, kw))
+            step.drop_inputs()  # only two sets of signals are alive at a time
+            evals, evecs = pca(mids, dev)
+            u_mid = basis(evecs, d_mid)
+            kept = {"attn": _kept_variance(evals, d_mid)}
+            layer.attn_shortcut = _linear_from(u_mid.T @ u_in, like)  # weight = (U_inᵀ U_mid)ᵀ
+            ob = a[o].bias
+            _set_linear(a[o], u_mid.T @ a[o].weight.double(), None if ob is None else u_mid.T @ ob.double())
+            for n in (gate, up):
+                _set_linear(m[n], m[n].weight.double() @ u_mid)
+            _set_norm(post_norm, d_mid, D)
+            # the layer output at full width: the new residual is exactly h·U_mid (see module doc)
+            um = u_mid.to(dtype)
+            outs = step.new_cache()
+            for b in range(len(mids)):
+                hp = mids[b].to(dev) @ um
+                outs.append(hp @ um.T + layer.mlp(post_norm(hp)))
+                mids.release(b)
+            mids.clear()
+            evals, evecs = pca(outs, dev)
+            u_out = basis(evecs, d_out)
+            kept["mlp"] = _kept_variance(evals, d_out)
+            layer.mlp_shortcut = _linear_from(u_out.T @ u_mid, like)
+            db = m[down].bias
+            _set_linear(m[down], u_out.T @ m[down].weight.double(), None if db is None else u_out.T @ db.double())
+            uo = u_out.to(dtype)
+            step.set_outputs(outs[b].to(dev) @ uo for b in range(len(outs)))
+            outs.clear()
+            record["kept_variance"][str(i)] = kept
+            if keep_bases:
+                bases["layers"].append({"mid": u_mid.cpu(), "out": u_out.cpu()})
+            u_in = u_out
+            if log is not None:
+                log(f"slicegpt: layer {i + 1}/{arch.num_layers} rotated and sliced "
+                    f"({d_in}/{d_mid}/{d_out}, kept variance {kept['attn']:.4f}/{kept['mlp']:.4f})")
     head = arch.lm_head
-    _set_linear(head, head.weight.double() @ u_in)
+    u_head = u_in.to(head.weight.device)
+    _set_linear(head, _rowwise(head.weight, lambda rows: rows @ u_head))
     _set_norm(arch.final_norm, dims.head, D)
     _sync_config(model, arch, dims)
     if keep_bases:
@@ -676,11 +685,6 @@ class SliceGPTPruner(Pruner):
                 if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is not None:
                     raise Unsupported(f"layer {i} norm {type(norm).__name__} is not an RMSNorm with a scale; "
                                       "slicegpt supports RMSNorm models (llama, mistral, qwen2, qwen3)")
-        types = getattr(model.config, "layer_types", None) or [getattr(x, "attention_type", None) for x in arch.layers]
-        if len(set(types)) > 1:
-            raise Unsupported(f"slicegpt runs decoder layers one by one with one attention mask; this model mixes "
-                              f"attention types {sorted(map(str, set(types)))} (sliding window); disable it or use "
-                              "another method")
         solve_dims(model, arch, target, self.config)  # refuses an unreachable target before any work
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
@@ -688,6 +692,23 @@ class SliceGPTPruner(Pruner):
         sizing = solve_dims(model, arch, target, self.config)
         apply_shapes(model, arch, sizing.dims)
         return sizing.summary()
+
+    def working_memory(self, model: nn.Module, target: Target, mem) -> dict[str, int]:
+        """Layer-by-layer calibration + SliceGPT's own tensors: the untied lm_head, a second set of
+        residual signals (the mid-layer ones beside the engine's cache), the float64 PCA (``Σ XᵀX``,
+        eigenvectors, one mini-batch product, the kept bases) and the float64 rotation of the widest
+        weight (the embedding or an MLP projection, before and after)."""
+        cfg = self.config
+        terms = super().working_memory(model, target, mem)
+        d = solve_dims(model, ArchAdapter(model), target, cfg).dims.embedding
+        T, B = mem.seq_len(cfg.calib_seq_len), min(cfg.calib_batch_size, cfg.calib_samples)
+        H = mem.H
+        if mem.tied:
+            terms["untied_lm_head"] = mem.V * H * mem.b
+        terms["signals"] = cfg.calib_samples * T * H * mem.b
+        terms["pca"] = 3 * H * H * 8 + B * T * H * 8 + 3 * H * d * 8
+        terms["rotation"] = max(mem.V, mem.I) * (H + d) * 8
+        return terms
 
     def prune(self, model: nn.Module, target: Target, ctx: PruneContext) -> PruneResult:
         cfg = self.config
@@ -707,7 +728,7 @@ class SliceGPTPruner(Pruner):
             fuse_norms(model, arch, center_embeddings=cfg.center_embeddings)
             record = rotate_and_slice(model, arch, batches, dims, batch_size=cfg.calib_batch_size,
                                       orientation=cfg.final_orientation, generator=gen,
-                                      log=ctx.log if ctx.progress else None)
+                                      log=ctx.log if ctx.progress else None, **context_options(ctx))
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache

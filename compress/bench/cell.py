@@ -118,6 +118,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                 "calibration": out.get("calibration"),
                 "calibration_hash": out.get("calibration_hash"),
                 "plan_hash": out.get("plan_hash"),
+                "recipe": out.get("recipe"),
                 "dense": _fp(out["dense"]),
                 "achieved": _fp(out["achieved"]),
                 "ratios": out.get("ratios"),

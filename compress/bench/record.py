@@ -24,7 +24,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "schema", "cell_id", "suite", "status", "error", "error_type", "stage",
     "model", "method", "label", "plugin", "settings", "config",
     "target", "goal", "recovery", "recovery_result", "seed",
-    "calib", "calibration", "calibration_hash", "plan_hash",
+    "calib", "calibration", "calibration_hash", "plan_hash", "recipe",
     "dense", "achieved", "ratios", "notes",
     "eval", "ppl", "tasks", "accuracy_avg", "latency",
     "prune_wall_s", "timing_s", "peak_rss_bytes", "peak_rss",
@@ -42,7 +42,8 @@ def new_record(cell: Cell) -> dict[str, Any]:
 
     Keys: ``cell_id`` (see :func:`compress.bench.suite.cell_id`); ``model`` {id, path, dtype, hash,
     hash_of}; ``method`` (``dense`` = no pruning), ``label``, ``plugin`` {distribution, version},
-    ``settings`` (as given) and ``config`` (resolved by the method); ``target`` and ``goal`` (absolute
+    ``settings`` (as given) and ``config`` (resolved by the method); ``recipe`` (the resolved recipe
+    of the run, :func:`compress.recipe.resolved_recipe`; None for dense); ``target`` and ``goal`` (absolute
     value to stay under); ``recovery`` {tokens, mode, settings} asked and ``recovery_result`` done;
     ``dense``/``achieved`` {params, flops_per_token, kv_bytes_per_token, dtype, seq_len} and
     ``ratios`` {params, flops, kv} (achieved / dense); ``eval`` (the protocol); ``ppl``
@@ -74,6 +75,7 @@ def new_record(cell: Cell) -> dict[str, Any]:
         "calibration": None,
         "calibration_hash": None,
         "plan_hash": None,
+        "recipe": None,
         "dense": None,
         "achieved": None,
         "ratios": None,

@@ -28,18 +28,20 @@ __all__ = ["flat_row", "load_runs", "render_markdown", "write_report"]
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Records from ``records.jsonl`` files or folders holding one; the newest record of each cell
-    wins (later inputs after earlier ones). A missing input is a one-line UsageError."""
+    """Records from ``records.jsonl`` files, folders holding one, or folders whose subfolders hold one
+    each (e.g. one per tox environment); the newest record of each cell wins (later inputs after
+    earlier ones). A missing input is a one-line UsageError."""
     records: list[dict[str, Any]] = []
     for raw in paths:
         p = Path(raw)
-        f = p / RECORDS if p.is_dir() else p
-        if not f.is_file():
+        files = [p / RECORDS] if (p / RECORDS).is_file() else sorted(p.glob(f"*/{RECORDS}")) if p.is_dir() else [p]
+        if not files or not all(f.is_file() for f in files):
             raise UsageError(f"no records at {raw}: pass a records.jsonl file or a folder holding one")
-        got = read_records(f)
-        if not got:
-            raise UsageError(f"{f} holds no benchmark records")
-        records.extend(got)
+        for f in files:
+            got = read_records(f)
+            if not got:
+                raise UsageError(f"{f} holds no benchmark records")
+            records.extend(got)
     return list(latest_by_cell(records).values())
 
 
@@ -181,7 +183,8 @@ def _columns(records: list[dict[str, Any]]) -> list[_Col]:
     cols = [
         _Col("method", lambda r: r.get("label") or r.get("method"), lambda v, r: str(v)),
         _Col("target", lambda r: r.get("target"), lambda v, r: "—" if r.get("method") == DENSE else str(v)),
-        _Col("recovery", lambda r: RecoverySpec(**(r.get("recovery") or {})).short(),
+        _Col("recovery", lambda r: r["_paper"]["recovery"] if r.get("_paper") else
+             RecoverySpec(**(r.get("recovery") or {})).short(),
              lambda v, r: "—" if r.get("method") == DENSE else str(v)),
     ]
     if len(seeds) > 1:
@@ -216,9 +219,33 @@ def _group(r: dict[str, Any]) -> tuple[Any, ...]:
     return (r.get("target"), rec.get("tokens", 0), rec.get("mode"), json.dumps(r.get("eval"), sort_keys=True))
 
 
-def _table(records: list[dict[str, Any]]) -> list[str]:
-    rows = _sorted(records)
-    cols = _columns(rows)
+def _paper_slot(r: dict[str, Any]) -> tuple[Any, ...]:
+    """Where a published row may sit: next to our cells of the same target and recovery kind."""
+    if r.get("method") == DENSE:
+        return (DENSE,)
+    return (r.get("target"), bool(_get(r, "recovery", "tokens")))
+
+
+def _with_paper(rows: list[dict[str, Any]], paper: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with each matching published row inserted after the last of our rows it matches."""
+    out = list(rows)
+    for p in paper:
+        slots = [i for i, r in enumerate(out) if not r.get("_paper") and _paper_slot(r) == _paper_slot(p)]
+        if slots:
+            last = slots[-1]
+            while last + 1 < len(out) and out[last + 1].get("_paper"):
+                last += 1
+            out.insert(last + 1, p)
+    return out
+
+
+def _table(records: list[dict[str, Any]], paper: list[dict[str, Any]] | None = None) -> list[str]:
+    """The markdown table of ``records``, with ``paper`` rows (published numbers) next to the cells
+    they match; those never count for, or get, the bold "best"."""
+    cols = _columns(_sorted(records))
+    # a measurement no cell took (e.g. latency in a suite without it) gets no empty column
+    cols = cols[:3] + [c for c in cols[3:] if any(c.value(r) is not None for r in records)]
+    rows = _with_paper(_sorted(records), paper or [])
     best: dict[tuple[int, tuple[Any, ...]], float] = {}
     counts: dict[tuple[int, tuple[Any, ...]], int] = {}
     for ci, c in enumerate(cols):
@@ -226,7 +253,7 @@ def _table(records: list[dict[str, Any]]) -> list[str]:
             continue
         for r in rows:
             v = c.value(r)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            if r.get("_paper") or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 continue
             k = (ci, _group(r))
             counts[k] = counts.get(k, 0) + 1
@@ -244,7 +271,8 @@ def _table(records: list[dict[str, Any]]) -> list[str]:
             text = c.fmt(v, r)
             k = (ci, _group(r))
             # ties as displayed are all bold (0.021 s and 0.028 s both show as 0.0)
-            if c.better and counts.get(k, 0) >= 2 and (v == best[k] or text == c.fmt(best[k], r)):
+            if c.better and not r.get("_paper") and counts.get(k, 0) >= 2 and (v == best[k]
+                                                                               or text == c.fmt(best[k], r)):
                 text = f"**{text}**"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
@@ -288,17 +316,33 @@ def _protocol_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _reported_lines(tables: list[Any], shown: list[dict[str, Any]]) -> list[str]:
+    """Where the *paper* rows come from, and which published tables matched nothing here."""
+    lines = []
+    used = {(p["_paper"]["file"], p["_paper"]["table"]) for p in shown}
+    for t in tables:
+        n = sum(1 for p in shown if p["_paper"]["file"] == t.file and p["_paper"]["table"] == t.table)
+        if (t.file, t.table) in used:
+            lines.append(f"- *paper* rows: {n} published by {t.source} — {t.table} ({t.model}; "
+                         f"{t.reference}). Their protocol: {t.protocol or 'see the source'}. Not re-measured here; "
+                         "their sizes are the papers' own accounting.")
+    unmatched = sorted({(t.model, t.file) for t in tables if (t.file, t.table) not in used})
+    if unmatched:
+        models = sorted({m for m, _ in unmatched})
+        lines.append(f"- published numbers not shown (no cell here with their model and setting): "
+                     f"{len(unmatched)} file(s) for {', '.join(models)}")
+    return lines
+
+
 def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark report",
-                    plots: dict[str, str] | None = None) -> str:
-    """The markdown report of ``records`` (latest record per cell)."""
+                    plots: dict[str, str] | None = None, reported: list[Any] | None = None) -> str:
+    """The markdown report of ``records`` (latest record per cell); ``reported`` tables
+    (:func:`compress.bench.reported.load_reported`) add *paper* rows next to matching cells."""
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
-    md = [f"# {title}", "",
-          f"{len(ok)} finished cell(s), {len(failed)} failed; generated {now()}.", "",
-          "Protocol:", *_protocol_lines(records), "",
-          "FLOPs/token are forward FLOPs at 2048 context; ratios are to the dense row. **Bold**: best "
-          "value of its column among the cells with the same target, recovery budget and protocol (↓ lower is "
-          "better, ↑ higher; size, time and memory columns: lower).", ""]
+    paper = [p for t in (reported or []) for p in t.pseudo_records()]
+    shown: list[dict[str, Any]] = []
+    tables: list[str] = []
     models: list[str] = []
     for r in ok:
         m = _get(r, "model", "id")
@@ -306,10 +350,20 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
             models.append(m)
     for m in models:
         rows = [r for r in ok if _get(r, "model", "id") == m]
+        mine = [p for p in paper if _get(p, "model", "id") == m]
+        slots = {_paper_slot(r) for r in rows}
+        shown += [p for p in mine if _paper_slot(p) in slots]
         h = _get(rows[0], "model", "hash")
-        md += [f"## {m}" + (f" ({_get(rows[0], 'model', 'hash_of')} sha256 {h[:12]}…)" if h else ""), ""]
-        md += _table(rows)
-        md.append("")
+        tables += [f"## {m}" + (f" ({_get(rows[0], 'model', 'hash_of')} sha256 {h[:12]}…)" if h else ""), ""]
+        tables += _table(rows, mine)
+        tables.append("")
+    md = [f"# {title}", "",
+          f"{len(ok)} finished cell(s), {len(failed)} failed; generated {now()}.", "",
+          "Protocol:", *_protocol_lines(records), *_reported_lines(reported or [], shown), "",
+          "FLOPs/token are forward FLOPs at 2048 context; ratios are to the dense row. **Bold**: best "
+          "value of its column among the cells with the same target, recovery budget and protocol (↓ lower is "
+          "better, ↑ higher; size, time and memory columns: lower).", ""]
+    md += tables
     for name, path in (plots or {}).items():
         md += [f"![{name}]({path})", ""]
     if failed:
@@ -383,8 +437,10 @@ def _plot(records: list[dict[str, Any]], x_key: str, x_label: str, path: Path) -
 # ---------------------------------------------------------------------------------- output
 
 
-def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str = "Benchmark report") -> dict[str, Path]:
-    """Write ``report.md``, ``report.json``, ``report.csv`` and the two plots into ``out``."""
+def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str = "Benchmark report",
+                 reported: list[Any] | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json``, ``report.csv`` and the two plots into ``out``
+    (``reported``: published tables shown as *paper* rows next to matching cells, markdown only)."""
     if not records:
         raise UsageError("no records to report")
     out = Path(out)
@@ -401,7 +457,7 @@ def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str =
         tmp.replace(out / name)
         files[f"plot_{stem}"] = out / name
         plots[f"{y} vs {x_label}"] = name
-    md = render_markdown(records, title=title, plots=plots)
+    md = render_markdown(records, title=title, plots=plots, reported=reported)
     files["markdown"] = out / "report.md"
     files["markdown"].write_text(md + "\n", encoding="utf-8")
 

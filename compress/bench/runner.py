@@ -209,16 +209,18 @@ def run_suite(
     methods: list[str] | None = None,
     models: list[str] | None = None,
     recovery: list[int] | None = None,
+    targets: list[str] | None = None,
     log: Callable[[str], None] = print,
     python: str | None = None,
 ) -> BenchSummary:
-    """Run the cells of ``suite`` (optionally only ``methods``/``models``/``recovery`` budgets) into ``out``.
+    """Run the cells of ``suite`` (optionally only ``methods``/``models``/``recovery`` budgets/``targets``)
+    into ``out``.
 
     Without ``resume`` or ``overwrite`` an ``out`` that already holds records is refused (a one-line
     UsageError). ``overwrite`` starts the records over. Returns a :class:`BenchSummary`.
     """
     out = Path(out)
-    cells = suite.cells(methods=methods, models=models, recovery=recovery)
+    cells = suite.cells(methods=methods, models=models, recovery=recovery, targets=targets)
     records_path = out / RECORDS
     existing = read_records(records_path)
     if existing and not (resume or overwrite):

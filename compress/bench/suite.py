@@ -76,12 +76,17 @@ class ModelSpec(_Strict):
 
 
 class MethodSpec(_Strict):
-    """A method with its settings. ``label`` tells apart two entries of the same method."""
+    """A method with its settings. ``label`` tells apart two entries of the same method.
+
+    ``recipe``: a recipe file (:mod:`compress.recipe`; relative paths from the suite file's folder)
+    whose settings the entry's ``settings`` override and whose ``calib`` is the entry's default. The
+    suite sets targets, seeds and recovery itself, so a recipe carrying those run keys is refused."""
 
     name: str = Field(min_length=1)
     label: str | None = None
+    recipe: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
-    calib: str | None = Field(None, description="calibration text (default: the suite's calib)")
+    calib: str | None = Field(None, description="calibration text (default: the recipe's, else the suite's)")
 
     @property
     def display(self) -> str:
@@ -191,8 +196,8 @@ class Suite(_Strict):
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         for m in self.methods:
-            if m.name == DENSE and (m.settings or m.calib):
-                raise ValueError("the dense row takes no settings or calib")
+            if m.name == DENSE and (m.settings or m.calib or m.recipe):
+                raise ValueError("the dense row takes no settings, recipe or calib")
         labels = [m.display for m in self.methods if m.name != DENSE]
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
@@ -201,12 +206,22 @@ class Suite(_Strict):
 
     # ------------------------------------------------------------------ cells
     def cells(self, methods: list[str] | None = None, models: list[str] | None = None,
-              recovery: list[int] | None = None) -> list[Cell]:
-        """Every cell, dense first per model. ``methods``/``models``/``recovery`` keep only those (by
-        method name or label, model id, recovery token budget); with ``methods`` the dense row is
-        kept only if ``dense`` is among them."""
+              recovery: list[int] | None = None, targets: list[str] | None = None) -> list[Cell]:
+        """Every cell, dense first per model. ``methods``/``models``/``recovery``/``targets`` keep only
+        those (by method name or label, model id, recovery token budget, target); with ``methods`` the
+        dense row is kept only if ``dense`` is among them (``targets`` never drops it)."""
         from compress.target import Target
 
+        pick_targets = None
+        if targets:
+            try:
+                pick_targets = {str(Target.parse(t)) for t in targets}
+            except UsageError as e:
+                raise UsageError(f"--targets: {e}") from None
+            unknown_t = pick_targets - set(self.targets)
+            if unknown_t:
+                raise UsageError(f"no target {sorted(unknown_t)[0]!r} in suite {self.name}; "
+                                 f"targets: {', '.join(self.targets)}")
         pick_methods = set(methods) if methods else None
         pick_models = set(models) if models else None
         if pick_models:
@@ -242,6 +257,8 @@ class Suite(_Strict):
                     if pick_methods and not {method.name, method.display} & pick_methods:
                         continue
                     for target in self.targets:
+                        if pick_targets and target not in pick_targets:
+                            continue
                         for rec in self.recovery:
                             if recovery is not None and rec.tokens not in recovery:
                                 continue
@@ -450,6 +467,7 @@ def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: 
         suite = Suite.model_validate(data)
     except ValidationError as e:
         raise UsageError(f"suite file {p}: {_one_line(e)}") from None
+    suite.methods = [_with_recipe(m, p) for m in suite.methods]
     from compress.evaluate import PPL_DATASETS, resolve_tasks
 
     if suite.eval.tasks:
@@ -474,6 +492,29 @@ def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: 
         except ValidationError as e:
             raise UsageError(f"bad evaluation override: {_one_line(e)}") from None
     return suite
+
+
+def _with_recipe(method: MethodSpec, suite_path: Path) -> MethodSpec:
+    """``method`` with its recipe's settings merged under its own (entry wins) and the recipe's calib
+    as its default; every problem is a one-line UsageError naming the suite file."""
+    if not method.recipe:
+        return method
+    from compress.recipe import load_recipe
+
+    raw = expand_vars(method.recipe, f"suite file {suite_path}: method {method.display!r}")
+    path = Path(raw) if Path(raw).is_absolute() else suite_path.parent / raw
+    try:
+        recipe = load_recipe(path)
+        recipe.check_settings(recipe.canonical_method(method.name) or method.name)
+    except UsageError as e:
+        raise UsageError(f"suite file {suite_path}: method {method.display!r}: {e}") from None
+    fixed = sorted(set(recipe.run) - {"calib"})
+    if fixed:
+        raise UsageError(f"suite file {suite_path}: recipe {path} sets {fixed[0]!r}; in a suite, targets, "
+                         "seeds and recovery come from the suite: remove it from the recipe")
+    # the entry's own settings are checked with the cell (preflight), as without a recipe
+    return method.model_copy(update={"settings": {**recipe.settings, **method.settings},
+                                     "calib": method.calib or recipe.run.get("calib")})
 
 
 def _short_int(n: int) -> str:

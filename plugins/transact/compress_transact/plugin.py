@@ -14,6 +14,9 @@ Faithful to the official code (XiaoMi/transact-pruning ``pruning/scorer.py::Acts
   interpolation). Optional training after each shot, with the official token split
   (``avg · (1/2 + (i-1)/(K-1))`` for shot i of K) and learning-rate ramp (``lr · 2i / K``).
 * The hidden size and ``head_dim`` are never pruned (RoPE untouched).
+* With ``shots > 1`` the model, the composed plan and the RNG state are checkpointed after every
+  finished shot (``ctx.checkpoint``); ``compress run --resume`` continues after the last one and ends
+  with byte-identical weights and plan.
 
 Deviations (documented, each with a reason):
 
@@ -59,6 +62,7 @@ from compress import (
     solve_uniform,
 )
 from compress.calibration import record, run_calibration
+from compress.layerwise import context_options
 
 
 class TransActConfig(PrunerConfig):
@@ -153,7 +157,11 @@ class TransActPruner(Pruner):
 
     # ------------------------------------------------------------------ scoring
     def collect(self, model, ctx: PruneContext, batches: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: (salience of each o_proj input channel, salience of each down_proj input channel)."""
+        """Per layer: (salience of each o_proj input channel, salience of each down_proj input channel).
+
+        With ``ctx.layerwise`` the same mini-batches run one decoder layer at a time
+        (:mod:`compress.layerwise`): identical statistics, so the same plan, without the whole model's
+        activations or logits."""
         arch = ctx.arch
         mods = {}
         for i in range(arch.num_layers):
@@ -161,7 +169,8 @@ class TransActPruner(Pruner):
             mods[f"{i}.mlp"] = arch.down_proj(i)
         with record(mods, where="input") as stats:
             run_calibration(model, batches, batch_size=self.config.calib_batch_size,
-                            progress=None if ctx.progress else False, description="TransAct scoring")
+                            progress=None if ctx.progress else False, description="TransAct scoring",
+                            layerwise=ctx.layerwise, **context_options(ctx))
         out = {}
         for i in range(arch.num_layers):
             for key in (f"{i}.attn", f"{i}.mlp"):
@@ -194,9 +203,23 @@ class TransActPruner(Pruner):
         batches = ctx.calibration.batches(cfg.calib_samples, seq_len)
         unit = final.attn_unit
         total_plan = Plan()
-        history = []
+        history: list[dict] = []
+        done = 0
+        resumed = ctx.resume_point()
+        if resumed is not None and resumed.state.get("shots") == cfg.shots:
+            # --resume: the dense model cut to the composed plan, then the weights after the last finished
+            # shot (they differ from the cut dense weights when training ran between shots)
+            done, history = int(resumed.state["shot"]), list(resumed.state["history"])
+            total_plan = Plan.from_dict(resumed.state["plan"])
+            apply_plan(model, total_plan, arch)
+            resumed.load_into(model)
+            ctx.log(f"TransAct: resuming after shot {done}/{cfg.shots} ({resumed.path})")
         recovery = self._recovery(ctx)
+        if recovery is not None:  # continue the training stream after the finished shots
+            recovery.consumed += sum(h.get("recovery", {}).get("tokens", 0) for h in history)
         for shot, (units, mlp) in enumerate(steps, 1):
+            if shot <= done:
+                continue
             widths = Widths(attn_unit=unit, attn_units=units, attn_units_dense=self._units_now(arch, unit),
                             mlp=mlp, mlp_dense=arch.geometry(0).intermediate, predicted=final.predicted,
                             goal=final.goal, dense=final.dense, metric=final.metric)
@@ -214,11 +237,14 @@ class TransActPruner(Pruner):
                     f"({entry['kv_heads']} KV) × {entry['head_dim']}, MLP {entry['f']}")
             if recovery is not None:
                 tokens, lr = self._shot_budget(shot)
-                r = recovery(model, tokens, lr)
+                r = recovery(model, tokens=tokens, lr=lr)
                 model = r.model
                 entry["recovery"] = {"tokens": r.tokens_seen, "steps": r.steps, "lr": lr,
                                      "final_loss": r.losses[-1][1] if r.losses else None}
             history.append(entry)
+            if cfg.shots > 1:  # iterative: an interrupted run resumes after the last finished shot
+                ctx.checkpoint(model, {"shot": shot, "shots": cfg.shots, "plan": total_plan.to_dict(),
+                                       "history": history})
         return PruneResult(model=model, plan=total_plan.to_dict(), export="auto",
                            notes={"widths": self._summary(arch, final), "shots": history,
                                   "calibration": {"samples": cfg.calib_samples, "seq_len": seq_len}})
@@ -235,18 +261,17 @@ class TransActPruner(Pruner):
         return max(1, int(round(avg * share))), self.config.recover_lr * (2 * shot / K if K > 1 else 1.0)
 
     def _recovery(self, ctx: PruneContext):
+        """The training between shots: the run's recovery recipe (``--recover-tokens`` settings and
+        text) when there is one, else full training on the calibration text. One data stream for all
+        shots and the final recovery, so each shot trains on fresh tokens (the official trainer
+        streams its dataset across shots)."""
         if self.config.recover_tokens_per_shot <= 0:
             return None
         from compress.recover import Recovery, RecoveryConfig
 
-        base = ctx.recover.cfg if ctx.recover is not None else RecoveryConfig(tokens=1, mode="full", seed=ctx.seed)
-        source = ctx.recover.source if ctx.recover is not None else ctx.calibration
-
-        def run(model, tokens: int, lr: float):
-            cfg = base.model_copy(update={"tokens": tokens, "lr": lr})
-            return Recovery(source, cfg, progress=ctx.progress)(model)
-
-        return run
+        if ctx.recover is not None:
+            return ctx.recover
+        return Recovery(ctx.calibration, RecoveryConfig(tokens=1, mode="full", seed=ctx.seed), progress=ctx.progress)
 
 
 @hookimpl

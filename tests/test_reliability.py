@@ -1,0 +1,592 @@
+"""Reliability (issue #10): bad input, interruptions, broken plugins, safe loading, plan properties.
+
+* ``BAD_INPUT``: every refusal is one line ``error: ...`` naming the problem and the fix, exit code 2,
+  and leaves the working folder exactly as it was.
+* Interruptions: a TransAct run killed with SIGKILL after its first shot resumes with ``--resume`` to
+  byte-identical weights and plan; checkpoints survive a kill at any moment (kill -9 during export:
+  tests/test_export.py; bench cells: tests/test_bench.py).
+* Plugins: a method that raises inside ``check``/``plan_shapes``/``prune`` is reported with its plugin
+  and distribution; other methods keep working; ``COMPRESS_STRICT_PLUGINS=1`` re-raises
+  (import/registration failures: tests/test_plugins.py).
+* Safe loading: safetensors only, no remote code unless asked, compress folders checked by hash.
+* Properties (hypothesis): any valid plan on a tiny model forwards and measures what sizing predicts.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compress.checkpoint import CHECKPOINT_FILE, KILL_ENV, read_checkpoint, save_checkpoint
+from compress.cli import main
+from compress.errors import PluginError, UsageError
+from compress.export import PLAN_FILE, export_model, weights_sha256
+from compress.graph import LayerPlan, Plan, apply_plan
+from compress.loading import compress_format, load_model
+from compress.measure import footprint
+from compress.run import state_dir_for
+from compress.sizing import unit_costs
+from compress.testing import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPRESS_BIN = Path(sys.executable).with_name("compress")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _snapshot(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+# ============================================================================== bad-input models
+def _copy_model(src: Path, dst: Path, files: tuple[str, ...] = ("config.json", "model.safetensors",
+                                                                 "tokenizer.json", "tokenizer_config.json")) -> Path:
+    dst.mkdir(parents=True)
+    for f in files:
+        shutil.copyfile(src / f, dst / f)
+    return dst
+
+
+def _edit_weights(folder: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+_CUSTOM_CODE = "import pathlib\npathlib.Path(__file__).with_name('CODE_WAS_RUN').write_text('yes')\n"
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, stories_dir) -> dict[str, Path]:
+    """Broken or unsupported model folders, built once (outside every test's working folder)."""
+    root = tmp_path_factory.mktemp("bad-models")
+    m: dict[str, Path] = {}
+    m["nan"] = _copy_model(stories_dir, root / "nan")
+    _edit_weights(m["nan"], lambda sd: sd["model.layers.0.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan")))
+    m["inf"] = _copy_model(stories_dir, root / "inf")  # finite weights whose activations overflow fp32
+    _edit_weights(m["inf"], lambda sd: sd["model.layers.1.self_attn.v_proj.weight"].fill_(3e38))
+    m["corrupt"] = _copy_model(stories_dir, root / "corrupt")
+    (m["corrupt"] / "model.safetensors").write_bytes(b"\x00" * 8 + b"not a safetensors header" * 4)
+    m["pickle"] = _copy_model(stories_dir, root / "pickle", ("config.json", "tokenizer.json", "tokenizer_config.json"))
+    torch.save({"model.embed_tokens.weight": torch.zeros(512, 64)}, m["pickle"] / "pytorch_model.bin")
+    m["notok"] = _copy_model(stories_dir, root / "notok", ("config.json", "model.safetensors"))
+    m["noconfig"] = _copy_model(stories_dir, root / "noconfig", ("model.safetensors",))
+    m["file"] = root / "weights.txt"
+    m["file"].write_text("not a model")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512, n_positions=64)).save_pretrained(
+        root / "gpt2")
+    m["gpt2"] = root / "gpt2"
+    # a model whose config asks for its own code (an unknown model_type with auto_map)
+    m["custom"] = _copy_model(stories_dir, root / "custom")
+    cfg = json.loads((m["custom"] / "config.json").read_text())
+    cfg.update(model_type="relcustom", auto_map={"AutoConfig": "configuration_relcustom.RelConfig",
+                                                "AutoModelForCausalLM": "modeling_relcustom.RelModel"})
+    (m["custom"] / "config.json").write_text(json.dumps(cfg))
+    for f in ("configuration_relcustom.py", "modeling_relcustom.py"):
+        (m["custom"] / f).write_text(_CUSTOM_CODE)
+    # a compress-format export whose modeling file was changed afterwards
+    hetero = tiny_model("qwen2")
+    apply_plan(hetero, Plan(layers={0: LayerPlan(mlp=list(range(40)))}))
+    m["compress"] = root / "compress-format"
+    export_model(hetero, tiny_tokenizer(), m["compress"])
+    m["tampered"] = root / "tampered"
+    shutil.copytree(m["compress"], m["tampered"])
+    with open(m["tampered"] / "modeling_compress.py", "a") as f:
+        f.write("\nimport os  # injected\n")
+    m["unreadable"] = _copy_model(stories_dir, root / "unreadable")
+    os.chmod(m["unreadable"], 0)
+    yield m
+    os.chmod(m["unreadable"], 0o755)
+
+
+_S = ["--set", "calib_samples=2", "--set", "calib_seq_len=32"]  # keep calibrating cases fast
+_T = ["--method", "transact", "--target", "60%"]
+_M = ["--method", "magnitude", "--target", "60%"]
+
+#: (id, argv, expected text of the one-line error). ``run`` gets --model stories260k and --out
+#: {work}/out unless the case names them; {work} is the test's working folder, {X} a ``bad`` model.
+BAD_INPUT = [
+    ("unknown-method", ["run", "--method", "magnitud", "--target", "60%"], "did you mean 'magnitude'"),
+    ("target-garbage", ["run", "--method", "magnitude", "--target", "abc"], "cannot parse target 'abc'"),
+    ("target-zero", ["run", "--method", "magnitude", "--target", "0"], "must be a positive amount"),
+    ("target-negative", ["run", "--method", "magnitude", "--target=-5"], "is negative"),
+    ("target-negative-pct", ["run", "--method", "magnitude", "--target", "-10%"], "is negative"),
+    ("target-above-100pct", ["run", "--method", "magnitude", "--target", "150%"], "above 100%"),
+    ("target-above-dense", ["run", "--method", "magnitude", "--target", "600M"], "above the dense model"),
+    ("target-below-smallest", ["run", "--method", "magnitude", "--target", "10"], "below the smallest legal shape"),
+    ("target-unknown-metric", ["run", "--method", "magnitude", "--target", "speed:50%"], "unknown target metric"),
+    ("metric-unsupported-by-method", ["run", "--method", "lorap", "--target", "kv:50%"], "KV cache is unchanged"),
+    ("model-missing", ["run", *_M, "--model", "{work}/no/such/model"], "does not exist"),
+    ("model-is-a-file", ["run", *_M, "--model", "{file}"], "is a file, not a model"),
+    ("model-without-config", ["run", *_M, "--model", "{noconfig}"], "without config.json"),
+    pytest.param("model-unreadable", ["run", *_M, "--model", "{unreadable}"], "is not readable",
+                 marks=pytest.mark.skipif(IS_ROOT, reason="root reads everything")),
+    ("model-weights-corrupt", ["run", *_M, "--model", "{corrupt}"], "corrupt or truncated"),
+    ("model-pickle-weights", ["run", *_M, "--model", "{pickle}"], "has only pickle weights"),
+    ("architecture-unsupported", ["run", *_M, "--model", "{gpt2}"], "architecture 'gpt2' is not supported"),
+    ("remote-code-not-trusted", ["inspect", "{custom}"], "unless you pass --trust-remote-code"),
+    ("compress-folder-tampered", ["run", *_M, "--model", "{tampered}"], "does not match the sha256 recorded"),
+    ("tokenizer-missing", ["run", *_M, "--model", "{notok}"], "no usable tokenizer"),
+    ("weights-nan", ["run", *_M, "--model", "{nan}"], "non-finite values in model.layers.0.self_attn.q_proj"),
+    ("statistics-inf", ["run", *_T, *_S, "--calib", "tinystories", "--model", "{inf}"], "NaN/inf"),
+    ("config-not-json", ["run", *_T, "--config", "{work}/settings.json"], "is not valid JSON"),
+    ("config-missing", ["run", *_T, "--config", "{work}/missing.json"], "cannot read"),
+    ("calib-missing", ["run", *_T, *_S, "--calib", "{work}/nope.txt"], "does not exist"),
+    ("calib-empty", ["run", *_T, *_S, "--calib", "{work}/empty.txt"], "is empty"),
+    ("calib-shorter-than-a-block", ["run", *_T, "--set", "calib_seq_len=64", "--calib", "{work}/short.txt"],
+     "fewer than one block"),
+    ("set-unknown-key", ["run", *_M, "--set", "unknown_key=1"], "unknown key 'unknown_key'"),
+    ("set-wrong-type", ["run", *_T, "--set", "shots=abc"], "shots"),
+    ("set-not-key-value", ["run", *_T, "--set", "noequals"], "is not key=value"),
+    ("out-exists", ["run", *_M, "--out", "{work}/exists"], "already exists; pass --overwrite"),
+    ("out-not-writable", ["run", *_M, "--out", "/proc/1/compress-out"], "cannot write to /proc/1"),
+    ("out-under-a-file", ["run", *_M, "--out", "{work}/short.txt/out"], "is a file, not a folder"),
+    ("dtype-unknown", ["run", *_M, "--dtype", "float8"], "unknown dtype 'float8'"),
+    ("device-unavailable", ["run", *_M, "--device", "cuda:99"], "is not available"),
+    ("interrupted-run-needs-resume", ["run", *_T, "--set", "shots=3", "--out", "{work}/interrupted"],
+     "pass --resume to continue it or --overwrite"),
+    ("resume-other-settings", ["run", *_T, "--set", "shots=3", "--out", "{work}/interrupted", "--resume"],
+     "had other settings"),
+    ("resume-without-out", ["run", *_T, "--no-save", "--resume"], "give the same --out"),
+    ("unknown-option", ["run", *_M, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+def _case_id(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+@pytest.mark.parametrize(("case", "argv", "message"), BAD_INPUT, ids=[_case_id(c) for c in BAD_INPUT])
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, stories_dir, bad, case, argv, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "exists").mkdir()
+    (work / "exists" / "mine.txt").write_text("keep")
+    (work / "settings.json").write_text("{shots: 2,,}")
+    (work / "empty.txt").write_text("")
+    (work / "short.txt").write_text("Once upon a time.")
+    # what an interrupted run leaves behind: a checkpoint in the hidden state folder next to its --out
+    save_checkpoint(state_dir_for(work / "interrupted"), "key-of-another-run", tiny_model("llama-mha"),
+                    {"shot": 1, "shots": 3})
+    subs = {"work": str(work), **{k: str(v) for k, v in bad.items()}}
+    full = [a.format(**subs) for a in argv]
+    if full[0] == "run":
+        full += [] if "--model" in full else ["--model", str(stories_dir)]
+        full += [] if "--out" in full or "--no-save" in full else ["--out", str(work / "out")]
+    before = _snapshot(work)
+    rc, stdout, err = _cli(capsys, full)
+    assert rc == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert _snapshot(work) == before  # nothing written, nothing removed
+
+
+def test_bad_input_table_size():
+    assert len(BAD_INPUT) >= 22
+
+
+def test_missing_tensors_refused_not_random(tmp_path, stories_dir):
+    folder = _copy_model(stories_dir, tmp_path / "partial")
+    _edit_weights(folder, lambda sd: sd.pop("model.layers.2.mlp.up_proj.weight"))
+    with pytest.raises(UsageError, match=r"lack 1 tensor\(s\).*model\.layers\.2\.mlp\.up_proj\.weight"):
+        load_model(str(folder))
+
+
+# ============================================================================== safe loading
+def _calls(tree: ast.AST, name: str):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            dotted = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if dotted == name:
+                yield node
+
+
+def _sources() -> list[Path]:
+    return [p for d in ("compress", "plugins", "baselines", "examples") for p in (ROOT / d).rglob("*.py")
+            if ".egg-info" not in str(p)]
+
+
+def test_no_pickle_loading_and_no_remote_code_in_sources():
+    for path in _sources():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names), path
+        for call in _calls(tree, "load"):
+            func = call.func
+            if isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "torch":
+                kw = {k.arg: k.value for k in call.keywords}
+                assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+                    f"{path}:{call.lineno}: torch.load without weights_only=True"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
+                assert not (isinstance(node.value, ast.Constant) and node.value.value is True), \
+                    f"{path}:{node.value.lineno}: trust_remote_code=True hard-coded"
+
+
+def test_loading_never_unpickles(monkeypatch, stories_dir):
+    def no_pickle(*a, **k):
+        raise AssertionError("torch.load called while loading a model")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    lm = load_model(str(stories_dir))
+    assert type(lm.model).__name__ == "LlamaForCausalLM"
+
+
+def test_remote_code_is_never_run_without_the_flag(bad, tmp_path):
+    folder = bad["custom"]
+    with pytest.raises(UsageError, match="never runs unless you pass --trust-remote-code"):
+        load_model(str(folder))
+    assert not (folder / "CODE_WAS_RUN").exists()
+    # a known model_type with a leftover auto_map loads with the stock class; its code is not run either
+    llama = shutil.copytree(folder, tmp_path / "llama-with-auto-map")
+    cfg = json.loads((llama / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (llama / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(str(llama))
+    assert type(lm.model).__module__.startswith("transformers.models.llama")
+    assert not (llama / "CODE_WAS_RUN").exists()
+
+
+def test_compress_folder_loads_with_our_class_even_with_trust_remote_code(bad, monkeypatch):
+    folder = bad["compress"]
+    assert compress_format(folder)
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda *a: prompts.append(a) or "n")  # transformers' "run custom code?"
+    for trust in (False, True):
+        lm = load_model(str(folder), trust_remote_code=trust)
+        assert type(lm.model).__module__ == "compress.modeling.modeling_compress"  # not transformers_modules.*
+    assert prompts == []
+    assert not [m for m in sys.modules if m.startswith("transformers_modules") and "modeling_compress" in m]
+    with pytest.raises(UsageError, match="does not match the sha256 recorded at export"):
+        load_model(str(bad["tampered"]), trust_remote_code=True)
+    with pytest.raises(UsageError, match="does not match the sha256 recorded at export"):
+        compress_format(bad["tampered"])
+
+
+# ============================================================================== interruptions
+def _transact_argv(stories_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--method", "transact", "--target", "50%", "--model", str(stories_dir), "--calib", "tinystories",
+            "--set", "shots=3", "--set", "calib_samples=4", "--set", "calib_seq_len=64", "--out", str(out),
+            "--no-progress", *extra]
+
+
+@pytest.fixture
+def count_scoring(monkeypatch):
+    """Counts TransAct scoring passes (one per shot that runs)."""
+    from compress_transact.plugin import TransActPruner
+
+    calls = []
+    real = TransActPruner.collect
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TransActPruner, "collect", counted)
+    return calls
+
+
+def test_transact_killed_after_shot_1_resumes_byte_identical(tmp_path, capsys, stories_dir, count_scoring):
+    killed, ref = tmp_path / "killed", tmp_path / "ref"
+    env = {**os.environ, KILL_ENV: "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(COMPRESS_BIN), *_transact_argv(stories_dir, killed)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert not killed.exists()
+    state = state_dir_for(killed)
+    ckpt = read_checkpoint(state)
+    assert ckpt is not None and ckpt.state["shot"] == 1 and ckpt.state["shots"] == 3
+    assert sorted(p.name for p in state.iterdir()) == [CHECKPOINT_FILE]
+
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, killed))  # no --resume: refused, state kept
+    assert rc == 2 and "pass --resume" in err and read_checkpoint(state).state["shot"] == 1
+
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, killed, "--resume"))
+    assert rc == 0, err
+    assert "resuming after shot 1/3" in err.replace("\n", " ")
+    assert len(count_scoring) == 2  # shots 2 and 3 only
+    assert not state.exists()  # saved: the checkpoint is gone
+
+    count_scoring.clear()
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, ref))
+    assert rc == 0, err
+    assert len(count_scoring) == 3 and not state_dir_for(ref).exists()
+    assert weights_sha256(killed) == weights_sha256(ref)
+    assert (killed / PLAN_FILE).read_bytes() == (ref / PLAN_FILE).read_bytes()
+    run_k, run_r = (json.loads((d / "compress_run.json").read_text()) for d in (killed, ref))
+    assert run_k["notes"]["shots"] == run_r["notes"]["shots"] and len(run_k["notes"]["shots"]) == 3
+
+
+def test_ctrl_c_after_shot_then_overwrite_or_resume(tmp_path, capsys, stories_dir, monkeypatch, count_scoring):
+    """An in-process interruption (KeyboardInterrupt in shot 2) leaves the shot-1 checkpoint; --overwrite
+    discards it and starts over, other settings with --resume are refused."""
+    from compress_transact.plugin import TransActPruner
+
+    out = tmp_path / "out"
+    real = TransActPruner.collect
+
+    def interrupt_second(self, *a, **k):
+        if count_scoring:  # shot 1 has been scored: stop in shot 2
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TransActPruner, "collect", interrupt_second)
+    count_scoring.clear()
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, out))
+    assert rc == 130 and "interrupted" in err
+    assert read_checkpoint(state_dir_for(out)).state["shot"] == 1 and not out.exists()
+    monkeypatch.setattr(TransActPruner, "collect", real)
+
+    rc, _, err = _cli(capsys, [*_transact_argv(stories_dir, out, "--resume"), "--seed", "1"])
+    assert rc == 2 and "had other settings" in err
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, out, "--overwrite"))
+    assert rc == 0, err
+    assert out.is_dir() and not state_dir_for(out).exists()
+
+
+_CHECKPOINT_LOOP = textwrap.dedent('''
+    import sys, itertools, torch
+    from compress.checkpoint import save_checkpoint
+    from compress.testing import tiny_model
+    model = tiny_model("llama-gqa")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    print("ready", flush=True)
+    for i in itertools.count(1):
+        with torch.no_grad():
+            for k, p in model.state_dict().items():
+                p.copy_(base[k] * i)
+        save_checkpoint(sys.argv[1], "loop", model, {"shot": i})
+''')
+
+
+def test_kill_9_while_checkpointing_leaves_a_whole_checkpoint(tmp_path):
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-c", _CHECKPOINT_LOOP, str(state)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+        time.sleep(random.uniform(0.3, 1.5))
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ckpt = read_checkpoint(state)
+    assert ckpt is not None and ckpt.key == "loop", "no checkpoint finished"
+    model = tiny_model("llama-gqa")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.load_into(model)
+    i = ckpt.state["shot"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k] * i), (k, i)  # the weights belong to the state they were saved with
+    assert all(p.name == CHECKPOINT_FILE or p.name.startswith(".checkpoint-") for p in state.iterdir())
+
+
+# ============================================================================== broken plugins
+_BOOM = '''
+from compress import Capabilities, Pruner, hookimpl
+
+
+class Boom(Pruner):
+    name = "{method}"
+    capabilities = Capabilities(structures=("mlp_channels",), needs_calibration=False, targets=("params",))
+
+    def check(self, model, target):
+        super().check(model, target)
+        if target.fraction == 0.7:
+            raise KeyError("check exploded")
+
+    def plan_shapes(self, model, target):
+        raise ZeroDivisionError("plan exploded")
+
+    def prune(self, model, target, ctx):
+        raise RuntimeError("prune exploded")
+
+
+@hookimpl
+def register_pruners(register):
+    register(Boom)
+'''
+
+
+@pytest.fixture
+def boom(tmp_path, monkeypatch) -> tuple[str, str]:
+    """A real installed distribution ``boom-<tag>`` 0.3.0 whose method raises inside check/plan_shapes/prune."""
+    from test_plugins import make_dist
+
+    import compress.plugins
+
+    for var in ("COMPRESS_PLUGINS", "COMPRESS_DISABLE_PLUGINS", "COMPRESS_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    tag = uuid.uuid4().hex[:8]
+    site = tmp_path / "site"
+    site.mkdir()
+    method, dist = f"boom_{tag}", f"boom-{tag}"
+    make_dist(site, dist, "0.3.0", {method: f"boom_plugin_{tag}"}, {f"boom_plugin_{tag}": _BOOM.format(method=method)})
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(compress.plugins, "_REGISTRY", None)  # rebuilt with the new distribution, restored after
+    return method, dist
+
+
+def test_plugin_raising_in_prune_is_reported_and_others_work(tmp_path, capsys, stories_dir, boom):
+    method, dist = boom
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, ["run", "--method", method, "--target", "60%", "--model", str(stories_dir),
+                               "--out", str(out)])
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: method '{method}' from plugin '{method}' ({dist} 0.3.0) failed in prune(): "
+                               "RuntimeError: prune exploded; this is a bug in that plugin")
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "site"]
+    # the same process: other methods and commands keep working
+    rc, _, err = _cli(capsys, ["run", "--method", "magnitude", "--target", "60%", "--model", str(stories_dir),
+                               "--out", str(out)])
+    assert rc == 0, err
+    rc, listing, _ = _cli(capsys, ["methods", "--json"])
+    assert rc == 0 and {method, "magnitude", "transact"} <= {r["name"] for r in json.loads(listing)}
+
+
+def test_plugin_raising_in_check_and_plan_shapes_is_reported(capsys, stories_dir, boom, tmp_path):
+    method, dist = boom
+    rc, _, err = _cli(capsys, ["run", "--method", method, "--target", "70%", "--model", str(stories_dir),
+                               "--out", str(tmp_path / "o")])
+    assert rc == 1 and f"({dist} 0.3.0) failed in check(): KeyError" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli(capsys, ["run", "--method", method, "--target", "60%", "--model", str(stories_dir), "--dry-run"])
+    assert rc == 1 and "failed in plan_shapes(): ZeroDivisionError: plan exploded" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_strict_plugins_reraises_the_original_error(capsys, stories_dir, boom, monkeypatch):
+    from compress.run import RunSpec, run
+
+    method, _ = boom
+    monkeypatch.setenv("COMPRESS_STRICT_PLUGINS", "1")
+    with pytest.raises(RuntimeError, match="prune exploded") as ei:
+        run(RunSpec(method=method, target="60%", model=str(stories_dir), progress=False), log=lambda m: None)
+    assert not isinstance(ei.value, PluginError)
+    monkeypatch.delenv("COMPRESS_STRICT_PLUGINS")
+    with pytest.raises(PluginError, match="failed in prune") as ei:
+        run(RunSpec(method=method, target="60%", model=str(stories_dir), progress=False), log=lambda m: None)
+    assert isinstance(ei.value.__cause__, RuntimeError)  # -v shows the plugin's own traceback
+
+
+# ============================================================================== plan properties
+_MODELS = {kind: tiny_model(kind) for kind in ("llama-mha", "llama-gqa", "qwen2")}
+_SEQ = 256
+
+
+@st.composite
+def _plans(draw, kind: str) -> Plan:
+    """Any valid plan: per layer, a non-empty subset of KV groups, the same number (>= 1) of query heads in
+    every kept group, and a non-empty subset of MLP channels; each part may also be left unchanged."""
+    from compress.arch import ArchAdapter
+
+    arch = ArchAdapter(_MODELS[kind])
+    plan = Plan()
+    for i in range(arch.num_layers):
+        g = arch.geometry(i)
+        lp = LayerPlan()
+        if draw(st.booleans()):
+            kv = draw(st.lists(st.integers(0, g.num_kv_heads - 1), min_size=1, unique=True))
+            per = draw(st.integers(1, g.group_size))
+            lp.kv_heads = sorted(kv)
+            lp.heads = sorted(k * g.group_size + j for k in kv
+                              for j in draw(st.permutations(range(g.group_size)))[:per])
+        if draw(st.booleans()):
+            lp.mlp = sorted(draw(st.lists(st.integers(0, g.intermediate - 1), min_size=1, unique=True)))
+        if lp.to_dict():
+            plan.layers[i] = lp
+    return plan
+
+
+def _predicted(model, plan: Plan) -> dict[str, float]:
+    """Dense footprint minus the exact per-structure costs from compress.sizing.unit_costs."""
+    from compress.arch import ArchAdapter
+
+    arch = ArchAdapter(model)
+    dense = footprint(model, seq_len=_SEQ, arch=arch)
+    pred = {"params": float(dense.params), "flops": dense.flops_per_token, "kv": float(dense.kv_bytes_per_token)}
+    dtype_bytes = next(model.parameters()).element_size()
+    for i, lp in plan.layers.items():
+        g = arch.geometry(i)
+        group = unit_costs(arch, i, "kv_group", _SEQ, dtype_bytes)  # one KV head + its group_size query heads
+        head = unit_costs(arch, i, "head", _SEQ, dtype_bytes)  # one query head in each of the num_kv_heads groups
+        gone_q = g.num_heads - len(lp.heads) if lp.heads is not None else 0
+        gone_kv = g.num_kv_heads - len(lp.kv_heads) if lp.kv_heads is not None else 0
+        gone_mlp = g.intermediate - len(lp.mlp) if lp.mlp is not None else 0
+        for m in pred:
+            q = head[m][0] / g.num_kv_heads
+            kv = group[m][0] - g.group_size * q
+            pred[m] -= q * gone_q + kv * gone_kv + group[m][1] * gone_mlp
+    return pred
+
+
+@pytest.mark.parametrize("kind", sorted(_MODELS))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_valid_plan_forwards_and_measures_as_predicted(kind, data):
+    plan = data.draw(_plans(kind))
+    model = copy.deepcopy(_MODELS[kind])
+    predicted = _predicted(model, plan)
+    apply_plan(model, plan)
+    got = footprint(model, seq_len=_SEQ)
+    assert (got.params, got.flops_per_token, got.kv_bytes_per_token) == (
+        predicted["params"], predicted["flops"], predicted["kv"]), plan.to_dict()
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (2, 12, 512) and torch.isfinite(logits).all()
+    for i, lp in plan.layers.items():
+        layer = got.layers[i]
+        if lp.heads is not None:
+            assert (layer["num_heads"], layer["num_kv_heads"]) == (len(lp.heads), len(lp.kv_heads))
+        if lp.mlp is not None:
+            assert layer["intermediate"] == len(lp.mlp)
+
+
+def test_plan_property_catches_a_wrong_prediction():
+    """The property compares exact numbers: dropping one more MLP channel than planned is caught."""
+    model = copy.deepcopy(_MODELS["qwen2"])
+    plan = Plan(layers={0: LayerPlan(mlp=list(range(10)))})
+    predicted = _predicted(model, plan)
+    apply_plan(model, Plan(layers={0: LayerPlan(mlp=list(range(9)))}))
+    assert footprint(model, seq_len=_SEQ).params != predicted["params"]
+
