@@ -29,5 +29,5 @@ def test_readme_commands_are_the_ci_commands():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     text = README.read_text()
     assert ".venv/bin/python -m pytest -q" in text and ".venv/bin/python -m pytest -q" in ci
-    assert '.venv/bin/pip install -e ".[dev]" -e ./plugins/transact -e ./baselines' in text
-    assert '.venv/bin/pip install -q -e ".[dev]" -e ./plugins/transact -e ./baselines' in ci
+    assert '.venv/bin/pip install -c constraints.txt -e ".[dev]" -e ./plugins/transact -e ./baselines' in text
+    assert '.venv/bin/pip install -q -c constraints.txt -e ".[dev]" -e ./plugins/transact -e ./baselines' in ci
