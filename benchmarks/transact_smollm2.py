@@ -97,7 +97,7 @@ def cost() -> dict:
     plain, scored = [], []
     for _ in range(2):
         t = time.perf_counter()
-        run_calibration(model, batches, batch_size=pruner.config.calib_batch_size, progress=False)
+        run_calibration(model, batches, batch_size=pruner.config.calib_batch_size, progress=False, logits=True)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
         with track_peak_rss() as rss:

@@ -283,3 +283,23 @@ def test_run_calibration_progress_callback():
     run_calibration(model, _inputs(5, 6), batch_size=2, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert not model.training
+
+
+def test_run_calibration_skips_the_lm_head_unless_asked():
+    """The decoder stack alone feeds the layer hooks (same statistics); the [batch, T, vocab] logits
+    are only computed with ``logits=True``."""
+    from compress.calibration import record, run_calibration
+    from compress.testing import tiny_model
+
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    o_proj = {"o": model.model.layers[0].self_attn.o_proj}
+    with record(o_proj, where="input") as lean:
+        run_calibration(model, ids, batch_size=2, progress=False)
+    assert calls == []
+    with record(o_proj, where="input") as full:
+        run_calibration(model, ids, batch_size=2, progress=False, logits=True)
+    assert len(calls) == 2
+    assert torch.equal(lean["o"].l2, full["o"].l2)
