@@ -603,6 +603,16 @@ def _progress(
         yield lambda: bar.update(task, advance=1)
 
 
+def check_batches(batches: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int) -> None:
+    """Shapes every calibration pass (whole-model or layer-wise) expects; ValueError otherwise."""
+    if batches.dim() != 2:
+        raise ValueError(f"batches must be [N, seq_len], got shape {tuple(batches.shape)}")
+    if attention_mask is not None and attention_mask.shape != batches.shape:
+        raise ValueError("attention_mask must have the shape of batches")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
 def run_calibration(
     model: nn.Module,
     batches: torch.Tensor,
@@ -634,12 +644,7 @@ def run_calibration(
     in ``cache``: ``"cpu"``, ``"device"`` or a folder); the hooks see the same activations, the
     lm_head never runs.
     """
-    if batches.dim() != 2:
-        raise ValueError(f"batches must be [N, seq_len], got shape {tuple(batches.shape)}")
-    if attention_mask is not None and attention_mask.shape != batches.shape:
-        raise ValueError("attention_mask must have the shape of batches")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_batches(batches, attention_mask, batch_size)
     if layerwise:
         from compress.layerwise import LayerwiseRunner
 

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from compress.arch import ArchAdapter
-from compress.calibration import _CURRENT_MASK, _progress
+from compress.calibration import _CURRENT_MASK, _progress, check_batches
 from compress.errors import NumericalError, Unsupported, UsageError
 from compress.measure import model_bytes
 
@@ -441,12 +441,7 @@ class LayerwiseRunner:
         progress: bool | Callable[[int, int], None] | None = False,
         description: str = "layer-wise calibration",
     ):
-        if batches.dim() != 2:
-            raise ValueError(f"batches must be [N, seq_len], got shape {tuple(batches.shape)}")
-        if attention_mask is not None and attention_mask.shape != batches.shape:
-            raise ValueError("attention_mask must have the shape of batches")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_batches(batches, attention_mask, batch_size)
         self.model = model
         self.arch = arch if arch is not None else ArchAdapter(model)
         self.batches_ids = batches

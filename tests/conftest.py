@@ -61,3 +61,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def kill_9_at_random(argv: list[str], low: float, high: float) -> float:
+    """Start ``argv`` (which prints ``ready`` once its write loop runs), SIGKILL it after a random
+    delay in ``[low, high]`` seconds while it is still writing, and reap it. Returns the delay."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+        delay = random.uniform(low, high)
+        time.sleep(delay)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return delay

@@ -6,16 +6,14 @@ import ast
 import hashlib
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_9_at_random
 from transformers import AutoModelForCausalLM
 
 from compress.arch import ArchAdapter
@@ -266,20 +264,7 @@ _EXPORT_LOOP = textwrap.dedent('''
 def test_kill_9_during_export_leaves_complete_or_absent(tmp_path, assets):
     out = tmp_path / "exports"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", _EXPORT_LOOP, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", proc.stderr.read()[-3000:]
-        delay = random.uniform(0.3, 2.5)
-        time.sleep(delay)
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    delay = kill_9_at_random([sys.executable, "-c", _EXPORT_LOOP, str(out)], 0.3, 2.5)
     finals = sorted(p for p in out.iterdir() if not p.name.startswith("."))
     numbered = [p for p in finals if p.name.startswith("m")]
     assert numbered, f"no export finished within {delay:.2f}s"

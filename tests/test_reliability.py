@@ -18,18 +18,17 @@ import ast
 import copy
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_9_at_random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -396,18 +395,7 @@ _CHECKPOINT_LOOP = textwrap.dedent('''
 
 def test_kill_9_while_checkpointing_leaves_a_whole_checkpoint(tmp_path):
     state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-c", _CHECKPOINT_LOOP, str(state)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
-        time.sleep(random.uniform(0.3, 1.5))
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_9_at_random([sys.executable, "-c", _CHECKPOINT_LOOP, str(state)], 0.3, 1.5)
     ckpt = read_checkpoint(state)
     assert ckpt is not None and ckpt.key == "loop", "no checkpoint finished"
     model = tiny_model("llama-gqa")
