@@ -258,4 +258,16 @@ def _default_card(record: dict, kind: str) -> str:
         "`compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.",
         "",
     ]
+    flag = ", trust_remote_code=True" if kind == "compress" else ""
+    lines += [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{flag})',
+        # AutoTokenizer reads config.json too, whose auto_map names the custom config: without the flag
+        # transformers asks on stdin whether to run it
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{flag})',
+        "```",
+        "",
+    ]
     return "\n".join(lines)

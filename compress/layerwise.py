@@ -576,6 +576,7 @@ class LayerwiseRunner:
     def __iter__(self) -> Iterator[LayerStep]:
         layers = self.arch.layers
         inputs = self._capture()
+        _trim_host_memory()  # the capture's embedding outputs and masks, freed, would stay resident
         total = len(layers)
         with _progress(self.progress, total, self.description) as advance:
             for i in range(total):

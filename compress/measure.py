@@ -49,6 +49,7 @@ from compress.arch import ArchAdapter, _out_features
 __all__ = [
     "FlopCounted",
     "Footprint",
+    "LiveTensors",
     "PeakRSS",
     "count_params",
     "flops_per_token",
@@ -59,6 +60,7 @@ __all__ = [
     "model_bytes",
     "param_breakdown",
     "peak_rss_bytes",
+    "track_live_tensors",
     "track_peak_rss",
 ]
 
@@ -489,3 +491,79 @@ def track_peak_rss(interval_s: float = 0.01) -> Iterator[PeakRSS]:
             peak[0] = max(peak[0], v)
         res.peak_bytes = peak[0] * 1024
         res.increase_bytes = max(0, res.peak_bytes - res.start_bytes)
+
+
+# ------------------------------------------------------------------------------- live tensor bytes
+@dataclass
+class LiveTensors:
+    """Result of :func:`track_live_tensors`: bytes of tensor storage created inside the block.
+
+    ``peak_bytes``: most of them alive at once; ``current_bytes``: alive now (on exit: what the
+    block left allocated); ``by_device``: the peak per device type.
+    """
+
+    peak_bytes: int = 0
+    current_bytes: int = 0
+    by_device: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def track_live_tensors() -> Iterator[LiveTensors]:
+    """Count the tensor memory a block allocates and keeps alive, independently of the allocator.
+
+    RSS on CPU also holds memory the C library keeps after it was freed (glibc keeps freed heap
+    blocks resident until a trim), so it over-states what code *needs*. This counts storages instead:
+    every aten op's output that is not an alias of an input is a new storage, alive until the last
+    tensor viewing it is garbage-collected. Tensors that existed before the block are not counted;
+    scratch memory inside a kernel (a fused attention's workspace) is not seen. A storage adopted by
+    an ``nn.Parameter`` created outside the op stream can be released early in the count, so use it
+    for activation memory (calibration passes), not for weight surgery. Slow: Python runs per op.
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    res = LiveTensors()
+    live: dict[tuple[str, int], list[int]] = {}  # storage -> [bytes, live tensors viewing it]
+    per_device: dict[str, int] = {}
+
+    def release(key: tuple[str, int]) -> None:
+        entry = live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del live[key]
+            res.current_bytes -= entry[0]
+            per_device[key[0]] -= entry[0]
+
+    def watch(t: torch.Tensor, key: tuple[str, int]) -> None:
+        live[key][1] += 1
+        weakref.finalize(t, release, key)
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            returns = func._schema.returns
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for i, t in enumerate(outs):
+                for x in tree_flatten(t)[0]:
+                    if not isinstance(x, torch.Tensor) or x.device.type == "meta":
+                        continue
+                    st = x.untyped_storage()
+                    key = (x.device.type, st.data_ptr())
+                    aliases = i < len(returns) and returns[i].alias_info is not None
+                    if key in live:
+                        watch(x, key)  # another view of a counted storage
+                    elif not aliases and st.nbytes() > 0:
+                        live[key] = [st.nbytes(), 0]
+                        res.current_bytes += st.nbytes()
+                        per_device[key[0]] = per_device.get(key[0], 0) + st.nbytes()
+                        res.peak_bytes = max(res.peak_bytes, res.current_bytes)
+                        res.by_device[key[0]] = max(res.by_device.get(key[0], 0), per_device[key[0]])
+                        watch(x, key)
+            return out
+
+    with _Mode():
+        yield res

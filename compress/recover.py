@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -31,6 +31,8 @@ from torch import nn
 from compress.calibration import CalibrationSource
 from compress.errors import UsageError
 
+T = TypeVar("T")
+
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "RecoverSpec",
@@ -38,6 +40,7 @@ __all__ = [
     "RecoveryConfig",
     "RecoveryResult",
     "is_main_process",
+    "on_main_process",
     "recover",
     "recover_saved",
     "resolve_lora_targets",
@@ -422,6 +425,21 @@ def wait_for_everyone() -> None:
     process_state().wait_for_everyone()
 
 
+def on_main_process(fn: Callable[[], T], *, launched: bool = True) -> T | None:
+    """Run ``fn`` (an export) in the main process only; every process returns once it has finished.
+
+    The barrier is in ``finally``: if ``fn`` raises on rank 0, the other ranks are released (and
+    rank 0 re-raises) instead of waiting forever for a barrier rank 0 never reaches.
+    ``launched=False`` (no Trainer ran, so no process group): just ``fn()``.
+    """
+    if not launched:
+        return fn()
+    try:
+        return fn() if is_main_process() else None
+    finally:
+        wait_for_everyone()
+
+
 # ---------------------------------------------------------------------------- recovery of a saved model
 @dataclass
 class RecoverSpec:
@@ -523,16 +541,15 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> dict
         log(f"recovery: {res.steps} steps × {cfg.tokens_per_step(res.world_size):,} tokens "
             f"({res.world_size} process{'es' if res.world_size > 1 else ''}), loss {record['recovery']['first_loss']}"
             f" → {record['recovery']['last_loss']}")
-    try:
-        if is_main_process():
-            plan = {k: v for k, v in (prev_plan or {}).items() if k not in ("format", "format_reason", "weights_sha256")}
-            plan["recovery"] = res.summary()
-            kind = "compress" if getattr(model.config, "model_type", None) == "compress" else "auto"
-            info = export_model(model, tok, out, kind=kind, plan=plan, record=record, overwrite=spec.overwrite)
-            record["export"] = info
-            record["weights_sha256"] = info["weights_sha256"]
-    finally:
-        wait_for_everyone()  # the other processes return only once the folder is complete (or failed)
+    def export() -> None:
+        plan = {k: v for k, v in (prev_plan or {}).items() if k not in ("format", "format_reason", "weights_sha256")}
+        plan["recovery"] = res.summary()
+        kind = "compress" if getattr(model.config, "model_type", None) == "compress" else "auto"
+        info = export_model(model, tok, out, kind=kind, plan=plan, record=record, overwrite=spec.overwrite)
+        record["export"] = info
+        record["weights_sha256"] = info["weights_sha256"]
+
+    on_main_process(export)
     record["_model"] = model
     record["_tokenizer"] = tok
     return record

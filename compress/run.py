@@ -331,23 +331,23 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
         "layerwise": layerwise,
         "versions": versions(),
     }
-    if rec_obj is not None:  # trained through the HF Trainer: under `accelerate launch` only rank 0 writes
-        from compress.recover import is_main_process, wait_for_everyone
-
-        if not is_main_process():
-            out = None
     if out is not None:
-        plan_doc = {"method": pruner.name, "target": str(target), "seed": spec.seed, "plan": result.plan}
-        info = export_model(model, tok, out, kind=result.export, plan=plan_doc, record=record,
-                            overwrite=spec.overwrite)
-        record["export"] = info
-        record["weights_sha256"] = info["weights_sha256"]
-        if state_dir is not None:
-            import shutil
 
-            shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
-    if rec_obj is not None:
-        wait_for_everyone()  # every process returns once the folder is written
+        def export() -> None:
+            plan_doc = {"method": pruner.name, "target": str(target), "seed": spec.seed, "plan": result.plan}
+            info = export_model(model, tok, out, kind=result.export, plan=plan_doc, record=record,
+                                overwrite=spec.overwrite)
+            record["export"] = info
+            record["weights_sha256"] = info["weights_sha256"]
+            if state_dir is not None:
+                import shutil
+
+                shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
+
+        from compress.recover import on_main_process
+
+        # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
+        on_main_process(export, launched=rec_obj is not None)
     record["_model"] = model
     record["_tokenizer"] = tok
     return record

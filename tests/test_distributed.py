@@ -164,3 +164,28 @@ def test_rebuild_from_gathered_weights_keeps_ties():
             p.add_(0.5)
         ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
         assert torch.equal(rebuilt(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_export_on_main_process_releases_the_barrier_when_it_fails(monkeypatch, main_rank):
+    """Rank 0's export raising must still reach the barrier (the other ranks would hang forever)."""
+    import compress.recover as recover
+
+    calls: list[str] = []
+    monkeypatch.setattr(recover, "is_main_process", lambda: main_rank)
+    monkeypatch.setattr(recover, "wait_for_everyone", lambda: calls.append("barrier"))
+
+    def export() -> None:
+        calls.append("export")
+        raise OSError("disk full")
+
+    if main_rank:
+        with pytest.raises(OSError, match="disk full"):
+            recover.on_main_process(export)
+        assert calls == ["export", "barrier"]
+    else:  # the other ranks never export, and wait for rank 0
+        assert recover.on_main_process(export) is None
+        assert calls == ["barrier"]
+    calls.clear()
+    assert recover.on_main_process(lambda: "saved", launched=False) == "saved"  # no process group: no barrier
+    assert calls == []

@@ -151,7 +151,8 @@ def test_compress_export_reloads(compress_exports, name):
         a = reloaded.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
         b = model.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
-    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "AutoTokenizer.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)" in card
 
 
 def test_modeling_file_hash_and_imports(compress_exports):
@@ -178,9 +179,10 @@ _NO_COMPRESS = textwrap.dedent('''
                 raise ImportError(f"{name} must not be imported")
     sys.meta_path.insert(0, _Block())
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     for folder in sys.argv[1:]:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # as the model card shows: no prompt
         ids = torch.load(folder + ".ids.pt")
         with torch.no_grad():
             torch.save(model(ids).logits, folder + ".remote-logits.pt")
@@ -193,7 +195,7 @@ _NO_COMPRESS = textwrap.dedent('''
 def test_trust_remote_code_without_compress(compress_exports):
     folders = [str(c["path"]) for c in compress_exports.values()]
     r = subprocess.run([sys.executable, "-c", _NO_COMPRESS, *folders], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                       timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
     for case in compress_exports.values():
         remote = torch.load(str(case["path"]) + ".remote-logits.pt")

@@ -23,6 +23,7 @@ from compress.measure import (
     model_bytes,
     param_breakdown,
     peak_rss_bytes,
+    track_live_tensors,
     track_peak_rss,
 )
 from compress.testing import TINY_KINDS, tiny_config, tiny_model
@@ -357,3 +358,53 @@ def test_peak_rss_sampled_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mem.method in {"sampled", "ru_maxrss"}
     if mem.method == "sampled":
         assert mem.increase_bytes >= 48 * 2**20
+
+
+# ----------------------------------------------------------------------------- live tensor bytes
+def test_live_tensors_count_storages_not_views_or_older_tensors():
+    w = torch.randn(100, 100)
+    with track_live_tensors() as live:
+        a = torch.empty(1000)  # 4,000 bytes
+        b = a[10:]  # a view: no new storage
+        c = a * 2  # 4,000 more
+        wt = w.t()  # a view of a tensor from before the block: not counted
+        assert (live.current_bytes, live.peak_bytes) == (8000, 8000)
+        del a
+        assert live.current_bytes == 8000  # b still holds a's storage
+        del b
+        assert live.current_bytes == 4000
+        d = torch.ones(500)
+        d.add_(1)  # in place: no new storage
+        assert live.current_bytes == 6000
+        del c, d, wt
+    assert (live.current_bytes, live.peak_bytes, live.by_device) == (0, 8000, {"cpu": 8000})
+
+
+def test_layerwise_calibration_holds_the_cache_plus_one_layer():
+    """Live tensors of a layer-wise pass: the cached hidden states plus one mini-batch inside one layer.
+
+    The peak must include the N·T·H cache, must not grow with depth (as it would if the engine kept
+    each layer's outputs or keyword arguments), and nothing but the statistics may outlive the pass."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.calibration import record, run_calibration
+
+    n, t = 8, 32
+    ids = torch.randint(3, 512, (n, t), generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for layers in (2, 6):
+        cfg = tiny_config("llama-gqa")
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        arch = ArchAdapter(model)
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        mods = {f"{i}.d": arch.down_proj(i) for i in range(layers)}
+        with track_live_tensors() as live, record(mods):
+            run_calibration(model, ids, batch_size=1, layerwise=True, progress=False)
+        cache = n * t * h * 4
+        one_batch_in_layer = 12 * t * max(h, f) * 4  # generous: a dozen [T, max(h, f)] fp32 activations
+        assert cache <= live.peak_bytes <= cache + one_batch_in_layer, (layers, live.peak_bytes, cache)
+        assert live.current_bytes <= layers * 2 * f * 4  # the statistics: sum and sum of squares per module
+        peaks[layers] = live.peak_bytes
+    assert peaks[6] - peaks[2] <= 4 * 2 * f * 4  # only the 4 extra layers' statistics
