@@ -594,10 +594,12 @@ def _progress(
 
         yield advance_cb
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
+        console=Console(stderr=True),  # stdout carries results (JSON of `compress run --json`, `compress eval`)
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda: bar.update(task, advance=1)

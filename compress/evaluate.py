@@ -180,6 +180,7 @@ def _progress(enabled: bool, description: str, total: int):
         if not enabled:
             yield lambda n=1: None
             return
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -196,7 +197,8 @@ def _progress(enabled: bool, description: str, total: int):
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, transient=True) as progress:
+        # on stderr: stdout carries results (``compress eval`` prints JSON there)
+        with Progress(*columns, transient=True, console=Console(stderr=True)) as progress:
             task = progress.add_task(description, total=total)
             yield lambda n=1: progress.advance(task, n)
 

@@ -329,6 +329,7 @@ def test_eval_cli_perplexity_and_limit(capsys):
     stories = Path(assets_dir()) / "models" / "stories260k"
     rc, out, err = _cli(capsys, "eval", stories, "--ppl", "tinystories:64", "--max-windows", "2")
     assert rc == 0, err
+    assert out.startswith("{"), out[:80]  # stdout is the JSON alone (progress bars go to stderr)
     res = json.loads(out)["ppl"]["tinystories"]["64"]
     assert res["windows"] == 2 and res["ppl"] > 1
     rc, _, err = _cli(capsys, "eval", stories, "--ppl", "tinystories:abc")
