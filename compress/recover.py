@@ -44,6 +44,7 @@ __all__ = [
     "recover",
     "recover_saved",
     "resolve_lora_targets",
+    "shortcut_parameters",
     "wait_for_everyone",
 ]
 
@@ -77,6 +78,7 @@ class RecoveryConfig(BaseModel):
     bf16: bool = False
     max_grad_norm: float = Field(1.0, ge=0)
     logging_steps: int | None = Field(None, gt=0, description="None: about 25 log points per run")
+    train_shortcuts: bool = Field(False, description="full mode: also train SliceGPT's residual shortcut rotations")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> RecoveryConfig:
@@ -109,6 +111,7 @@ class RecoveryResult:
     world_size: int = 1
     lr: float = 0.0
     mode: str = "full"
+    trained_params: int = 0  # parameters the optimizer updated (LoRA: the adapters)
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly record (no model)."""
@@ -118,6 +121,7 @@ class RecoveryResult:
             "steps": self.steps,
             "world_size": self.world_size,
             "lr": self.lr,
+            "trained_params": self.trained_params,
             "first_loss": self.losses[0][1] if self.losses else None,
             "last_loss": self.losses[-1][1] if self.losses else None,
             "wall_s": round(self.wall_s, 3),
@@ -297,8 +301,9 @@ def recover(
         if config is not None and use_cache is not None:
             config.use_cache = False
         if cfg.mode == "full":
+            frozen = set() if cfg.train_shortcuts else {id(p) for p in shortcut_parameters(model)}
             for p in model.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(id(p) not in frozen)
         else:
             from peft import LoraConfig, get_peft_model
 
@@ -313,6 +318,7 @@ def recover(
             with _quiet_peft():
                 train_model = get_peft_model(model, lcfg)
 
+        trained = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
         trainer = Trainer(
             model=train_model,
             args=args,
@@ -367,6 +373,7 @@ def recover(
         world_size=world,
         lr=float(cfg.lr),
         mode=cfg.mode,
+        trained_params=trained,
     )
 
 
@@ -400,6 +407,25 @@ class Recovery:
                          progress=self.progress, skip_tokens=self.consumed)
         self.consumed += result.tokens_seen
         return result
+
+
+def shortcut_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of SliceGPT's residual shortcuts (``attn_shortcut`` / ``mlp_shortcut`` of a layer).
+
+    Full recovery keeps them frozen unless ``train_shortcuts``: they are the change of basis
+    ``Q_l^T Q_(l+1)`` between layers, and the residual stream passes through two of them per layer, so
+    AdamW's first, sign-like steps compound along the whole depth. On SliceGPT SmolLM2-135M at 80 %, one
+    step at 5e-5 raised the loss of the very batch it was computed on from 6.19 to 6.95 with them
+    trained, and lowered it to 5.79 with them frozen. SliceGPT's own recovery fine-tuning (LoRA on the
+    attention and MLP projections) never trains them either.
+    """
+    out: list[nn.Parameter] = []
+    for module in model.modules():
+        for name in ("attn_shortcut", "mlp_shortcut"):
+            sc = getattr(module, name, None)
+            if isinstance(sc, nn.Module):
+                out.extend(sc.parameters())
+    return out
 
 
 # ---------------------------------------------------------------------------- processes

@@ -91,6 +91,36 @@ def test_full_recovery_lowers_loss(source):
     assert res.losses[-1][1] < res.losses[0][1]
 
 
+@pytest.mark.parametrize("train_shortcuts", [False, True])
+def test_full_recovery_keeps_slicegpt_shortcuts_frozen(source, train_shortcuts):
+    """SliceGPT's residual rotations stay as they are unless asked (see shortcut_parameters)."""
+    from compress import make_shortcut_layer
+    from compress.recover import shortcut_parameters
+
+    model = tiny_model("llama-gqa")
+    h = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            make_shortcut_layer(layer, h, h, h)
+            layer.attn_shortcut.weight.copy_(torch.eye(h))
+            layer.mlp_shortcut.weight.copy_(torch.eye(h))
+    shortcuts = {n for n, p in model.named_parameters() if any(p is q for q in shortcut_parameters(model))}
+    assert len(shortcuts) == 2 * model.config.num_hidden_layers
+    before = _state(model)
+    res = recover(model, source, RecoveryConfig(tokens=512, seq_len=64, batch_size=4, lr=1e-3,
+                                                train_shortcuts=train_shortcuts), progress=False)
+    after = res.model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    n_shortcut = 2 * model.config.num_hidden_layers * h * h
+    if train_shortcuts:
+        assert shortcuts <= changed and res.trained_params == _nparams(model)
+    else:
+        assert not shortcuts & changed and res.trained_params == _nparams(model) - n_shortcut
+        assert "model.layers.0.mlp.down_proj.weight" in changed
+    assert res.summary()["trained_params"] == res.trained_params
+    assert not any(p.requires_grad is False for p in res.model.parameters())  # flags restored
+
+
 def test_lora_recovery_merges_back(source):
     model = tiny_model("llama-gqa")
     before = _state(model)
