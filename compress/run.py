@@ -301,7 +301,7 @@ def run(spec: RunSpec, log=print) -> dict[str, Any]:
         r = rec_obj(model)
         model = r.model
         recovery_info = {"tokens": r.tokens_seen, "steps": r.steps, "wall_s": r.wall_s, "world_size": r.world_size,
-                         "final_loss": r.losses[-1][1] if r.losses else None}
+                         "trained_params": r.trained_params, "final_loss": r.losses[-1][1] if r.losses else None}
     check_finite_weights(model, f"after {pruner.name}")
     plan_hash = hashlib.sha256(json.dumps(result.plan, sort_keys=True).encode()).hexdigest()
     origin = registry.origin.get(pruner.name)

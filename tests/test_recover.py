@@ -203,3 +203,21 @@ def test_pruned_widths_and_lowrank_modules(source):
     assert isinstance(res.model.model.layers[2].self_attn.o_proj, nn.Sequential)
     with pytest.raises(UsageError, match="matches no module"):
         recover(model, source, RecoveryConfig(tokens=64, seq_len=32, mode="lora", lora_targets=["wq"]))
+
+
+@needs_assets
+def test_run_records_the_recovery(tmp_path):
+    """`compress run --recover-tokens`: the run record says what was trained, and the output reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.run import RunSpec, run
+
+    spec = RunSpec(method="magnitude", target="80%", model=str(assets_dir() / "models" / "stories260k"),
+                   calib="tinystories", recover_tokens=512, recover_settings={"seq_len": 64, "batch_size": 4},
+                   out=str(tmp_path / "out"), progress=False)
+    rec = run(spec, log=lambda m: None)
+    r = rec["recovery"]
+    assert r["tokens"] == 512 and r["steps"] == 2 and r["trained_params"] == rec["achieved"]["params"]
+    assert r["final_loss"] is not None and r["final_loss"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert sum(p.numel() for p in reloaded.parameters()) == rec["achieved"]["params"]
