@@ -546,14 +546,15 @@ def track_live_tensors() -> Iterator[LiveTensors]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             returns = func._schema.returns
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            for i, t in enumerate(outs):
+            # one schema return per output; a single return may be a list (split, unbind: views)
+            pairs = [(returns[0], out)] if len(returns) == 1 else list(zip(returns, out, strict=False))
+            for ret, t in pairs:
+                aliases = ret.alias_info is not None
                 for x in tree_flatten(t)[0]:
                     if not isinstance(x, torch.Tensor) or x.device.type == "meta":
                         continue
                     st = x.untyped_storage()
                     key = (x.device.type, st.data_ptr())
-                    aliases = i < len(returns) and returns[i].alias_info is not None
                     if key in live:
                         watch(x, key)  # another view of a counted storage
                     elif not aliases and st.nbytes() > 0:

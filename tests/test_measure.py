@@ -368,6 +368,8 @@ def test_live_tensors_count_storages_not_views_or_older_tensors():
         b = a[10:]  # a view: no new storage
         c = a * 2  # 4,000 more
         wt = w.t()  # a view of a tensor from before the block: not counted
+        parts = w.split(10)  # a list of views of it: not counted either
+        halves = c.chunk(2)  # views of a counted storage
         assert (live.current_bytes, live.peak_bytes) == (8000, 8000)
         del a
         assert live.current_bytes == 8000  # b still holds a's storage
@@ -376,7 +378,9 @@ def test_live_tensors_count_storages_not_views_or_older_tensors():
         d = torch.ones(500)
         d.add_(1)  # in place: no new storage
         assert live.current_bytes == 6000
-        del c, d, wt
+        del c, d, wt, parts
+        assert live.current_bytes == 4000  # the chunks still hold c's storage
+        del halves
     assert (live.current_bytes, live.peak_bytes, live.by_device) == (0, 8000, {"cpu": 8000})
 
 
