@@ -334,3 +334,57 @@ def test_eval_cli_perplexity_and_limit(capsys):
     assert res["windows"] == 2 and res["ppl"] > 1
     rc, _, err = _cli(capsys, "eval", stories, "--ppl", "tinystories:abc")
     assert rc == 2 and "context lengths must be integers" in err
+
+
+_RUNNER_DIES = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+    from compress.bench import load_suite
+    from compress.bench.runner import _spawn
+    cell = load_suite(Path(sys.argv[1])).cells()[0]
+    print("ready", flush=True)
+    _spawn(cell, Path(sys.argv[2]), sys.argv[3])
+''')
+
+
+def test_cell_process_dies_with_the_runner(tmp_path):
+    """A runner killed by SIGKILL (no cleanup possible) must not leave its cell running for hours."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake_python = tmp_path / "python"  # stands in for the cell: ignores its arguments, runs long
+    fake_python.write_text("#!/bin/sh\nexec sleep 300\n")
+    fake_python.chmod(0o755)
+    runner = subprocess.Popen([sys.executable, "-c", _RUNNER_DIES, str(SUITES / "smoke.yaml"),
+                               str(tmp_path / "cell.log"), str(fake_python)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert runner.stdout.readline().strip() == "ready"
+        children: list[int] = []
+        for _ in range(200):  # the cell process appears as the runner's child
+            kids = Path(f"/proc/{runner.pid}/task/{runner.pid}/children")
+            children = [int(x) for x in kids.read_text().split()] if kids.exists() else []
+            if children:
+                break
+            time.sleep(0.05)
+        assert len(children) == 1, "the runner started no cell process"
+        cell = children[0]
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+        for _ in range(100):
+            try:
+                os.kill(cell, 0)
+            except ProcessLookupError:
+                break
+            if Path(f"/proc/{cell}/stat").read_text().split()[2] == "Z":  # dead, waiting to be reaped by init
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(cell, signal.SIGKILL)
+            pytest.fail("the cell process outlived its runner")
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()

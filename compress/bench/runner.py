@@ -13,6 +13,7 @@ that cannot start gets its ``failed`` record at once, without loading weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -146,7 +147,8 @@ def _spawn(cell: Cell, log_path: Path, python: str) -> dict[str, Any]:
         with open(log_path, "ab") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.describe()}\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=functools.partial(_die_with_parent, os.getpid()))
             try:
                 rc = proc.wait(timeout=cell.timeout_s)
             except subprocess.TimeoutExpired:
@@ -167,6 +169,23 @@ def _spawn(cell: Cell, log_path: Path, python: str) -> dict[str, Any]:
         why = _tail(log_path)
         return fail(record, "process", f"cell process exited with code {rc} without a record"
                     + (f"; last output: {why}" if why else ""))
+
+
+def _die_with_parent(runner_pid: int) -> None:
+    """In the cell process, before exec (Linux): get SIGKILL when the runner dies, however it dies.
+
+    The cell leads its own session (a Ctrl-C meant for the runner must not half-kill it), so without
+    this a runner stopped by SIGTERM or SIGKILL would leave its cell running, up to ``timeout_s``, with
+    nobody to read its record. Elsewhere a no-op: the runner's ``except`` still kills the cell on
+    Ctrl-C and errors."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != runner_pid:  # the runner died before the request took effect
+        os._exit(1)
 
 
 def _kill(proc: subprocess.Popen) -> None:
