@@ -652,8 +652,8 @@ def run_calibration(
 
         with LayerwiseRunner(model, batches, batch_size=batch_size, attention_mask=attention_mask, device=device,
                              cache=cache, progress=progress, description=description) as runner:
-            for step in runner:
-                step.forward(keep=True)
+            for _ in runner:  # the engine's own pass to the next layer feeds the hooks
+                pass
             return runner.tokens
     device = _model_device(model)
     forward = model

@@ -176,7 +176,7 @@ class ActivationCache:
 
     def _slot(self, t: torch.Tensor) -> torch.Tensor | None:
         """A free slab view for ``t`` (``None``: it does not fit, store it on its own)."""
-        if self.rows is None or isinstance(self.where, Path) or t.dim() == 0:
+        if self.rows is None or self.on_disk or t.dim() == 0:
             return None
         if self._slab is None:
             self._slab = torch.empty((self.rows, *t.shape[1:]), dtype=t.dtype, device=self.where)
@@ -188,7 +188,7 @@ class ActivationCache:
         return view
 
     def _store(self, t: torch.Tensor) -> torch.Tensor | Path:
-        if isinstance(self.where, Path):
+        if self.on_disk:
             t = t.cpu()
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a view would save its whole storage
@@ -308,8 +308,7 @@ class LayerStep:
     """One decoder layer's turn: the layer is on the compute device and its inputs are cached.
 
     After the loop body, the engine runs the cached inputs through the (possibly changed) layer to
-    get the next layer's inputs, unless the body gave them with :meth:`forward` (``keep=True``) or
-    :meth:`set_outputs`.
+    get the next layer's inputs, unless the body gave them with :meth:`set_outputs`.
     """
 
     def __init__(self, runner: LayerwiseRunner, index: int, layer: nn.Module, inputs: ActivationCache | None):
@@ -354,16 +353,12 @@ class LayerStep:
         out = self.layer(x, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def forward(self, keep: bool = False) -> None:
+    def forward(self) -> None:
         """Run every cached mini-batch through the layer without gradients (hooks see them).
 
-        ``keep=True``: the outputs become the next layer's inputs, written over the inputs as they
-        are used (unless the runner keeps them) — only right when the layer is not changed
-        afterwards in this step.
+        A body whose hooks stay registered after it need not call it: after the body the engine
+        runs the layer anyway to make the next layer's inputs, and those hooks see that pass too.
         """
-        if keep:
-            self._advance()
-            return
         with torch.no_grad():
             for x, kw in self.batches():
                 self.call(x, kw)
@@ -581,23 +576,17 @@ class LayerwiseRunner:
         with _progress(self.progress, total, self.description) as advance:
             for i in range(total):
                 layer = layers[i]
-                home = _module_device(layer)
-                moved = home != self.device
-                if moved:
-                    layer.to(self.device)
                 step = LayerStep(self, i, layer, inputs)
-                try:
-                    yield step
-                    if step._outputs is None:
-                        step._advance()
-                except BaseException:
-                    for c in (step._outputs, step._inputs):
-                        if c is not None and not (c is step._inputs and self._keeps(i)):
-                            c.clear()
-                    raise
-                finally:
-                    if moved:
-                        layers[i].to(home)
+                with _on_device([layer], self.device):
+                    try:
+                        yield step
+                        if step._outputs is None:
+                            step._advance()
+                    except BaseException:
+                        for c in (step._outputs, step._inputs):
+                            if c is not None and not (c is step._inputs and self._keeps(i)):
+                                c.clear()
+                        raise
                 kept = step._inputs if self._keeps(i) else None
                 if kept is not None:
                     self.boundaries[i] = kept
