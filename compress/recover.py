@@ -487,15 +487,13 @@ class RecoverSpec:
 def _recovery_config(tokens: int, mode: str, seed: int, settings: dict[str, Any]) -> RecoveryConfig:
     from pydantic import ValidationError
 
+    from compress.run import _one_line_validation
+
     try:
         return RecoveryConfig(**{**settings, "tokens": tokens, "mode": mode, "seed": seed})
     except ValidationError as e:
-        parts = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ())) or "recovery"
-            parts.append(f"unknown key {loc!r}" if err.get("type") == "extra_forbidden" else f"{loc}: {err.get('msg')}")
         fields = ", ".join(sorted(set(RecoveryConfig.model_fields) - {"tokens", "mode", "seed"}))
-        raise UsageError(f"bad recovery settings: {'; '.join(parts)} (valid keys: {fields})") from None
+        raise UsageError(f"bad recovery settings: {_one_line_validation(e, 'recovery')} (valid keys: {fields})") from None
 
 
 def _previous_run(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

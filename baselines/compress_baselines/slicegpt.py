@@ -546,8 +546,8 @@ def rotate_and_slice(
                 if keep_bases:
                     bases["embedding"] = u_in.cpu()
             d_in, d_mid, d_out = dims.attn_in[i], dims.mlp_in[i], dims.mlp_out[i]
-            like = arch.attn_linears(i)[q].weight  # on the compute device with the layer
             a, m = arch.attn_linears(i), arch.mlp_linears(i)
+            like = a[q].weight  # on the compute device with the layer
             in_norm, post_norm = arch.input_norm(i), arch.post_attn_norm(i)
             make_shortcut_layer(layer, d_in, d_mid, d_out)
             # attention inputs follow the previous boundary; the residual goes back to full width for the PCA

@@ -242,10 +242,11 @@ def _with_paper(rows: list[dict[str, Any]], paper: list[dict[str, Any]]) -> list
 def _table(records: list[dict[str, Any]], paper: list[dict[str, Any]] | None = None) -> list[str]:
     """The markdown table of ``records``, with ``paper`` rows (published numbers) next to the cells
     they match; those never count for, or get, the bold "best"."""
-    cols = _columns(_sorted(records))
+    rows = _sorted(records)
+    cols = _columns(rows)
     # a measurement no cell took (e.g. latency in a suite without it) gets no empty column
     cols = cols[:3] + [c for c in cols[3:] if any(c.value(r) is not None for r in records)]
-    rows = _with_paper(_sorted(records), paper or [])
+    rows = _with_paper(rows, paper or [])
     best: dict[tuple[int, tuple[Any, ...]], float] = {}
     counts: dict[tuple[int, tuple[Any, ...]], int] = {}
     for ci, c in enumerate(cols):

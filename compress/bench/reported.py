@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from compress.bench.suite import _one_line
 from compress.errors import UsageError
 
 __all__ = ["ReportedRow", "ReportedTable", "load_reported"]
@@ -94,14 +95,6 @@ class ReportedTable(_Strict):
         return out
 
 
-def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        msg = str(err.get("msg", "")).removeprefix("Value error, ")
-        parts.append(f"unknown key {loc!r}" if err.get("type") == "extra_forbidden"
-                     else f"missing field {loc!r}" if err.get("type") == "missing" else f"{loc}: {msg}")
-    return "; ".join(parts)
 
 
 def load_reported(path: str | Path) -> list[ReportedTable]:

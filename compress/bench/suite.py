@@ -505,7 +505,7 @@ def _with_recipe(method: MethodSpec, suite_path: Path) -> MethodSpec:
     path = Path(raw) if Path(raw).is_absolute() else suite_path.parent / raw
     try:
         recipe = load_recipe(path)
-        recipe.check_settings(recipe.canonical_method(method.name) or method.name)
+        recipe.check_settings(recipe.canonical_method(method.name))
     except UsageError as e:
         raise UsageError(f"suite file {suite_path}: method {method.display!r}: {e}") from None
     fixed = sorted(set(recipe.run) - {"calib"})
