@@ -8,8 +8,8 @@ from the last finished step and gives the same result as an uninterrupted run.
 
 A checkpoint is ONE file, ``<state_dir>/checkpoint.safetensors``: the model's current weights (tied
 tensors once, through ``safetensors.torch.save_model``) with the method's JSON state, the torch RNG
-state and the run key in the safetensors metadata. It is written to a temporary file, fsynced and
-renamed over the previous one, so a kill at any moment leaves the previous checkpoint or the new one,
+state and the run key in the safetensors metadata. It is written to a temporary file in a scratch
+folder, fsynced and renamed over the previous one, so a kill at any moment leaves the previous checkpoint or the new one,
 never a partial file. Nothing is pickled.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -90,10 +91,12 @@ def save_checkpoint(state_dir: str | os.PathLike, key: str, model: nn.Module, st
         _META_KEY: key,
         _META_RNG: base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    # a private scratch folder: safetensors itself writes through a temporary file of its own
+    # (".tmpXXXXXX" beside its target), so a kill mid-write leaves only this folder behind
+    scratch = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=folder))
+    tmp = scratch / CHECKPOINT_FILE
     try:
-        save_model(model, tmp, metadata=meta)
+        save_model(model, str(tmp), metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, folder / CHECKPOINT_FILE)
@@ -102,9 +105,8 @@ def save_checkpoint(state_dir: str | os.PathLike, key: str, model: nn.Module, st
             os.fsync(dfd)  # the rename itself survives a power loss
         finally:
             os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _written += 1
     if os.environ.get(KILL_ENV) == str(_written):
         os.kill(os.getpid(), signal.SIGKILL)
