@@ -3,7 +3,7 @@
 Every method is measured the same way so rows can be compared:
 
 * model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32) from ``$COMPRESS_ASSETS``;
-* pruning: ``compress.run.run`` — the same code path as ``compress run``;
+* pruning: ``compress.pipeline.run.run`` — the same code path as ``compress run``;
 * perplexity: WikiText-2 test, the pruning papers' protocol (rows joined with blank lines,
   non-overlapping windows, no BOS) at 2048 and 128 context. On 2 CPU cores the full test set takes
   ~10 min per context per model, so the default is the first 32,768 tokens (16 windows of 2048,
@@ -44,7 +44,7 @@ _TEXT: str | None = None
 def wikitext_ppl(model, tokenizer, *, full: bool = False) -> dict[str, Any]:
     """PPL at 2048 and 128 context on WikiText-2 test (first 32,768 tokens unless ``full``)."""
     global _TEXT
-    from compress.evaluate import perplexity, wikitext2_text
+    from compress.evaluate.perplexity import perplexity, wikitext2_text
 
     if _TEXT is None:
         _TEXT = wikitext2_text("test")
@@ -58,8 +58,8 @@ def wikitext_ppl(model, tokenizer, *, full: bool = False) -> dict[str, Any]:
 
 
 def dense_row(*, full: bool = False) -> dict[str, Any]:
-    from compress.loading import load_model
-    from compress.measure import footprint
+    from compress.io.loading import load_model
+    from compress.model.footprint import footprint
 
     lm = load_model(smollm2_path())
     fp = footprint(lm.model)
@@ -70,16 +70,16 @@ def dense_row(*, full: bool = False) -> dict[str, Any]:
 def prune_row(method: str, target: str, *, settings: dict | None = None, seed: int = 0, calib: str | None = None,
               recover_tokens: int = 0, recover_mode: str = "full", recover_settings: dict | None = None,
               full: bool = False, label: str | None = None) -> dict[str, Any]:
-    """Prune SmolLM2 with ``compress.run.run`` (no export) and measure it."""
-    from compress.run import RunSpec, clean_record, run
+    """Prune SmolLM2 with ``compress.pipeline.run.run`` (no export) and measure it."""
+    from compress.pipeline.run import RunSpec, run
 
     spec = RunSpec(method=method, target=target, model=smollm2_path(), seed=seed, calib=calib,
                    settings=dict(settings or {}), recover_tokens=recover_tokens, recover_mode=recover_mode,
                    recover_settings=dict(recover_settings or {}), progress=False)
     t = time.perf_counter()
-    rec = run(spec, log=lambda m: None)
+    result = run(spec, log=lambda m: None)
     wall = time.perf_counter() - t
-    model = rec["_model"]
+    model, rec = result.model, result.record
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_path())
@@ -95,7 +95,7 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
         "prune_s": rec["timing_s"]["prune"],
         "wall_s": round(wall, 1),
         "peak_rss_bytes": rec["peak_rss_bytes"],
-        "notes": clean_record(rec).get("notes"),
+        "notes": rec.get("notes"),
         "recovery": rec.get("recovery"),
         **wikitext_ppl(model, tok, full=full),
     }

@@ -1,9 +1,9 @@
 """Plans of every method on config-only LLaMA-2-7B / LLaMA-2-70B / Llama-3-8B, without weights.
 
-Runs ``compress run --dry-run`` (``compress.run.dry_run``: meta device, shapes only) for every
+Runs ``compress run --dry-run`` (``compress.pipeline.run.dry_run``: meta device, shapes only) for every
 registered method at the targets below and writes ``results/dryrun_plans.md`` (+ ``.jsonl``):
 achieved parameters, FLOPs/token (T = 2048), KV-cache bytes/token and the estimated peak memory
-(``compress.memory``) of the real run at the chosen dtype, with each method's default settings.
+(``compress.model.memory``) of the real run at the chosen dtype, with each method's default settings.
 
     python benchmarks/dryrun_plans.py [--dtype bfloat16] [--methods transact,slicegpt]
 
@@ -37,7 +37,7 @@ def _flops(x: float) -> str:
 
 
 def plan_all(methods: list[str], dtype: str) -> list[dict]:
-    from compress.run import RunSpec, dry_run
+    from compress.pipeline.run import RunSpec, dry_run
 
     rows = []
     for config, target in CASES:

@@ -1,4 +1,4 @@
-"""LLM-Pruner on SmolLM2-135M (issue #4 measurements), CPU.
+"""LLM-Pruner on SmolLM2-135M, CPU.
 
     python benchmarks/llm_pruner_smollm2.py [--part rows|cost|all] [--lora-tokens N] [--full]
 
@@ -80,10 +80,11 @@ def cost(repeats: int = 2) -> dict:
     from compress_baselines.llm_pruner import LLMPruner, group_scores, scored_members, taylor_gradients
 
     from compress import structure_group
-    from compress.calibration import CalibrationSource
-    from compress.loading import load_model
-    from compress.measure import model_bytes, track_peak_rss
+    from compress.calib.sources import CalibrationSource
+    from compress.io.loading import load_model
+    from compress.model.footprint import model_bytes
     from compress.plugins import get_registry
+    from compress.probes import track_peak_rss
 
     lm = load_model(common.smollm2_path())
     model, tok = lm.model.eval(), lm.tokenizer

@@ -2,10 +2,10 @@
 
 Usage: ``python benchmarks/memory_smollm2.py [--only METHOD ...]``. Each cell (method × mode) runs in
 its own subprocess (so allocator reuse of an earlier cell cannot hide a peak), prunes with
-``compress.run.run`` — the ``compress run`` code path, with ``layerwise`` forced on or off — and
-reads the peak RSS the run record measures around the pruning step (``compress.measure.track_peak_rss``,
+``compress.pipeline.run.run`` — the ``compress run`` code path, with ``layerwise`` forced on or off — and
+reads the peak RSS the run record measures around the pruning step (``compress.probes.track_peak_rss``,
 the kernel's high-water mark reset when pruning starts). TransAct cells also run once more with
-``compress.measure.track_live_tensors`` around the scoring pass: the tensor bytes it keeps alive at
+``compress.probes.track_live_tensors`` around the scoring pass: the tensor bytes it keeps alive at
 once, which RSS over-states by the freed blocks glibc keeps resident. Writes
 ``results/memory_smollm2.{jsonl,md}``. torch runs on 1 thread.
 """
@@ -51,11 +51,11 @@ def cell(method: str, mode: str, batch: int, samples: int = CALIB_SAMPLES, seq_l
     import torch
 
     torch.set_num_threads(1)
-    import compress.loading as loading
-    import compress.run as run_module
-    from compress.layerwise import _trim_host_memory
-    from compress.measure import _proc_status_kib, track_live_tensors
-    from compress.run import RunSpec, run
+    import compress.io.loading as loading
+    import compress.pipeline.run as run_module
+    from compress.calib.layerwise import _trim_host_memory
+    from compress.pipeline.run import RunSpec, run
+    from compress.probes import _proc_status_kib, track_live_tensors
 
     measure, load = run_module.track_peak_rss, loading.load_model
     seen: dict = {}
@@ -79,7 +79,7 @@ def cell(method: str, mode: str, batch: int, samples: int = CALIB_SAMPLES, seq_l
     loading.load_model = load_and_keep
     run_module.track_peak_rss = warmed_and_trimmed
     if method == "transact":  # the scoring pass alone: high-water mark when it returns
-        from compress_transact.plugin import TransActPruner
+        from compress_transact.transact import TransActPruner
 
         collect = TransActPruner.collect
 
@@ -98,7 +98,7 @@ def cell(method: str, mode: str, batch: int, samples: int = CALIB_SAMPLES, seq_l
                    settings={"calib_samples": samples, "calib_seq_len": seq_len, "calib_batch_size": batch},
                    layerwise=mode == "layerwise")
     t = time.perf_counter()
-    rec = run(spec, log=lambda m: None)
+    rec = run(spec, log=lambda m: None).record
     wall = time.perf_counter() - t
     # the dense model's sizes (fp32): all weights, one decoder layer, and the cached hidden states
     geo = rec["dense"]["layers"][0]
@@ -145,12 +145,12 @@ def _md(rows: list[dict]) -> str:
         f"{TARGET} of the parameters, calibration {CALIB_SAMPLES} × {CALIB_SEQ_LEN} tokens of WikiText-2 validation "
         f"and {BATCH} sequence per mini-batch for every method (plus two layer-wise TransAct rows: its default "
         "batch of 4, and the same 4,096 tokens as 32 × 128), CPU, "
-        "torch 1 thread. Each cell is a fresh process running `compress.run.run` (the `compress run` path) with "
+        "torch 1 thread. Each cell is a fresh process running `compress.pipeline.run.run` (the `compress run` path) with "
         "`layerwise` forced on or off. `prune +MiB` is how far the process's peak RSS rose above its RSS when "
-        "pruning started (kernel high-water mark, `compress.measure.track_peak_rss`), i.e. what pruning needed "
+        "pruning started (kernel high-water mark, `compress.probes.track_peak_rss`), i.e. what pruning needed "
         "on top of the loaded model; `scoring +MiB` is the same high-water mark when TransAct's scoring pass "
         "returns (before the weights are cut). `scoring live MiB` is the most tensor memory TransAct's scoring "
-        "pass held at once (`compress.measure.track_live_tensors`, counted per storage in a separate run of "
+        "pass held at once (`compress.probes.track_live_tensors`, counted per storage in a separate run of "
         "the same cell): what the pass needs, whatever the allocator keeps. Before pruning, every cell runs one "
         "warm-up forward (torch's one-time kernel set-up is not pruning memory) and trims the heap (the GGUF "
         "loader's freed memory then neither hides a peak nor shrinks one). `peak MiB` is the whole process "

@@ -3,7 +3,7 @@
 SliceGPT (suite recipe, 8 × 2048 calibration tokens) prunes SmolLM2-135M to 80 %; one batch of 4 × 512
 WikiText-2 tokens gives the gradients; then one AdamW step at the recovery default (lr 5e-5, gradient
 norm clipped to 1.0) is taken from the same weights three times — every parameter trained; the shortcut
-rotations frozen (``compress.recover.shortcut_parameters``); shortcuts and embedding frozen — and the loss
+rotations frozen (``compress.train.recovery.shortcut_parameters``); shortcuts and embedding frozen — and the loss
 of that same batch is measured after each. Writes ``results/slicegpt_shortcut_step.md``.
 
 Usage: ``python benchmarks/slicegpt_shortcut_step.py``
@@ -23,14 +23,14 @@ from common import RESULTS, smollm2_path  # noqa: E402
 def main() -> None:
     import torch
 
-    from compress.calibration import CalibrationSource
-    from compress.recover import shortcut_parameters
-    from compress.run import RunSpec, run
+    from compress.calib.sources import CalibrationSource
+    from compress.pipeline.run import RunSpec, run
+    from compress.train.recovery import shortcut_parameters
 
     torch.manual_seed(0)
     rec = run(RunSpec(method="slicegpt", target="80%", model=smollm2_path(), calib="wikitext2", progress=False,
                       settings={"calib_samples": 8}), log=lambda m: None)
-    model, tok = rec["_model"], rec["_tokenizer"]
+    model, tok = rec.model, rec.tokenizer
     batch = CalibrationSource.from_spec("wikitext2", tok, seed=0).sequential_blocks(4, 512)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -11,8 +11,8 @@ Rows (shared protocol of ``benchmarks/common.py``: WikiText-2 test PPL at 2048 a
   8). These are sized by the sparsity, not by a params target: on SmolLM2 (tied embeddings, V·D =
   28M of 135M) the untied lm_head plus the shortcut matrices make them *larger* than the dense
   model, which ``compress run`` refuses for any target ≤ 100%, so they call the pruner directly
-  (same context, timing and RSS measurement as ``compress.run``);
-* ``slicegpt`` at the params targets 80% and 60% (``compress.run``, d' solved);
+  (same context, timing and RSS measurement as ``compress.pipeline.run``);
+* ``slicegpt`` at the params targets 80% and 60% (``compress.pipeline.run``, d' solved);
 * ``magnitude`` (the naive floor: heads/KV groups + MLP channels by weight L2) at 80% and 60%;
 * ``slicegpt`` with ``slice_head=true`` at 80% and 60% (last; skip with ``--only`` to save time).
 
@@ -44,19 +44,21 @@ SEQ_LEN = 2048
 def sparsity_row(sparsity: float, settings: dict[str, Any], *, full: bool = False, seed: int = 0) -> dict[str, Any]:
     """SliceGPT sized by the official sparsity, without a params target (see the module doc)."""
     from compress import Target
-    from compress.calibration import CalibrationSource
-    from compress.loading import load_model
-    from compress.measure import footprint, track_peak_rss
+    from compress.calib.sources import CalibrationSource
+    from compress.io.loading import load_model
+    from compress.model.footprint import footprint
+    from compress.pipeline.record import jsonable
+    from compress.pipeline.run import DEFAULT_CALIB
     from compress.plugins import get_registry
+    from compress.probes import track_peak_rss
     from compress.pruner import PruneContext
-    from compress.run import DEFAULT_CALIB, clean_record, make_pruner
 
     t0 = time.perf_counter()
     lm = load_model(smollm2_path())
     model, tok = lm.model, lm.tokenizer
     reg = get_registry()
     arch = reg.adapter_for(model)
-    pruner = make_pruner("slicegpt", {**settings, "sparsity": sparsity})
+    pruner = reg.make("slicegpt", {**settings, "sparsity": sparsity})
     no_target = Target.parse("1B")  # an upper bound the sparsity always meets; the sparsity sizes the model
     pruner.check(model, no_target)
     dense = footprint(model, arch=arch)
@@ -79,7 +81,7 @@ def sparsity_row(sparsity: float, settings: dict[str, Any], *, full: bool = Fals
         "ratios": achieved.ratios(dense),
         "prune_s": round(prune_s, 3),
         "peak_rss_bytes": rss.peak_bytes,
-        "notes": clean_record({"notes": res.notes})["notes"],
+        "notes": jsonable(res.notes),
         **wikitext_ppl(res.model, tok, full=full),
     }
     row["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -1,4 +1,4 @@
-"""TransAct on SmolLM2-135M (issue #3 measurements), CPU.
+"""TransAct on SmolLM2-135M, CPU.
 
     python benchmarks/transact_smollm2.py [--part floors|shots|cost|all] [--full]
 
@@ -77,12 +77,14 @@ SHOTS_NOTE = (" Training (both arms): full parameters, seq 512, batch 4 (2,048 t
 
 def cost() -> dict:
     import torch
-    from compress_transact.plugin import TransActPruner
+    from compress_transact.transact import TransActPruner
 
-    from compress.calibration import CalibrationSource, run_calibration
-    from compress.loading import load_model
-    from compress.measure import model_bytes, track_peak_rss
+    from compress.calib.runner import run_calibration
+    from compress.calib.sources import CalibrationSource
+    from compress.io.loading import load_model
+    from compress.model.footprint import model_bytes
     from compress.plugins import get_registry
+    from compress.probes import track_peak_rss
     from compress.pruner import PruneContext
 
     lm = load_model(common.smollm2_path())

@@ -48,19 +48,20 @@ def _fmt_num(x: float) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from compress.recipe import Recipe, load_recipe
-    from compress.run import RunSpec, clean_record, run
+    from compress.io.recipe import Recipe, load_recipe
+    from compress.pipeline.run import RunSpec, dry_run, run
+    from compress.plugins import get_registry
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe()
     # CLI flags and --set win over the recipe, which wins over the defaults.
-    run_kwargs = recipe.run_kwargs(method=args.method, target=args.target, seed=args.seed, calib=args.calib,
+    run_kwargs = recipe.run_kwargs(get_registry(), method=args.method, target=args.target, seed=args.seed, calib=args.calib,
                                    recover_tokens=args.recover_tokens, recover_mode=args.recover_mode,
                                    settings=_parse_set(args.set))
     if not args.out and not args.dry_run and not args.no_save:
         from compress.errors import UsageError
 
         raise UsageError("--out is required (or --dry-run to plan only, --no-save to measure without saving)")
-    spec = RunSpec(
+    spec = RunSpec(  # parses the target: the one place a run's target text becomes a Target
         **run_kwargs, model=args.model, out=args.out, dtype=args.dtype, device=args.device, dry_run=args.dry_run,
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
         progress=not args.json and not args.no_progress, resume=args.resume,
@@ -71,8 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    record = run(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m)))
-    rec = clean_record(record)
+    log = (lambda m: None) if args.json else (lambda m: con.print(m))
+    rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
     if args.json:
         print(json.dumps(rec, indent=1, sort_keys=True))
         return 0
@@ -124,8 +125,7 @@ def _print_summary(rec: dict[str, Any]) -> None:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Recovery training of a saved model; runs as is under ``accelerate launch`` (rank 0 writes)."""
-    from compress.recover import RecoverSpec, recover_saved
-    from compress.run import clean_record
+    from compress.pipeline.recover import RecoverSpec, recover_saved
 
     settings = _parse_set(args.set)
     for key in ("seq_len", "batch_size", "grad_accum", "lr", "logging_steps"):
@@ -140,15 +140,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
                        seed=args.seed, settings=settings, dtype=args.dtype, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code, progress=progress)
     con = _console()
-    record = recover_saved(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m)))
-    if "export" not in record:  # not the main process: rank 0 prints the result
+    rec = recover_saved(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m))).record
+    if not rec.get("export"):  # not the main process: rank 0 prints the result
         return 0
-    rec = clean_record(record)
     if args.json:
         print(json.dumps(rec, indent=1, sort_keys=True))
     else:
-        r, e = rec["recovery"], rec["export"]
-        print(f"recovered {rec['model']}: {r['steps']} steps, {r['tokens_seen']:,} tokens, {r['world_size']} "
+        r, e = rec["recovery_result"], rec["export"]
+        print(f"recovered {rec['model']['source']}: {r['steps']} steps, {r['tokens_seen']:,} tokens, {r['world_size']} "
               f"process(es), loss {r['first_loss']:.4f} → {r['last_loss']:.4f}\nsaved {e['path']} ({e['kind']} format)")
     return 0
 
@@ -199,22 +198,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from compress.errors import CompressError
-    from compress.loading import default_model, load_config
-    from compress.measure import footprint
+    from compress.io.loading import default_model
+    from compress.pipeline.preflight import meta_model
     from compress.plugins import get_registry
     from compress.target import Target
 
     source = args.model or default_model()
-    cfg = load_config(source, trust_remote_code=args.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=args.trust_remote_code)
     reg = get_registry()
-    arch = reg.adapter_for(model)
-    fp = footprint(model, seq_len=args.seq_len, arch=arch)
+    shapes = meta_model(source, trust_remote_code=args.trust_remote_code, registry=reg, seq_len=args.seq_len)
+    cfg, model, arch, fp = shapes.config, shapes.model, shapes.arch, shapes.dense
     applicable = {}
     probe = Target.parse("50%")
     for name, cls in sorted(reg.pruners.items()):
@@ -258,8 +251,8 @@ def _limit(value: float | None) -> int | float | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from compress.evaluate import evaluate_model
-    from compress.loading import load_model
+    from compress.evaluate.harness import evaluate_model
+    from compress.io.loading import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     ppl: dict[str, list[int]] = {}

@@ -43,3 +43,15 @@ class NumericalError(CompressError):
     """
 
     exit_code = 2
+
+
+def one_line_validation(error: object, what: str) -> str:
+    """A pydantic ``ValidationError`` as one line: unknown keys named, other problems as ``key: msg``."""
+    parts = []
+    for err in error.errors():  # type: ignore[attr-defined]
+        loc = ".".join(str(x) for x in err.get("loc", ())) or what
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            parts.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(parts)

@@ -27,7 +27,3 @@ def register_pruners(register: Callable[..., None]) -> None:
 def register_architectures(register: Callable[..., None]) -> None:
     """Call ``register(AdapterClass)`` for model families (``AdapterClass.model_types``)."""
 
-
-@hookspec
-def register_metrics(register: Callable[..., None]) -> None:
-    """Call ``register(name, fn)`` with ``fn(model, tokenizer) -> dict`` for extra benchmark metrics."""

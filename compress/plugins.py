@@ -26,9 +26,9 @@ from typing import Any
 
 import pluggy
 
-from compress import hookspecs
-from compress.arch import ArchAdapter
-from compress.errors import CompressError, PluginError, Unsupported, UsageError
+import compress.hookspecs as hookspecs
+from compress.errors import CompressError, PluginError, Unsupported, UsageError, one_line_validation
+from compress.model.adapter import ArchAdapter, install_resolver
 from compress.pruner import Pruner
 
 GROUP = "compress"
@@ -63,7 +63,7 @@ def _strict() -> bool:
 
 
 class Registry:
-    """Methods, architectures and metrics contributed by the core and by plugins."""
+    """Methods and architecture adapters contributed by the core and by plugins."""
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -72,7 +72,6 @@ class Registry:
         self.aliases: dict[str, str] = {}
         self.origin: dict[str, PluginInfo] = {}
         self.architectures: dict[str, type[ArchAdapter]] = {}
-        self.metrics: dict[str, Any] = {}
         self.plugins: list[PluginInfo] = []
         builtin = PluginInfo("compress-core", "compress", _version("compress"), "compress.plugins")
         self._add(_BuiltinArchitectures(), builtin)
@@ -101,7 +100,6 @@ class Registry:
         staged: dict[str, type[Pruner]] = {}
         staged_alias: dict[str, str] = {}
         staged_arch: dict[str, type[ArchAdapter]] = {}
-        staged_metrics: dict[str, Any] = {}
 
         def reg_pruner(cls: type[Pruner], aliases: tuple[str, ...] | list[str] = ()) -> None:
             if not (isinstance(cls, type) and issubclass(cls, Pruner)) or not cls.name:
@@ -120,17 +118,13 @@ class Registry:
             for t in cls.model_types:
                 staged_arch[t] = cls
 
-        def reg_metric(name: str, fn: Any) -> None:
-            staged_metrics[name] = fn
-
         try:
             self.pm.register(obj, name=f"{info.name}:{id(obj)}")
         except Exception as e:  # noqa: BLE001
             return self._fail(info, f"registration failed: {type(e).__name__}: {e}", e)
         try:
             for hook, fn in ((self.pm.hook.register_pruners, reg_pruner),
-                             (self.pm.hook.register_architectures, reg_arch),
-                             (self.pm.hook.register_metrics, reg_metric)):
+                             (self.pm.hook.register_architectures, reg_arch)):
                 for impl in hook.get_hookimpls():
                     if impl.plugin is obj:
                         impl.function(*([fn] if "register" in impl.argnames else []))
@@ -140,7 +134,6 @@ class Registry:
         self.pruners.update(staged)
         self.aliases.update(staged_alias)
         self.architectures.update(staged_arch)
-        self.metrics.update(staged_metrics)
         for n in staged:
             self.origin[n] = info
         info.methods = sorted(staged)
@@ -164,6 +157,18 @@ class Registry:
         extra = f" (plugins that failed to load: {', '.join(failed)}; see `compress plugins`)" if failed else ""
         raise UsageError(f"unknown method {name!r}; {hint}known methods: {', '.join(known) or 'none'}{extra}")
 
+    def make(self, method: str, settings: dict[str, Any] | None = None) -> Pruner:
+        """The method ``method`` with ``settings`` validated (unknown keys and wrong types are usage errors)."""
+        from pydantic import ValidationError
+
+        cls = self.get(method)
+        try:
+            return cls(settings or {})
+        except ValidationError as e:
+            fields = ", ".join(sorted(cls.Config.model_fields))
+            raise UsageError(f"bad settings for {cls.name}: {one_line_validation(e, 'settings')} "
+                             f"(valid keys: {fields})") from None
+
     def check_model_type(self, model_type: str | None) -> None:
         """Refuse an architecture no adapter knows (before any weight is loaded, when possible)."""
         if model_type not in self.architectures:
@@ -173,6 +178,8 @@ class Registry:
             )
 
     def adapter_for(self, model: Any) -> ArchAdapter:
+        """The registered adapter for ``model.config.model_type`` (the one resolution every stage uses:
+        :func:`compress.model.adapter.adapter_for` asks the process-wide registry)."""
         mt = getattr(model.config, "model_type", None)
         self.check_model_type(mt)
         return self.architectures[mt](model)
@@ -239,3 +246,11 @@ def get_registry(refresh: bool = False) -> Registry:
     if _REGISTRY is None or refresh:
         _REGISTRY = Registry()
     return _REGISTRY
+
+
+def adapter_for(model: Any) -> ArchAdapter:
+    """The architecture adapter of ``model`` from the process-wide registry."""
+    return get_registry().adapter_for(model)
+
+
+install_resolver(adapter_for)

@@ -7,16 +7,19 @@ and :meth:`Pruner.prune` which receives everything it may use in a :class:`Prune
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from compress.arch import ArchAdapter
+from compress.calib.sources import blocks_sha256
 from compress.errors import Unsupported
+from compress.model.adapter import ArchAdapter
 from compress.target import Target
 
 ExportKind = Literal["stock", "compress", "auto"]
@@ -58,40 +61,153 @@ class Capabilities:
         }
 
 
+@dataclass(frozen=True)
+class DrawnBlocks:
+    """One draw of calibration blocks: how many, how long, and the sha256 of the tokens."""
+
+    samples: int
+    seq_len: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "seq_len": self.seq_len, "sha256": self.sha256}
+
+
 @dataclass
 class PruneContext:
-    """Everything a method may use. No globals: the same context reproduces the same run."""
+    """Everything a method may use, and the services it calls instead of the core's internals.
+
+    No globals: the same context reproduces the same run. Placement is the context's business, never
+    the method's: whole-model or layer-wise calibration, the compute ``device`` and where layer-wise
+    activations are cached (CPU RAM or files under ``offload_dir``) come from the run's flags, and
+    every service below honours them.
+
+    * :meth:`draw` — seeded calibration blocks, capped at the model's context length; what was
+      drawn is recorded (:attr:`drawn`), and the run's ``calibration_hash`` is of exactly those blocks;
+    * :meth:`calibrate` — one pass over blocks that feeds :func:`compress.record` hooks;
+    * :meth:`layers` — the layer-wise engine, for methods that change layer ``i`` before layer
+      ``i + 1`` sees its inputs (SliceGPT, LoRAP);
+    * :meth:`gradients` — LM-loss gradients of chosen parameters (whole or layer by layer);
+    * :meth:`recovery` — training between steps (the run's recovery settings, or a default);
+    * :meth:`checkpoint` / :meth:`resume_point` — resumable iterative methods;
+    * :attr:`arch` (the adapter), :meth:`log`, :attr:`progress`.
+    """
 
     arch: ArchAdapter
     tokenizer: Any = None
-    calibration: Any = None  # compress.calibration.CalibrationSource
+    calibration: Any = None  # compress.calib.sources.CalibrationSource; draw through draw()
     seed: int = 0
     device: str = "cpu"
-    recover: Callable[[nn.Module, int], nn.Module] | None = None  # (model, tokens) -> model
+    recover: Callable[..., Any] | None = None  # compress.train.recovery.Recovery of the run, if asked
     state_dir: Path | None = None  # where an iterative method checkpoints (None: no checkpoints)
     state_key: str = ""  # identifies the run; a checkpoint written under another key is never resumed
     log: Callable[[str], None] = print
     progress: bool = True
-    # Layer-wise calibration (compress.layerwise): layers run one at a time on ``device`` while the
-    # weights stay where they are and the calibration activations are cached in CPU RAM, or in files
-    # under ``offload_dir`` when it is set. Methods pass compress.layerwise.context_options(ctx) on.
+    # Layer-wise calibration (compress.calib.layerwise): layers run one at a time on ``device`` while
+    # the weights stay where they are and the calibration activations are cached in CPU RAM, or in
+    # files under ``offload_dir`` when it is set.
     layerwise: bool = False
     offload_dir: Path | None = None
+    drawn: list[DrawnBlocks] = field(default_factory=list)
 
+    # ------------------------------------------------------------------ calibration data
+    def context_length(self) -> int | None:
+        """The model's context length (``max_position_embeddings``), if it has one."""
+        n = getattr(self.arch.config, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def draw(self, samples: int, seq_len: int) -> torch.Tensor:
+        """``samples`` seeded random windows of ``min(seq_len, context length)`` tokens, ``[N, T]``.
+
+        Raises :class:`Unsupported` when the run has no calibration text."""
+        if self.calibration is None:
+            raise Unsupported("this method needs calibration text; pass --calib FILE (or a dataset alias)")
+        ctx_len = self.context_length()
+        seq_len = min(int(seq_len), ctx_len) if ctx_len else int(seq_len)
+        blocks = self.calibration.batches(int(samples), seq_len)
+        self.drawn.append(DrawnBlocks(int(samples), seq_len, blocks_sha256(blocks)))
+        return blocks
+
+    @property
+    def calibration_hash(self) -> str | None:
+        """sha256 of every block drawn so far (None when nothing was drawn): for one draw, the
+        sha256 of ``"{N}x{T}:"`` and the int64 tokens; for several, of their hashes in order."""
+        if not self.drawn:
+            return None
+        if len(self.drawn) == 1:
+            return self.drawn[0].sha256
+        return hashlib.sha256("".join(d.sha256 for d in self.drawn).encode()).hexdigest()
+
+    # ------------------------------------------------------------------ passes over the blocks
+    def _placement(self) -> dict[str, Any]:
+        if self.layerwise:
+            return {"device": self.device, "cache": self.offload_dir if self.offload_dir is not None else "cpu"}
+        return {"device": None, "cache": "device"}  # everything stays where the model is
+
+    def _bar(self) -> bool | None:
+        return None if self.progress else False
+
+    def calibrate(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int,
+                  description: str = "calibration", logits: bool = False) -> int:
+        """Run ``model`` over ``batches`` without gradients (whole-model or layer-wise, as the run
+        says) so that the hooks of :func:`compress.record` see every token. Returns tokens seen."""
+        from compress.calib.runner import run_calibration
+
+        return run_calibration(model, batches, batch_size=batch_size, progress=self._bar(),
+                               description=description, layerwise=self.layerwise, logits=logits,
+                               **self._placement())
+
+    def layers(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int,
+               description: str = "layers") -> Any:
+        """The layer-wise engine over ``batches`` (a :class:`compress.LayerwiseRunner`): iterate it
+        to get each decoder layer with its cached inputs, change the layer, and the engine computes
+        the next layer's inputs with the changed one. Layer ``i`` is on the compute device while it
+        is visited (layer-wise runs) or everything stays where the model is."""
+        from compress.calib.layerwise import LayerwiseRunner
+
+        return LayerwiseRunner(model, batches, arch=self.arch, batch_size=batch_size, progress=self._bar(),
+                               description=description, **self._placement())
+
+    def gradients(self, model: nn.Module, params: list[nn.Parameter], tokens: torch.Tensor, *,
+                  batch_size: int | None = None, first_order: bool = True,
+                  fisher: bool = False) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, torch.Tensor]]:
+        """LM-loss gradients of ``params`` over ``tokens`` and, with ``fisher``, the per-sample
+        squared gradients (:func:`compress.calib.gradients.loss_gradients`), layer by layer when the
+        run is layer-wise."""
+        from compress.calib.gradients import loss_gradients
+
+        return loss_gradients(model, params, tokens, first_order=first_order, fisher=fisher,
+                              batch_size=batch_size, layerwise=self.layerwise, arch=self.arch, **self._placement())
+
+    # ------------------------------------------------------------------ training between steps
+    def recovery(self) -> Any:
+        """The training a method may run between its steps: ``recovery(model, tokens=N, lr=x)``
+        returns a result with ``.model``. The run's recovery (``--recover-tokens`` settings and text)
+        when it has one, else full training on the calibration text. One data stream for every call,
+        so successive calls train on fresh tokens (``.consumed`` counts what was used)."""
+        if self.recover is not None:
+            return self.recover
+        if self.calibration is None:
+            raise Unsupported("training between steps needs calibration text; pass --calib")
+        from compress.train.recovery import Recovery, RecoveryConfig
+
+        return Recovery(self.calibration, RecoveryConfig(tokens=1, mode="full", seed=self.seed), progress=self.progress)
+
+    # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, model: nn.Module, state: dict[str, Any]) -> None:
         """Save ``model``'s weights and the JSON-able ``state`` after a finished step (atomic; no-op
         without ``state_dir``). ``compress run --resume`` then continues from here."""
         if self.state_dir is not None:
-            from compress.checkpoint import save_checkpoint
+            from compress.io.checkpoint import save_checkpoint
 
             save_checkpoint(self.state_dir, self.state_key, model, state)
 
     def resume_point(self):
-        """The last checkpoint of THIS run (a :class:`compress.checkpoint.Checkpoint`), or None.
+        """The last checkpoint of THIS run (a :class:`compress.io.checkpoint.Checkpoint`), or None.
 
         To resume: cut the fresh model to the saved shapes (e.g. ``apply_plan`` with the saved plan),
         then ``checkpoint.load_into(model)`` restores the weights and the torch RNG state."""
-        from compress.checkpoint import read_checkpoint
+        from compress.io.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(self.state_dir)
         return ckpt if ckpt is not None and ckpt.key == self.state_key else None
@@ -135,7 +251,7 @@ class Pruner:
 
     def working_memory(self, model: nn.Module, target: Target, mem: Any) -> dict[str, int]:
         """Bytes this method keeps alive besides the dense weights, by item, for the estimated peak
-        memory of ``--dry-run`` (formulas: :mod:`compress.memory`; ``mem`` is its ``MemoryModel`` of
+        memory of ``--dry-run`` (formulas: :mod:`compress.model.memory`; ``mem`` is its ``MemoryModel`` of
         the dense ``model``). Default: calibration forwards of ``calib_samples`` × ``calib_seq_len``
         tokens in mini-batches of ``calib_batch_size``, layer by layer for sequential methods or
         ``--layerwise``. Override to add the method's own tensors (gradients, decompositions)."""

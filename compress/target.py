@@ -24,6 +24,8 @@ from compress.errors import TargetError
 
 Metric = Literal["params", "flops", "kv"]
 METRICS: tuple[str, ...] = ("params", "flops", "kv")
+#: The footprint field each metric measures (:class:`compress.model.footprint.Footprint`).
+FOOTPRINT_FIELD: dict[str, str] = {"params": "params", "flops": "flops_per_token", "kv": "kv_bytes_per_token"}
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 _NUM = re.compile(r"^(?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)(?P<suf>[kKmMbBgGtT]?)$")
 _HINT = "use e.g. 2B, 350M, 1.5e9, 60%, flops:50% or kv:25%"

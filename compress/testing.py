@@ -1,4 +1,8 @@
-"""Test helpers: tiny models and the conformance suite every pruning method must pass.
+"""Test helpers for the core and for method plugins: tiny models, the conformance suite every
+pruning method must pass (:func:`check_pruner`), and the pieces of the pipeline a method's own tests
+drive directly (calibration sources, the run, export, recovery, the torch-pruning coupling check).
+
+A method's tests import ``compress`` (the façade) and ``compress.testing`` only, like the method.
 
 The tiny models have vocabulary 512 so that they work with the stories260K tokenizer from
 ``$COMPRESS_ASSETS/models/stories260k`` (real text through a real tokenizer), but they build
@@ -11,6 +15,39 @@ import os
 from pathlib import Path
 
 import torch
+
+from compress.calib.runner import run_calibration
+from compress.calib.sources import CalibrationSource
+from compress.io.export import export_model
+from compress.io.loading import load_config, load_model
+from compress.io.recipe import load_recipe
+from compress.model.coupling import check_adapter_coupling, torch_pruning_coupling
+from compress.pipeline.run import RunSpec, dry_run, run
+from compress.train.recovery import DEFAULT_LORA_TARGETS, RecoveryConfig, recover, resolve_lora_targets
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "TINY_KINDS",
+    "CalibrationSource",
+    "RecoveryConfig",
+    "RunSpec",
+    "assets_dir",
+    "check_adapter",
+    "check_pruner",
+    "dry_run",
+    "export_model",
+    "load_config",
+    "load_model",
+    "load_recipe",
+    "recover",
+    "resolve_lora_targets",
+    "run",
+    "run_calibration",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
+    "torch_pruning_coupling",
+]
 
 TINY_KINDS = ("llama-mha", "llama-gqa", "qwen2")
 
@@ -84,7 +121,20 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(a / "models" / "stories260k")
 
 
-# ============================================================================ conformance suite
+# ============================================================================ conformance suites
+def check_adapter(model) -> None:
+    """An adapter registered for ``model``'s family declares the couplings torch-pruning traces.
+
+    ``model``: a tiny random-weight model of the family (built from its config class). Raises
+    ``AssertionError`` listing every MLP or hidden-channel coupling on which the registered adapter
+    and torch-pruning's dependency graph disagree (:func:`compress.model.coupling.check_adapter_coupling`)."""
+    from compress.plugins import adapter_for
+
+    problems = check_adapter_coupling(model, adapter_for(model))
+    assert not problems, "adapter and torch-pruning disagree:\n" + "\n".join(problems)
+
+
+
 def check_pruner(
     pruner_cls,
     *,
@@ -108,9 +158,9 @@ def check_pruner(
 
     from transformers import AutoModelForCausalLM
 
-    from compress.calibration import CalibrationSource
-    from compress.export import PLAN_FILE, export_model
-    from compress.measure import footprint
+    from compress.calib.sources import CalibrationSource
+    from compress.io.export import PLAN_FILE, export_model
+    from compress.model.footprint import footprint
     from compress.plugins import get_registry
     from compress.pruner import PruneContext
     from compress.target import Target
@@ -140,10 +190,10 @@ def check_pruner(
             pruned = result.model.eval()
             arch2 = reg.adapter_for(pruned)
             got = footprint(pruned, arch=arch2)
-            key = {"params": "params", "flops": "flops_per_token", "kv": "kv_bytes_per_token"}[target.metric]
-            goal = target.goal(getattr(dense, key))
-            assert getattr(got, key) <= goal * (1 + 1e-9), f"{case}: {key} {getattr(got, key)} above goal {goal}"
-            assert getattr(got, key) < getattr(dense, key), f"{case}: nothing was pruned"
+            key = target.metric
+            goal = target.goal(dense.of(key))
+            assert got.of(key) <= goal * (1 + 1e-9), f"{case}: {key} {got.of(key)} above goal {goal}"
+            assert got.of(key) < dense.of(key), f"{case}: nothing was pruned"
             json.dumps(result.plan)
             ids = torch.tensor([tok("Once upon a time there was a little dog").input_ids])
             with torch.no_grad():

@@ -16,7 +16,7 @@ from compress.bench import RECORD_KEYS, SCHEMA, load_suite, read_records
 from compress.bench.runner import run_suite
 from compress.cli import main
 from compress.errors import UsageError
-from compress.evaluate import ZERO_SHOT_TASKS
+from compress.evaluate.harness import ZERO_SHOT_TASKS
 from compress.testing import assets_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,13 +7,9 @@ import json
 import pytest
 import torch
 
-from compress.calibration import (
-    CalibrationSource,
-    ChannelStats,
-    record,
-    run_calibration,
-    wikitext_join,
-)
+from compress.calib.runner import run_calibration
+from compress.calib.sources import CalibrationSource, wikitext_join
+from compress.calib.stats import ChannelStats, record
 from compress.errors import CalibrationError, NumericalError
 from compress.testing import assets_dir, tiny_model, tiny_tokenizer
 
@@ -150,7 +146,7 @@ def test_hf_offline_is_one_line_error(monkeypatch, tok):
 
 
 def test_long_text_is_tokenised_in_line_chunks(monkeypatch, text_file):
-    import compress.calibration as cal
+    import compress.calib.sources as cal
 
     monkeypatch.setattr(cal, "_ONE_SHOT_CHARS", 500)
     monkeypatch.setattr(cal, "_CHUNK_CHARS", 300)
@@ -288,7 +284,8 @@ def test_run_calibration_progress_callback():
 def test_run_calibration_skips_the_lm_head_unless_asked():
     """The decoder stack alone feeds the layer hooks (same statistics); the [batch, T, vocab] logits
     are only computed with ``logits=True``."""
-    from compress.calibration import record, run_calibration
+    from compress.calib.runner import run_calibration
+    from compress.calib.stats import record
     from compress.testing import tiny_model
 
     model = tiny_model("llama-gqa")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.cli import main
-from compress.export import weights_sha256
+from compress.io.export import weights_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = ROOT / "benchmarks" / "configs" / "llama-2-7b.json"
@@ -48,14 +48,14 @@ def test_run_magnitude_writes_reloadable_folder(tmp_path, capsys, stories_dir):
     assert on_disk["achieved"] == rec["achieved"] and on_disk["plan_hash"] == rec["plan_hash"]
 
     # the same run in-process (no export) gives the same plan and the same logits as the saved folder
-    from compress.run import RunSpec, run
+    from compress.pipeline.run import RunSpec, run
 
     mem = run(RunSpec(method="magnitude", target="60%", model=str(stories_dir), progress=False),
               log=lambda m: None)
-    assert mem["plan_hash"] == rec["plan_hash"]
+    assert mem.record["plan_hash"] == rec["plan_hash"]
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (reloaded(ids).logits - mem["_model"](ids).logits).abs().max().item()
+        diff = (reloaded(ids).logits - mem.model(ids).logits).abs().max().item()
     assert diff <= 1e-5
 
 
@@ -70,12 +70,12 @@ def test_run_human_summary(tmp_path, capsys, stories_dir):
 def test_dry_run_llama2_7b_transact_loads_no_weights(capsys, monkeypatch):
     import transformers
 
-    import compress.loading
+    import compress.io.loading
 
     def no_weights(*a, **k):
         raise AssertionError("--dry-run must not load weights")
 
-    monkeypatch.setattr(compress.loading, "load_model", no_weights)
+    monkeypatch.setattr(compress.io.loading, "load_model", no_weights)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", no_weights)
     rc, stdout, err = _run_cli(capsys, "run", "--method", "transact", "--target", "2B", "--model", str(LLAMA2_7B),
@@ -173,8 +173,8 @@ def test_console_script(tmp_path, stories_dir):
 def test_run_magnitude_smollm2(tmp_path, capsys, monkeypatch, smollm2_dir, smollm2_loaded):
     """``compress run`` end to end on SmolLM2-135M. The GGUF is dequantized once per session (~30 s):
     ``load_model`` is checked against the same path and then answers with a copy of that load."""
-    import compress.export
-    import compress.loading
+    import compress.io.export
+    import compress.io.loading
 
     calls, exported = [], {}
 
@@ -183,14 +183,14 @@ def test_run_magnitude_smollm2(tmp_path, capsys, monkeypatch, smollm2_dir, smoll
         assert Path(source) == smollm2_dir and kw.get("trust_remote_code") is False
         return copy.deepcopy(smollm2_loaded)
 
-    real_export = compress.export.export_model
+    real_export = compress.io.export.export_model
 
     def spy_export(model, *a, **k):
         exported["model"] = model
         return real_export(model, *a, **k)
 
-    monkeypatch.setattr(compress.loading, "load_model", cached_load)
-    monkeypatch.setattr(compress.export, "export_model", spy_export)
+    monkeypatch.setattr(compress.io.loading, "load_model", cached_load)
+    monkeypatch.setattr(compress.io.export, "export_model", spy_export)
     out = tmp_path / "smol"
     rc, stdout, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "60%", "--model",
                                str(smollm2_dir), "--out", str(out), "--no-progress")

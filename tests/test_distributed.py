@@ -62,8 +62,8 @@ def test_two_processes_match_one_process(tmp_path, stories_dir, text):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("recovered ") == 1 and r1.stdout.count("recovered ") == 1  # only rank 0 reports
 
-    rec1 = json.loads((one / "compress_run.json").read_text())["recovery"]
-    rec2 = json.loads((two / "compress_run.json").read_text())["recovery"]
+    rec1 = json.loads((one / "compress_run.json").read_text())["recovery_result"]
+    rec2 = json.loads((two / "compress_run.json").read_text())["recovery_result"]
     assert rec1["world_size"] == 1 and rec2["world_size"] == 2
     assert rec1["steps"] == rec2["steps"] == TOKENS // (SEQ * BATCH)
     assert rec1["tokens_seen"] == rec2["tokens_seen"] == TOKENS
@@ -88,8 +88,8 @@ def test_two_processes_match_one_process(tmp_path, stories_dir, text):
 
 def test_recover_compress_format_in_process(tmp_path, capsys, stories_dir, text):
     """A compress-format folder is recovered and written back in the compress format, its plan kept."""
-    from compress.export import export_model
-    from compress.loading import load_model
+    from compress.io.export import export_model
+    from compress.io.loading import load_model
 
     lm = load_model(str(stories_dir))
     src = tmp_path / "pruned"
@@ -101,9 +101,9 @@ def test_recover_compress_format_in_process(tmp_path, capsys, stories_dir, text)
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     rec = json.loads(cap.out)
-    assert rec["recovery"]["mode"] == "lora" and rec["recovery"]["steps"] == 4
-    assert rec["recovery"]["config"]["lora_r"] == 4 and rec["method"] == "demo"
-    assert rec["export"]["kind"] == "compress" and rec["pruned_from"]["method"] == "demo"
+    assert rec["recovery"]["mode"] == "lora" and rec["recovery_result"]["steps"] == 4
+    assert rec["recovery_result"]["config"]["lora_r"] == 4 and rec["method"] == "demo"
+    assert rec["export"]["kind"] == "compress" and rec["notes"]["pruned_from"]["method"] == "demo"
     plan = json.loads((out / "compress_plan.json").read_text())
     assert plan["plan"] == {"layers": 5} and plan["recovery"]["steps"] == 4
     reloaded = load_model(str(out)).model
@@ -147,8 +147,8 @@ def test_accelerate_configs_are_valid():
 
 def test_rebuild_from_gathered_weights_keeps_ties():
     """After FSDP, recover() rebuilds a plain model from the gathered full weights: same function, ties kept."""
-    from compress.recover import load_full_state, meta_skeleton
     from compress.testing import tiny_model
+    from compress.train.distributed import load_full_state, meta_skeleton
 
     model = tiny_model("llama-gqa")
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -169,7 +169,7 @@ def test_rebuild_from_gathered_weights_keeps_ties():
 @pytest.mark.parametrize("main_rank", [True, False])
 def test_export_on_main_process_releases_the_barrier_when_it_fails(monkeypatch, main_rank):
     """Rank 0's export raising must still reach the barrier (the other ranks would hang forever)."""
-    import compress.recover as recover
+    import compress.train.distributed as recover
 
     calls: list[str] = []
     monkeypatch.setattr(recover, "is_main_process", lambda: main_rank)

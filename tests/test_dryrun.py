@@ -23,12 +23,12 @@ HEAD_PRUNERS = {"transact", "llm_pruner", "random", "magnitude"}
 def no_weights(monkeypatch):
     import transformers
 
-    import compress.loading
+    import compress.io.loading
 
     def refuse(*a, **k):
         raise AssertionError("--dry-run must not load weights")
 
-    monkeypatch.setattr(compress.loading, "load_model", refuse)
+    monkeypatch.setattr(compress.io.loading, "load_model", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.run import RunSpec, run
+from compress.pipeline.run import RunSpec, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,10 +28,10 @@ def test_half_precision_prune_export_reload(tmp_path, stories_dir, fp32_records,
     out = tmp_path / "out"
     rec = run(RunSpec(method=method, target="60%", model=str(stories_dir), calib="tinystories",
                       settings=SETTINGS[method], dtype=dtype, out=str(out), progress=False), log=lambda _: None)
-    model = rec["_model"]
+    model, rec = rec.model, rec.record
     dt = getattr(torch, dtype)
     assert {p.dtype for p in model.parameters()} == {dt}
-    ref = fp32_records[method]
+    ref = fp32_records[method].record
     # same structure as the fp32 run; the footprint is measured at the run's dtype
     assert rec["achieved"]["params"] == ref["achieved"]["params"] <= 0.6 * rec["dense"]["params"]
     assert rec["dense"]["dtype"] == rec["achieved"]["dtype"] == dtype
@@ -47,15 +47,15 @@ def test_half_precision_prune_export_reload(tmp_path, stories_dir, fp32_records,
     # and it still models text about as well as the fp32 pruned model
     with torch.no_grad():
         loss = reloaded(ids, labels=ids).loss.float()
-        ref_loss = ref["_model"](ids, labels=ids).loss
+        ref_loss = fp32_records[method].model(ids, labels=ids).loss
     assert abs(loss - ref_loss) < 0.1 * ref_loss
 
 
 def test_device_map_auto_loads_and_prunes(tmp_path, stories_dir):
     """``device_map="auto"`` (accelerate's placement; all on CPU here) gives a model every method can prune."""
-    from compress.calibration import CalibrationSource
-    from compress.export import export_model
-    from compress.loading import load_model
+    from compress.calib.sources import CalibrationSource
+    from compress.io.export import export_model
+    from compress.io.loading import load_model
     from compress.plugins import get_registry
     from compress.pruner import PruneContext
     from compress.target import Target

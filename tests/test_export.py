@@ -16,10 +16,11 @@ import torch
 from conftest import kill_9_at_random
 from transformers import AutoModelForCausalLM
 
-from compress.arch import ArchAdapter
 from compress.errors import UsageError
-from compress.export import PLAN_FILE, RECORD_FILE, export_model, stock_expressible, weights_sha256
-from compress.graph import LayerPlan, Plan, apply_plan
+from compress.io.export import PLAN_FILE, RECORD_FILE, export_model, stock_expressible, weights_sha256
+from compress.model.adapter import ArchAdapter
+from compress.model.plan import LayerPlan, Plan
+from compress.model.surgery import apply_plan
 from compress.modeling import LowRankLinear
 from compress.testing import tiny_model, tiny_tokenizer
 
@@ -246,8 +247,9 @@ def test_failure_mid_export_leaves_nothing(tmp_path, tok, monkeypatch, fmt):
 _EXPORT_LOOP = textwrap.dedent('''
     import sys, itertools
     from pathlib import Path
-    from compress.export import export_model
-    from compress.graph import LayerPlan, Plan, apply_plan
+    from compress.io.export import export_model
+    from compress.model.plan import LayerPlan, Plan
+    from compress.model.surgery import apply_plan
     from compress.testing import tiny_model, tiny_tokenizer
     out = Path(sys.argv[1])
     tok = tiny_tokenizer()

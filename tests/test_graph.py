@@ -10,20 +10,16 @@ import math
 import pytest
 import torch
 
-from compress.arch import ArchAdapter, LayerGeometry
 from compress.errors import TargetError, UsageError
-from compress.graph import (
-    LayerPlan,
-    Plan,
-    apply_plan,
-    resolve_attention,
-    structure_group,
-    torch_pruning_coupling,
-)
-from compress.measure import footprint
-from compress.sizing import shape_plan, solve_uniform
+from compress.model.adapter import ArchAdapter, LayerGeometry
+from compress.model.coupling import torch_pruning_coupling
+from compress.model.footprint import footprint
+from compress.model.plan import LayerPlan, Plan, resolve_attention
+from compress.model.sizing import shape_plan, solve_uniform
+from compress.model.structures import structure_group
+from compress.model.surgery import apply_plan
 from compress.target import Target
-from compress.testing import TINY_KINDS, tiny_model
+from compress.testing import TINY_KINDS, check_adapter, tiny_model
 
 ATOL = 1e-5
 
@@ -391,10 +387,25 @@ def test_torch_pruning_coupling_matches_structure_groups(kind):
     if arch.tied_embeddings:  # torch-pruning reports the tied lm_head separately
         tp_hidden.discard(("lm_head", "in"))
     assert tp_hidden == _module_dirs(structure_group(arch, "hidden"))
+    check_adapter(model)  # the same check over every layer, as a family author runs it
     # tracing restored RoPE and the cache flag
     assert model.config.use_cache in (True, None)
     ids = _ids()
     assert torch.equal(_logits(model, ids), _logits(tiny_model(kind), ids))
+
+
+class _ForgetsUpProj(ArchAdapter):
+    """An adapter that declares the MLP without its up projection: a real coupling bug."""
+
+    mlp_names = ("gate_proj", "down_proj", "down_proj")
+
+
+def test_check_adapter_coupling_finds_a_missing_coupled_tensor():
+    from compress.model.coupling import check_adapter_coupling
+
+    model = tiny_model("llama-mha")
+    problems = check_adapter_coupling(model, _ForgetsUpProj(model))
+    assert len(problems) == 4 and problems[0].startswith("layer 0 MLP channel") and "up_proj" in problems[0]
 
 
 # ------------------------------------------------------------------------------ sizing
@@ -452,7 +463,7 @@ def _llama2_7b_meta():
 
     from transformers import AutoModelForCausalLM
 
-    from compress.loading import load_config
+    from compress.io.loading import load_config
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "llama-2-7b.json"))
     with torch.device("meta"):

@@ -11,17 +11,20 @@ import torch
 from compress_baselines.llm_pruner import LLMPruner
 from compress_baselines.lorap import LorapPruner
 from compress_baselines.slicegpt import SliceGPTPruner
-from compress_transact.plugin import TransActPruner
-from conftest import needs_assets
+from compress_transact.transact import TransActPruner
 from torch import nn
 
 from compress import ArchAdapter, Target, footprint
-from compress.calibration import CalibrationSource, record, run_calibration
+from compress.calib.gradients import loss_gradients
+from compress.calib.layerwise import LayerwiseRunner, resolve_layerwise
+from compress.calib.runner import run_calibration
+from compress.calib.sources import CalibrationSource
+from compress.calib.stats import record
 from compress.cli import main
-from compress.layerwise import LayerwiseRunner, loss_gradients, resolve_layerwise
-from compress.measure import model_bytes
+from compress.model.footprint import model_bytes
 from compress.pruner import PruneContext
 from compress.testing import TINY_KINDS, tiny_config, tiny_model, tiny_tokenizer
+from conftest import needs_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +73,7 @@ def _ctx(model: nn.Module, calib, *, layerwise: bool, offload_dir: Path | None =
 @pytest.fixture()
 def caches(monkeypatch) -> list:
     """Where every activation cache of the engine lives (a Path for files), in creation order."""
-    import compress.layerwise as lw
+    import compress.calib.layerwise as lw
 
     made: list = []
     orig = lw.LayerwiseRunner.new_cache
@@ -277,7 +280,7 @@ def test_bf16_statistics_are_fp32_and_methods_run_layerwise(calib):
 
 # ============================================================================ run / CLI
 def test_auto_threshold(monkeypatch):
-    import compress.layerwise as lw
+    import compress.calib.layerwise as lw
 
     model = tiny_model("llama-mha")
     assert resolve_layerwise(None, model) is False

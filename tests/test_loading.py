@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.errors import UsageError
-from compress.loading import SMOLLM2_GGUF, default_model, load_config, load_model, parse_dtype
+from compress.io.loading import SMOLLM2_GGUF, default_model, load_config, load_model, parse_dtype
 
 
 def test_load_stories260k(stories_dir):

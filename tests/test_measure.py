@@ -1,4 +1,4 @@
-"""Tests for compress.measure: params, FLOPs/token, KV bytes/token, footprint, latency, memory."""
+"""Tests for compress.model.footprint and compress.probes: params, FLOPs/token, KV bytes/token, footprint, latency, memory."""
 
 from __future__ import annotations
 
@@ -10,22 +10,19 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from compress.arch import ArchAdapter
-from compress.measure import (
+from compress.model.adapter import ArchAdapter
+from compress.model.footprint import (
     FlopCounted,
     Footprint,
     count_params,
     flops_per_token,
     footprint,
     kv_bytes_per_token,
-    latency,
     linear_flops_per_token,
     model_bytes,
     param_breakdown,
-    peak_rss_bytes,
-    track_live_tensors,
-    track_peak_rss,
 )
+from compress.probes import latency, peak_rss_bytes, track_live_tensors, track_peak_rss
 from compress.testing import TINY_KINDS, tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------- helpers
@@ -391,7 +388,8 @@ def test_layerwise_calibration_holds_the_cache_plus_one_layer():
     each layer's outputs or keyword arguments), and nothing but the statistics may outlive the pass."""
     from transformers import AutoModelForCausalLM
 
-    from compress.calibration import record, run_calibration
+    from compress.calib.runner import run_calibration
+    from compress.calib.stats import record
 
     n, t = 8, 32
     ids = torch.randint(3, 512, (n, t), generator=torch.Generator().manual_seed(0))

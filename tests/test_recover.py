@@ -7,10 +7,16 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from compress.calibration import CalibrationSource
+from compress.calib.sources import CalibrationSource
 from compress.errors import UsageError
-from compress.recover import DEFAULT_LORA_TARGETS, Recovery, RecoveryConfig, recover, resolve_lora_targets
 from compress.testing import assets_dir, tiny_model, tiny_tokenizer
+from compress.train.recovery import (
+    DEFAULT_LORA_TARGETS,
+    Recovery,
+    RecoveryConfig,
+    recover,
+    resolve_lora_targets,
+)
 
 needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
 
@@ -95,7 +101,7 @@ def test_full_recovery_lowers_loss(source):
 def test_full_recovery_keeps_slicegpt_shortcuts_frozen(source, train_shortcuts):
     """SliceGPT's residual rotations stay as they are unless asked (see shortcut_parameters)."""
     from compress import make_shortcut_layer
-    from compress.recover import shortcut_parameters
+    from compress.train.recovery import shortcut_parameters
 
     model = tiny_model("llama-gqa")
     h = model.config.hidden_size
@@ -210,13 +216,14 @@ def test_run_records_the_recovery(tmp_path):
     """`compress run --recover-tokens`: the run record says what was trained, and the output reloads."""
     from transformers import AutoModelForCausalLM
 
-    from compress.run import RunSpec, run
+    from compress.pipeline.run import RunSpec, run
 
     spec = RunSpec(method="magnitude", target="80%", model=str(assets_dir() / "models" / "stories260k"),
                    calib="tinystories", recover_tokens=512, recover_settings={"seq_len": 64, "batch_size": 4},
                    out=str(tmp_path / "out"), progress=False)
-    rec = run(spec, log=lambda m: None)
-    r = rec["recovery"]
+    rec = run(spec, log=lambda m: None).record
+    assert rec["recovery"] == {"tokens": 512, "mode": "full", "settings": {"seq_len": 64, "batch_size": 4}}
+    r = rec["recovery_result"]
     assert r["tokens"] == 512 and r["steps"] == 2 and r["trained_params"] == rec["achieved"]["params"]
     assert r["final_loss"] is not None and r["final_loss"] > 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -1,4 +1,4 @@
-"""Reliability (issue #10): bad input, interruptions, broken plugins, safe loading, plan properties.
+"""Reliability: bad input, interruptions, broken plugins, safe loading, plan properties.
 
 * ``BAD_INPUT``: every refusal is one line ``error: ...`` naming the problem and the fix, exit code 2,
   and leaves the working folder exactly as it was.
@@ -28,20 +28,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_9_at_random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.checkpoint import CHECKPOINT_FILE, KILL_ENV, read_checkpoint, save_checkpoint
 from compress.cli import main
 from compress.errors import PluginError, UsageError
-from compress.export import PLAN_FILE, export_model, weights_sha256
-from compress.graph import LayerPlan, Plan, apply_plan
-from compress.loading import compress_format, load_model
-from compress.measure import footprint
-from compress.run import state_dir_for
-from compress.sizing import unit_costs
+from compress.io.checkpoint import CHECKPOINT_FILE, KILL_ENV, read_checkpoint, save_checkpoint
+from compress.io.export import PLAN_FILE, export_model, weights_sha256
+from compress.io.loading import compress_format, load_model
+from compress.model.footprint import footprint
+from compress.model.plan import LayerPlan, Plan
+from compress.model.sizing import unit_costs
+from compress.model.surgery import apply_plan
+from compress.pipeline.run import state_dir_for
 from compress.testing import tiny_model, tiny_tokenizer
+from conftest import kill_9_at_random
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -307,7 +308,7 @@ def _transact_argv(stories_dir: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def count_scoring(monkeypatch):
     """Counts TransAct scoring passes (one per shot that runs)."""
-    from compress_transact.plugin import TransActPruner
+    from compress_transact.transact import TransActPruner
 
     calls = []
     real = TransActPruner.collect
@@ -354,7 +355,7 @@ def test_transact_killed_after_shot_1_resumes_byte_identical(tmp_path, capsys, s
 def test_ctrl_c_after_shot_then_overwrite_or_resume(tmp_path, capsys, stories_dir, monkeypatch, count_scoring):
     """An in-process interruption (KeyboardInterrupt in shot 2) leaves the shot-1 checkpoint; --overwrite
     discards it and starts over, other settings with --resume are refused."""
-    from compress_transact.plugin import TransActPruner
+    from compress_transact.transact import TransActPruner
 
     out = tmp_path / "out"
     real = TransActPruner.collect
@@ -380,7 +381,7 @@ def test_ctrl_c_after_shot_then_overwrite_or_resume(tmp_path, capsys, stories_di
 
 _CHECKPOINT_LOOP = textwrap.dedent('''
     import sys, itertools, torch
-    from compress.checkpoint import save_checkpoint
+    from compress.io.checkpoint import save_checkpoint
     from compress.testing import tiny_model
     model = tiny_model("llama-gqa")
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -483,7 +484,7 @@ def test_plugin_raising_in_check_and_plan_shapes_is_reported(capsys, stories_dir
 
 
 def test_strict_plugins_reraises_the_original_error(capsys, stories_dir, boom, monkeypatch):
-    from compress.run import RunSpec, run
+    from compress.pipeline.run import RunSpec, run
 
     method, _ = boom
     monkeypatch.setenv("COMPRESS_STRICT_PLUGINS", "1")
@@ -505,7 +506,7 @@ _SEQ = 256
 def _plans(draw, kind: str) -> Plan:
     """Any valid plan: per layer, a non-empty subset of KV groups, the same number (>= 1) of query heads in
     every kept group, and a non-empty subset of MLP channels; each part may also be left unchanged."""
-    from compress.arch import ArchAdapter
+    from compress.model.adapter import ArchAdapter
 
     arch = ArchAdapter(_MODELS[kind])
     plan = Plan()
@@ -526,8 +527,8 @@ def _plans(draw, kind: str) -> Plan:
 
 
 def _predicted(model, plan: Plan) -> dict[str, float]:
-    """Dense footprint minus the exact per-structure costs from compress.sizing.unit_costs."""
-    from compress.arch import ArchAdapter
+    """Dense footprint minus the exact per-structure costs from compress.model.sizing.unit_costs."""
+    from compress.model.adapter import ArchAdapter
 
     arch = ArchAdapter(model)
     dense = footprint(model, seq_len=_SEQ, arch=arch)

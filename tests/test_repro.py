@@ -16,9 +16,9 @@ import yaml
 from compress.bench import load_suite, read_records
 from compress.cli import main
 from compress.errors import UsageError
-from compress.export import PLAN_FILE, weights_sha256
+from compress.io.export import PLAN_FILE, weights_sha256
+from compress.io.recipe import RECIPE_FILE, RUN_KEYS, load_recipe
 from compress.plugins import get_registry
-from compress.recipe import RECIPE_FILE, RUN_KEYS, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DIRS = [ROOT / "baselines" / "compress_baselines" / "recipes",
@@ -51,7 +51,7 @@ def _write(path: Path, text: str) -> Path:
 def test_committed_recipes_are_valid(path):
     recipe = load_recipe(path)
     assert recipe.method in _REG.pruners, f"{path.name} names no registered method"
-    recipe.check_settings(recipe.method)  # every key is a setting of that method (or a run key)
+    recipe.check_settings(recipe.method, get_registry())  # every key is a setting of that method (or a run key)
     assert not set(recipe.run) - {"calib"}, "committed recipes leave target/seed/recovery to the run"
 
 
@@ -140,7 +140,7 @@ def tiny_dir(tmp_path_factory):
 def test_prune_and_export_are_deterministic(name, tiny_dir, tmp_path):
     """Same seed and inputs -> byte-identical model.safetensors and identical compress_plan.json and
     resolved recipe, through the real ``compress run`` path; the record carries the three hashes."""
-    from compress.run import RunSpec, run
+    from compress.pipeline.run import RunSpec, run
 
     cls = _REG.pruners[name]
     settings = {"calib_samples": 4, "calib_seq_len": 64}
@@ -148,7 +148,7 @@ def test_prune_and_export_are_deterministic(name, tiny_dir, tmp_path):
     for i in (1, 2):
         spec = RunSpec(method=name, target="60%", model=str(tiny_dir), out=str(tmp_path / f"o{i}"), seed=7,
                        calib="tinystories", settings=settings, progress=False)
-        recs.append(run(spec, log=lambda m: None))
+        recs.append(run(spec, log=lambda m: None).record)
     a, b = tmp_path / "o1", tmp_path / "o2"
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / PLAN_FILE).read_text() == (b / PLAN_FILE).read_text()
@@ -257,7 +257,7 @@ def test_bench_verify_reproduces_a_cell_and_reports_a_mismatch(suite_dir, tmp_pa
     assert rc == 0, err
     (rec,) = read_records(first / "records.jsonl")
     assert rec["status"] == "ok" and rec["recipe"]["method"] == "magnitude" and rec["recipe"]["gqa"] == "heads"
-    from compress.run import STACK
+    from compress.pipeline.record import STACK
 
     assert {d.replace("-", "_") for d in STACK} <= set(rec["versions"])
     # 1. a fresh run of the same cell is identical
@@ -351,7 +351,7 @@ def test_report_reads_one_records_folder_per_tox_env(tmp_path, capsys):
 
 
 def test_constraints_pin_the_stack_that_records_carry():
-    from compress.run import STACK, versions
+    from compress.pipeline.record import STACK, versions
 
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():

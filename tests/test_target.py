@@ -1,4 +1,4 @@
-"""Target syntax: what remains after pruning (DESIGN.md "Targets")."""
+"""Target syntax: what remains after pruning."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ and ``MetaPruner``:
   ``.grad`` left on the model, no optimizer state) and each layer's gradients are freed once it is
   scored. ``calib_batch_size`` splits the batch into micro-batches whose losses are weighted by their
   share of the sequences, which gives the same gradient as the single official batch. With
-  ``--layerwise`` (:func:`compress.layerwise.loss_gradients`) the whole model's autograd graph is never
+  ``--layerwise`` (``ctx.gradients``) the whole model's autograd graph is never
   built: a forward layer by layer keeps each layer's inputs on CPU, the loss comes from the final norm +
   lm_head, and each layer is recomputed and back-propagated in reverse with the upstream gradient
   (equal to the whole-model gradients up to float rounding, tested).
@@ -50,7 +50,7 @@ and ``MetaPruner``:
 * **Sizing.** ``pruning_ratio`` (optional) is the official knob: in every pruned layer
   ``n_pruned = C − int(C·(1 − r))`` channels with ``C`` = KV channels (``n_kv·head_dim``) or MLP
   channels, rounded down to whole heads. Without it the common Target is solved: local mode uses
-  :func:`compress.sizing.solve_uniform` over the pruned range (same ratio for attention and MLP, the
+  :func:`compress.model.sizing.solve_uniform` over the pruned range (same ratio for attention and MLP, the
   MLP takes what the head granularity leaves); when the attention and MLP ranges differ, the smallest
   official ``pruning_ratio`` that meets the target is found by bisection. When ``pruning_ratio`` is
   given it takes precedence and the target is only an upper bound (checked before any work in local
@@ -88,7 +88,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -107,14 +107,14 @@ from compress import (
     Target,
     TargetError,
     Unsupported,
+    adapter_for,
     apply_plan,
     footprint,
     hookimpl,
     solve_uniform,
     structure_group,
+    unit_costs,
 )
-from compress.layerwise import context_options, loss_gradients
-from compress.sizing import unit_costs
 
 Importance = Literal["element1", "element2", "vector", "param_mix", "l1", "l2"]
 Grouping = Literal["sum", "mean", "max", "prod", "first"]
@@ -271,9 +271,13 @@ def group_scores(
     return red.sum(-1)
 
 
-#: The gradients of the next-token loss (whole-model, or layer by layer with ``layerwise=True``) come
-#: from the core: :func:`compress.layerwise.loss_gradients`.
-taylor_gradients = loss_gradients
+def taylor_gradients(model: nn.Module, params: list[nn.Parameter], tokens: torch.Tensor, *,
+                     ctx: PruneContext | None = None, **kwargs: Any):
+    """Gradients of the next-token loss (and per-sample Fisher) for the Taylor importances, from the
+    run's gradient service (``ctx.gradients``: whole-model, or layer by layer with ``--layerwise``);
+    without ``ctx``, a whole-model pass where the model is."""
+    ctx = ctx if ctx is not None else PruneContext(arch=adapter_for(model))
+    return ctx.gradients(model, params, tokens, **kwargs)
 
 
 # ====================================================================== the method
@@ -313,7 +317,7 @@ class LLMPruner(Pruner):
 
     def check(self, model: nn.Module, target: Target) -> None:
         super().check(model, target)
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         attn, mlp = self.layer_ranges(arch.num_layers)
         if target.metric == "kv" and not attn:
             raise Unsupported("a kv: target needs attention pruning; set a non-empty block_attention_layer range")
@@ -352,8 +356,7 @@ class LLMPruner(Pruner):
     def _sizes(self, arch: ArchAdapter, target: Target, attn: list[int], mlp: list[int]) -> _Sizes:
         """Local-mode kept units per layer (also the shapes shown by --dry-run in global mode)."""
         dense_fp = footprint(arch.model, arch=arch)
-        dense = {"params": dense_fp.params, "flops": dense_fp.flops_per_token,
-                 "kv": dense_fp.kv_bytes_per_token}[target.metric]
+        dense = dense_fp.of(target.metric)
         goal = target.goal(dense)
         target.check_reachable(dense)
         r = self.config.pruning_ratio
@@ -390,7 +393,7 @@ class LLMPruner(Pruner):
 
     # ------------------------------------------------------------------ dry run
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         attn, mlp = self.layer_ranges(arch.num_layers)
         sizes = self._sizes(arch, target, attn, mlp)
         plan = _plan_from_ranks(arch, sizes, None, None)
@@ -404,7 +407,7 @@ class LLMPruner(Pruner):
         cfg = self.config
         if cfg.importance not in TAYLOR:
             return {}
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         attn, mlp = self.layer_ranges(arch.num_layers)
         scored: dict[int, int] = {}
         for i in attn:
@@ -453,13 +456,13 @@ class LLMPruner(Pruner):
         if cfg.importance in TAYLOR:
             if ctx.calibration is None:
                 raise Unsupported("LLM-Pruner's Taylor importance needs calibration text; pass --calib")
-            tokens = ctx.calibration.batches(cfg.calib_samples, cfg.calib_seq_len)
+            tokens = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)
             params = _unique(m.param for g in groups.values() for m in scored_members(g))
             t0 = time.perf_counter()
             grads, fisher = taylor_gradients(
                 model, params, tokens, first_order=cfg.importance in _NEEDS_FIRST,
                 fisher=cfg.importance in _NEEDS_FISHER, batch_size=cfg.calib_batch_size,
-                layerwise=ctx.layerwise, arch=arch, **context_options(ctx))
+                ctx=ctx)
             timing["gradients"] = time.perf_counter() - t0
             notes["calibration"] = {"samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len,
                                     "backward_passes": (math.ceil(cfg.calib_samples / cfg.calib_batch_size)
@@ -496,8 +499,7 @@ class LLMPruner(Pruner):
         otherwise units go in that order until the target is met.
         """
         dense_fp = footprint(arch.model, arch=arch)
-        dense = {"params": dense_fp.params, "flops": dense_fp.flops_per_token,
-                 "kv": dense_fp.kv_bytes_per_token}[target.metric]
+        dense = dense_fp.of(target.metric)
         goal = target.goal(dense)
         total = sum(int(s.numel()) for s in scores.values())
         cands: list[tuple[float, int, int, float]] = []  # (score, key index, unit, cost of removing it)

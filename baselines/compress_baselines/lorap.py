@@ -30,7 +30,7 @@ sub-layer is compressed in its own way:
   of the already-compressed previous layers; within a layer, one pass collects the statistics of all
   seven linears (so the MLP statistics see the dense attention of that layer, as in the official
   loop), the layer is compressed, and a second pass produces the next layer's inputs. The loop is
-  the core's layer-wise engine (:class:`compress.layerwise.LayerwiseRunner`), which gives every layer
+  the run's layer-wise engine (``ctx.layers``, a :class:`compress.LayerwiseRunner`), which gives every layer
   its own attention mask (sliding-window layers included) and, with ``--layerwise``, keeps only the
   current layer on the compute device and the signals in CPU RAM or on disk.
   Calibration: 128 sequences × 128 tokens (the official ``--nsamples`` / ``--calibration_seqlen``).
@@ -82,7 +82,7 @@ Deviations from the official code
 * Recovery: the official recipe tunes LoRA on the dense ``L@R`` weights and re-factorises at rank
   k+8 afterwards (``After_tune.py``), so its final model is larger than s implies. Here
   ``--recover-mode lora`` puts LoRA on the factors themselves (``q_proj`` resolves to
-  ``q_proj.A`` and ``q_proj.B`` in :func:`compress.recover.resolve_lora_targets`) and merges it
+  ``q_proj.A`` and ``q_proj.B`` in :func:`compress.train.recovery.resolve_lora_targets`) and merges it
   into them, so the size after recovery is exactly the pruned size.
 * ``kv:`` targets are refused: heads and head_dim are kept, and the KV cache stores the full k/v
   outputs, so a low-rank k/v projection does not shrink it.
@@ -112,12 +112,12 @@ from compress import (
     TargetError,
     Unsupported,
     UsageError,
+    adapter_for,
     apply_plan,
     footprint,
     hookimpl,
+    record,
 )
-from compress.calibration import record
-from compress.layerwise import LayerwiseRunner, context_options
 
 Decomposition = Literal["awsvd", "svd", "afm"]
 Sublayer = Literal["self_attn", "mlp"]
@@ -346,7 +346,7 @@ class _Sizer:
         self.shapes = _layer_shapes(arch)
         self.hidden = int(arch.embed_tokens.weight.shape[1])
         fp = footprint(arch.model, seq_len=seq_len, arch=arch)
-        self.dense = float(fp.params if self.metric == "params" else fp.flops_per_token)
+        self.dense = float(fp.of(self.metric))
         target.check_reachable(self.dense)
         self.goal = float(target.goal(self.dense))
         self.target = target
@@ -457,14 +457,14 @@ class LorapPruner(Pruner):
         if target.metric == "kv":
             raise Unsupported(_KV_REFUSAL)
         super().check(model, target)
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         for i in range(arch.num_layers):
             if any(isinstance(m, LowRankLinear) for m in arch.attn_linears(i).values()):
                 raise Unsupported(f"layer {i} already has low-rank attention projections; run lorap on the dense model")
         _Sizer(arch, self.config, target).solve()  # refuses an unreachable target before any work
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         sizing = _Sizer(arch, self.config, target).solve()
         plan = Plan()
         for i in range(arch.num_layers):
@@ -484,7 +484,7 @@ class LorapPruner(Pruner):
         """Layer-by-layer calibration + the fp32 SVD of the largest attention projection (the scaled
         copy of ``W``, ``U``, ``Vᵀ``) and, for ``afm``, the output second moments of one layer."""
         terms = super().working_memory(model, target, mem)
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         shapes = [(m.out_features, m.in_features) for i in range(arch.num_layers)
                   for m in arch.attn_linears(i).values()]
         if "self_attn" in self.config.sublayers and shapes:
@@ -506,15 +506,14 @@ class LorapPruner(Pruner):
         mlp_on = "mlp" in cfg.sublayers
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
-        batches = ctx.calibration.batches(cfg.calib_samples, cfg.calib_seq_len)
+        batches = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)
         layer_plans: dict[str, dict[str, Any]] = {}
         q, k, v, o = arch.attn_names
         gate, up, down = arch.mlp_names
         std_names = dict(zip(arch.attn_names, ("q_proj", "k_proj", "v_proj", "o_proj"), strict=True))
         # one layer at a time on the compute device; after each step the engine runs the compressed
         # layer over the cached inputs to make the next layer's inputs
-        runner = LayerwiseRunner(model, batches, arch=arch, batch_size=cfg.calib_batch_size,
-                                 description="lorap", **context_options(ctx))
+        runner = ctx.layers(model, batches, batch_size=cfg.calib_batch_size, description="lorap")
         try:
             for step in runner:
                 i = step.index

@@ -23,6 +23,7 @@ from compress import (
     PrunerConfig,
     PruneResult,
     Target,
+    adapter_for,
     apply_plan,
     hookimpl,
     plan_from_scores,
@@ -47,9 +48,7 @@ class _NaiveWidth(Pruner):
                              mlp_round_to=self.config.mlp_round_to)
 
     def plan_shapes(self, model, target: Target) -> dict:
-        from compress import ArchAdapter
-
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         widths = self._widths(model, target, arch)
         apply_plan(model, shape_plan(arch, widths), arch)
         return widths.to_dict()

@@ -14,7 +14,7 @@ Algorithm
    weightless; the model computes exactly the same function (tested).
 2. **Sequential rotate-and-slice** (``rotate_and_slice_sequential``) with calibration inputs
    propagated through the already-sliced layers by the core's layer-wise engine
-   (:class:`compress.layerwise.LayerwiseRunner`; with ``--layerwise`` the layer being sliced is the only
+   (``ctx.layers``, a :class:`compress.LayerwiseRunner`; with ``--layerwise`` the layer being sliced is the only
    one on the compute device and the signals are cached in CPU RAM or on disk). With ``Q`` the eigenvectors (descending eigenvalue)
    of ``H = Σ XᵀX + 0.01·mean(diag H)·I`` (``pca_calc``, float64) and ``U = Q[:, :d']`` the kept
    directions, for every layer::
@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -102,6 +101,7 @@ from compress import (
     ArchAdapter,
     Capabilities,
     LowRankLinear,
+    NumericalError,
     PruneContext,
     Pruner,
     PrunerConfig,
@@ -109,12 +109,13 @@ from compress import (
     Target,
     Unsupported,
     UsageError,
+    adapter_for,
+    count_params,
+    flops_per_token,
     hookimpl,
+    linear_flops_per_token,
     make_shortcut_layer,
 )
-from compress.errors import NumericalError
-from compress.layerwise import LayerwiseRunner, context_options
-from compress.measure import count_params, flops_per_token, linear_flops_per_token
 
 FLOPS_SEQ_LEN = 2048  # the context length of flops targets (compress run's default)
 DAMPING = 0.01  # pca_calc: 1% of the mean diagonal
@@ -498,14 +499,13 @@ def rotate_and_slice(
     generator: torch.Generator | None = None,
     log: Callable[[str], None] | None = None,
     keep_bases: bool = False,
-    device: str | torch.device | None = None,
-    cache: str | os.PathLike = "device",
+    ctx: PruneContext | None = None,
 ) -> dict[str, Any]:
     """Official ``rotate_and_slice_sequential`` on a norm-fused model (:func:`fuse_norms` first).
 
-    Runs through the core's :class:`compress.layerwise.LayerwiseRunner`: layer ``i`` is on ``device``
-    (default: where the model is) while it is rotated and sliced, the calibration signals are cached
-    in ``cache`` (``"device"``, ``"cpu"`` or a folder). Besides the engine's cached inputs, at most two
+    Runs through the run's layer-wise engine (``ctx.layers``; without ``ctx``, everything stays where
+    the model is): with ``--layerwise`` layer ``i`` is on the compute device while it is rotated and
+    sliced, and the calibration signals are cached where the run says (CPU RAM or files). Besides the engine's cached inputs, at most two
     signal sets of one layer are alive (the mid-layer residuals, then the layer outputs).
 
     Returns diagnostics: the kept fraction of each PCA's eigenvalue mass and, with ``keep_bases``,
@@ -529,8 +529,8 @@ def rotate_and_slice(
     record: dict[str, Any] = {"kept_variance": {}}
     bases: dict[str, Any] = {"layers": []}
     u_in = torch.empty(0)
-    with LayerwiseRunner(model, batches, arch=arch, batch_size=batch_size, device=device, cache=cache,
-                         description="slicegpt") as runner:
+    ctx = ctx if ctx is not None else PruneContext(arch=arch)
+    with ctx.layers(model, batches, batch_size=batch_size, description="slicegpt") as runner:
         for step in runner:
             i, layer, dev = step.index, step.layer, step.device
             if i == 0:  # PCA of the embeddings: rotate and slice the embedding and the cached inputs
@@ -666,7 +666,7 @@ class SliceGPTPruner(Pruner):
         if target.metric == "kv":
             raise Unsupported(_KV_REFUSAL)
         super().check(model, target)
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         hidden = int(arch.embed_tokens.weight.shape[1])
         for i in range(arch.num_layers):
             layer = arch.layers[i]
@@ -688,7 +688,7 @@ class SliceGPTPruner(Pruner):
         solve_dims(model, arch, target, self.config)  # refuses an unreachable target before any work
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
-        arch = ArchAdapter(model)
+        arch = adapter_for(model)
         sizing = solve_dims(model, arch, target, self.config)
         apply_shapes(model, arch, sizing.dims)
         return sizing.summary()
@@ -700,7 +700,7 @@ class SliceGPTPruner(Pruner):
         weight (the embedding or an MLP projection, before and after)."""
         cfg = self.config
         terms = super().working_memory(model, target, mem)
-        d = solve_dims(model, ArchAdapter(model), target, cfg).dims.embedding
+        d = solve_dims(model, adapter_for(model), target, cfg).dims.embedding
         T, B = mem.seq_len(cfg.calib_seq_len), min(cfg.calib_batch_size, cfg.calib_samples)
         H = mem.H
         if mem.tied:
@@ -722,13 +722,13 @@ class SliceGPTPruner(Pruner):
         model.eval()
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
-        batches = ctx.calibration.batches(cfg.calib_samples, cfg.calib_seq_len)
+        batches = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         try:
             fuse_norms(model, arch, center_embeddings=cfg.center_embeddings)
             record = rotate_and_slice(model, arch, batches, dims, batch_size=cfg.calib_batch_size,
                                       orientation=cfg.final_orientation, generator=gen,
-                                      log=ctx.log if ctx.progress else None, **context_options(ctx))
+                                      log=ctx.log if ctx.progress else None, ctx=ctx)
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache

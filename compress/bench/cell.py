@@ -2,7 +2,7 @@
 
     python -m compress.bench.cell '<cell json>' --record result.json
 
-Pruning goes through :func:`compress.run.run` (the ``compress run`` pipeline, without export); the
+Pruning goes through :func:`compress.pipeline.run.run` (the ``compress run`` pipeline, without export); the
 dense row loads the model and prunes nothing. Then perplexity, lm-eval and latency are measured on
 the in-memory model. Whatever happens, a record is written to ``--record`` (``status`` ``ok`` or
 ``failed`` with a one-line ``error`` and the ``stage`` that failed); the traceback goes to stderr.
@@ -23,22 +23,16 @@ from typing import Any
 from compress.bench.record import fail, jsonable, new_record, now, plugin_of
 from compress.bench.suite import DENSE, Cell
 
-_FOOTPRINT_KEYS = ("params", "flops_per_token", "kv_bytes_per_token", "dtype", "seq_len")
-
 
 def _log(msg: str) -> None:
     print(f"[cell] {msg}", file=sys.stderr, flush=True)
 
 
-def _fp(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: d.get(k) for k in _FOOTPRINT_KEYS}
-
-
 def load_tokenizer(source: str) -> Any:
-    """The tokenizer ``compress.loading.load_model`` would return for ``source``."""
+    """The tokenizer ``compress.io.loading.load_model`` would return for ``source``."""
     from transformers import AutoTokenizer
 
-    from compress.loading import _gguf_in, _load_tokenizer
+    from compress.io.loading import _gguf_in, _load_tokenizer
 
     path = Path(source).expanduser()
     gguf = _gguf_in(path) if path.exists() else None
@@ -64,8 +58,9 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     """Run ``cell`` in this process and return its record (never raises for a cell failure)."""
     import torch
 
-    from compress.measure import footprint, latency, track_peak_rss
-    from compress.run import versions
+    from compress.model.footprint import footprint
+    from compress.pipeline.record import versions
+    from compress.probes import latency, track_peak_rss
 
     t_cell = time.perf_counter()
     record = new_record(cell)
@@ -78,7 +73,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         record["plugin"] = plugin_of(cell.method)
         path = cell.model["path"]
         if cell.method == DENSE:
-            from compress.loading import load_model
+            from compress.io.loading import load_model
             from compress.plugins import get_registry
 
             stage = "load"
@@ -88,17 +83,19 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                 loaded = load_model(path, dtype=cell.model.get("dtype"))
             model, tok = loaded.model, loaded.tokenizer
             fp = footprint(model, seq_len=2048, arch=get_registry().adapter_for(model)).to_dict()
+            record["model"] = {**record["model"], "source": loaded.source}
             record["timing_s"]["load"] = round(time.perf_counter() - t0, 3)
             record["peak_rss"]["load"] = rss.peak_bytes
             record["config"] = {}
-            record["dense"] = record["achieved"] = _fp(fp)
+            record["dense"] = record["achieved"] = fp
             record["ratios"] = {"params": 1.0, "flops": 1.0, "kv": 1.0}
         else:
-            from compress.run import RunSpec, clean_record, run
+            from compress.pipeline.record import RUN_RECORD_KEYS
+            from compress.pipeline.run import RunSpec, run
 
             stage = "prune"
             rec = cell.recovery
-            spec = RunSpec(
+            spec = RunSpec(  # parses the cell's target
                 method=cell.method, target=cell.target, model=path, seed=cell.seed, calib=cell.calib,
                 settings=dict(cell.settings), dtype=cell.model.get("dtype"),
                 recover_tokens=int(rec.get("tokens") or 0), recover_mode=rec.get("mode", "full"),
@@ -106,25 +103,16 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             )
             _log(f"pruning {path} with {cell.method} to {cell.target}")
             t0 = time.perf_counter()
-            raw = run(spec, log=_log)
+            result = run(spec, log=_log)
             wall = time.perf_counter() - t0
-            model = raw.pop("_model")
-            out = clean_record(raw)
-            record.update({
-                "plugin": out.get("plugin") or record["plugin"],
-                "config": out.get("config"),
-                "goal": out.get("goal"),
-                "recovery_result": out.get("recovery"),
-                "calibration": out.get("calibration"),
-                "calibration_hash": out.get("calibration_hash"),
-                "plan_hash": out.get("plan_hash"),
-                "recipe": out.get("recipe"),
-                "dense": _fp(out["dense"]),
-                "achieved": _fp(out["achieved"]),
-                "ratios": out.get("ratios"),
-                "notes": out.get("notes"),
-                "prune_wall_s": out["timing_s"]["prune"],
-            })
+            model, out = result.model, result.record
+            # the run record's keys mean the same in a bench record: copied as they are, except the
+            # cell's own view of what it asked (model entry, settings as given, recovery asked)
+            asked = {k: record[k] for k in ("model", "settings", "recovery", "calib", "target")}
+            record.update({k: out[k] for k in RUN_RECORD_KEYS if k not in ("timing_s", "peak_rss")})
+            record.update(asked)
+            record["model"] = {**asked["model"], "source": out["model"]["source"]}
+            record["prune_wall_s"] = out["timing_s"]["prune"]
             record["timing_s"].update(out["timing_s"])
             record["timing_s"]["run"] = round(wall, 3)
             record["peak_rss"]["prune"] = out.get("peak_rss_bytes")
@@ -136,7 +124,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         t0 = time.perf_counter()
         with track_peak_rss() as rss:
             if ev.get("ppl"):
-                from compress.evaluate import perplexity, ppl_text
+                from compress.evaluate.perplexity import perplexity, ppl_text
 
                 for source, lengths in ev["ppl"].items():
                     text = ppl_text(source)
@@ -149,7 +137,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                             batch_size=_ppl_batch(int(n), ev.get("ppl_batch_size")), progress=False,
                         )
             if ev.get("tasks"):
-                from compress.evaluate import lm_eval_tasks
+                from compress.evaluate.harness import lm_eval_tasks
 
                 _log(f"lm-eval {', '.join(ev['tasks'])} (limit {ev.get('limit')})")
                 res = lm_eval_tasks(model, tok, ev["tasks"], limit=ev.get("limit"),

@@ -8,28 +8,24 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from compress.bench.suite import DENSE, Cell
+from compress.pipeline.record import RUN_RECORD_KEYS, SCHEMA, empty_run_record, jsonable
 
-__all__ = ["RECORD_KEYS", "SCHEMA", "append_record", "fail", "new_record", "now", "read_records"]
+__all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "new_record", "now", "read_records"]
 
-SCHEMA = "compress.bench/1"
+#: Keys a bench record has besides the run record's (:data:`compress.pipeline.record.RUN_RECORD_KEYS`,
+#: same names and meanings: a cell's run record is copied in as it is).
+BENCH_KEYS: tuple[str, ...] = (
+    "cell_id", "suite", "status", "error", "error_type", "stage", "label",
+    "eval", "ppl", "tasks", "accuracy_avg", "latency", "prune_wall_s", "threads", "started_at", "finished_at",
+)
 
 #: Keys present in every record.
-RECORD_KEYS: tuple[str, ...] = (
-    "schema", "cell_id", "suite", "status", "error", "error_type", "stage",
-    "model", "method", "label", "plugin", "settings", "config",
-    "target", "goal", "recovery", "recovery_result", "seed",
-    "calib", "calibration", "calibration_hash", "plan_hash", "recipe",
-    "dense", "achieved", "ratios", "notes",
-    "eval", "ppl", "tasks", "accuracy_avg", "latency",
-    "prune_wall_s", "timing_s", "peak_rss_bytes", "peak_rss",
-    "threads", "versions", "started_at", "finished_at",
-)
+RECORD_KEYS: tuple[str, ...] = (*RUN_RECORD_KEYS, *BENCH_KEYS)
 
 
 def now() -> str:
@@ -43,17 +39,17 @@ def new_record(cell: Cell) -> dict[str, Any]:
     Keys: ``cell_id`` (see :func:`compress.bench.suite.cell_id`); ``model`` {id, path, dtype, hash,
     hash_of}; ``method`` (``dense`` = no pruning), ``label``, ``plugin`` {distribution, version},
     ``settings`` (as given) and ``config`` (resolved by the method); ``recipe`` (the resolved recipe
-    of the run, :func:`compress.recipe.resolved_recipe`; None for dense); ``target`` and ``goal`` (absolute
+    of the run, :func:`compress.io.recipe.resolved_recipe`; None for dense); ``target`` and ``goal`` (absolute
     value to stay under); ``recovery`` {tokens, mode, settings} asked and ``recovery_result`` done;
     ``dense``/``achieved`` {params, flops_per_token, kv_bytes_per_token, dtype, seq_len} and
     ``ratios`` {params, flops, kv} (achieved / dense); ``eval`` (the protocol); ``ppl``
     {source: {context: perplexity result}}; ``tasks`` {task: {acc, acc_norm?, n, metric, score}};
-    ``accuracy_avg`` (mean headline score); ``latency`` (:func:`compress.measure.latency`);
+    ``accuracy_avg`` (mean headline score); ``latency`` (:func:`compress.probes.latency`);
     ``prune_wall_s``; ``timing_s`` {load, prune, eval, latency, cell}; ``peak_rss_bytes`` (the
-    highest of the phases in ``peak_rss``); ``versions`` (:func:`compress.run.versions`).
+    highest of the phases in ``peak_rss``); ``versions`` (:func:`compress.pipeline.run.versions`).
     """
-    return {
-        "schema": SCHEMA,
+    record = empty_run_record()
+    record.update({
         "cell_id": cell.id,
         "suite": cell.suite,
         "status": "failed",
@@ -63,37 +59,22 @@ def new_record(cell: Cell) -> dict[str, Any]:
         "model": dict(cell.model),
         "method": cell.method,
         "label": cell.label,
-        "plugin": None,
         "settings": dict(cell.settings),
-        "config": None,
         "target": cell.target,
-        "goal": None,
         "recovery": dict(cell.recovery),
-        "recovery_result": None,
         "seed": cell.seed,
         "calib": cell.calib,
-        "calibration": None,
-        "calibration_hash": None,
-        "plan_hash": None,
-        "recipe": None,
-        "dense": None,
-        "achieved": None,
-        "ratios": None,
-        "notes": None,
         "eval": dict(cell.eval),
         "ppl": {},
         "tasks": {},
         "accuracy_avg": None,
         "latency": None,
         "prune_wall_s": None,
-        "timing_s": {},
-        "peak_rss_bytes": None,
-        "peak_rss": {},
         "threads": cell.threads,
-        "versions": None,
         "started_at": now(),
         "finished_at": None,
-    }
+    })
+    return record
 
 
 def fail(record: dict[str, Any], stage: str, error: BaseException | str) -> dict[str, Any]:
@@ -125,21 +106,6 @@ def plugin_of(method: str) -> dict[str, Any] | None:
     name = reg.aliases.get(method, method)
     info = reg.origin.get(name)
     return {"distribution": info.distribution, "version": info.version} if info else None
-
-
-def jsonable(obj: Any) -> Any:
-    """A JSON round trip: NaN/inf become None, unknown objects their ``str``."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {str(k): clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.loads(json.dumps(clean(obj), default=str))
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

@@ -60,36 +60,28 @@ def latest_by_cell(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 class _Preflight:
-    """Checks that need no weights, with the meta-device model cached per model path."""
+    """The run preflight (:func:`compress.pipeline.preflight.preflight`) of each cell, with the
+    config-only model built once per model path, plus the cell's evaluation protocol."""
 
     def __init__(self) -> None:
         self._models: dict[str, Any] = {}
 
-    def _meta(self, cell: Cell) -> tuple[Any, Any, Any]:
+    def _shapes(self, cell: Cell) -> tuple[Any, Any]:
         path = cell.model["path"]
         if path not in self._models:
+            from compress.pipeline.preflight import meta_model
+
             try:
-                import torch
-                from transformers import AutoModelForCausalLM
-
-                from compress.loading import load_config
-                from compress.measure import footprint
-                from compress.plugins import get_registry
-
-                cfg = load_config(path)
-                with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(cfg)
-                arch = get_registry().adapter_for(model)
-                self._models[path] = (model, footprint(model, seq_len=2048, arch=arch), None)
+                self._models[path] = (meta_model(path, dtype=cell.model.get("dtype")), None)
             except Exception as e:  # noqa: BLE001 - becomes the cells' failed records
-                self._models[path] = (None, None, e)
+                self._models[path] = (None, e)
         return self._models[path]
 
     def __call__(self, cell: Cell) -> Exception | None:
-        model, dense, err = self._meta(cell)
+        shapes, err = self._shapes(cell)
         if err is not None:
             return err
-        max_pos = getattr(model.config, "max_position_embeddings", None)
+        max_pos = getattr(shapes.model.config, "max_position_embeddings", None)
         for source, lengths in (cell.eval.get("ppl") or {}).items():
             too_long = [n for n in lengths if isinstance(max_pos, int) and n > max_pos]
             if too_long:
@@ -97,26 +89,15 @@ class _Preflight:
                                   f"max_position_embeddings={max_pos}")
         if cell.method == DENSE:
             return None
-        from compress.run import _one_line_validation, make_pruner
+        from compress.pipeline.preflight import preflight
         from compress.target import Target
 
+        rec = cell.recovery
         try:
-            pruner = make_pruner(cell.method, cell.settings)
-            target = Target.parse(cell.target)
-            pruner.check(model, target)
-            key = {"params": "params", "flops": "flops_per_token", "kv": "kv_bytes_per_token"}[target.metric]
-            target.check_reachable(getattr(dense, key))
-            rec = cell.recovery
-            if rec.get("tokens"):
-                from pydantic import ValidationError
-
-                from compress.recover import RecoveryConfig
-
-                try:
-                    RecoveryConfig(tokens=rec["tokens"], mode=rec.get("mode", "full"), seed=cell.seed,
-                                   **(rec.get("settings") or {}))
-                except ValidationError as e:
-                    raise UsageError(f"bad recovery settings: {_one_line_validation(e, 'recovery')}") from None
+            preflight(method=cell.method, settings=cell.settings, target=Target.parse(cell.target),
+                      model=cell.model["path"], dtype=cell.model.get("dtype"), seed=cell.seed, calib=cell.calib,
+                      recover_tokens=int(rec.get("tokens") or 0), recover_mode=rec.get("mode", "full"),
+                      recover_settings=rec.get("settings") or {}, shapes=shapes)
         except Exception as e:  # noqa: BLE001 - a plugin's check() may raise anything; the cell fails
             return e
         return None

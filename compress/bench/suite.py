@@ -78,7 +78,7 @@ class ModelSpec(_Strict):
 class MethodSpec(_Strict):
     """A method with its settings. ``label`` tells apart two entries of the same method.
 
-    ``recipe``: a recipe file (:mod:`compress.recipe`; relative paths from the suite file's folder)
+    ``recipe``: a recipe file (:mod:`compress.io.recipe`; relative paths from the suite file's folder)
     whose settings the entry's ``settings`` override and whose ``calib`` is the entry's default. The
     suite sets targets, seeds and recovery itself, so a recipe carrying those run keys is refused."""
 
@@ -105,7 +105,7 @@ class RecoverySpec(_Strict):
 
 
 class LatencySpec(_Strict):
-    """Arguments of :func:`compress.measure.latency`."""
+    """Arguments of :func:`compress.probes.latency`."""
 
     prompt_len: int = Field(128, ge=1)
     new_tokens: int = Field(32, ge=1)
@@ -355,7 +355,7 @@ def model_hash(path: str) -> tuple[str | None, str | None]:
     """``(sha256 hex, what was hashed)`` for a model: the GGUF header (metadata and tensor table,
     no tensor data) when the model loads from a GGUF, else its ``config.json``; ``(None, None)`` for
     a hub id. Cheap (no weights are read) and stable across copies of the same files."""
-    from compress.loading import _gguf_in
+    from compress.io.loading import _gguf_in
 
     p = Path(path)
     if not p.exists():
@@ -468,7 +468,8 @@ def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: 
     except ValidationError as e:
         raise UsageError(f"suite file {p}: {_one_line(e)}") from None
     suite.methods = [_with_recipe(m, p) for m in suite.methods]
-    from compress.evaluate import PPL_DATASETS, resolve_tasks
+    from compress.evaluate.harness import resolve_tasks
+    from compress.evaluate.perplexity import PPL_DATASETS
 
     if suite.eval.tasks:
         try:
@@ -499,13 +500,16 @@ def _with_recipe(method: MethodSpec, suite_path: Path) -> MethodSpec:
     as its default; every problem is a one-line UsageError naming the suite file."""
     if not method.recipe:
         return method
-    from compress.recipe import load_recipe
+    from compress.io.recipe import load_recipe
 
     raw = expand_vars(method.recipe, f"suite file {suite_path}: method {method.display!r}")
     path = Path(raw) if Path(raw).is_absolute() else suite_path.parent / raw
     try:
         recipe = load_recipe(path)
-        recipe.check_settings(recipe.canonical_method(method.name))
+        from compress.plugins import get_registry
+
+        registry = get_registry()
+        recipe.check_settings(recipe.canonical_method(method.name, registry), registry)
     except UsageError as e:
         raise UsageError(f"suite file {suite_path}: method {method.display!r}: {e}") from None
     fixed = sorted(set(recipe.run) - {"calib"})

@@ -1,0 +1,97 @@
+"""The calibration pass: the model over calibration blocks in mini-batches, without gradients.
+
+Whole-model (the decoder stack only, no logits) or, with ``layerwise=True``, one decoder layer at a
+time through :class:`compress.calib.layerwise.LayerwiseRunner`. The hooks of
+:func:`compress.calib.stats.record` see the same activations either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.calib.stats import CURRENT_MASK, check_batches
+from compress.progress import progress_bar
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        emb = model.get_input_embeddings()
+        if emb is not None:
+            return emb.weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    return next(model.parameters()).device
+
+
+def run_calibration(
+    model: nn.Module,
+    batches: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    attention_mask: torch.Tensor | None = None,
+    progress: bool | Callable[[int, int], None] | None = None,
+    description: str = "calibration",
+    layerwise: bool = False,
+    device: str | torch.device | None = None,
+    cache: str | os.PathLike = "cpu",
+    logits: bool = False,
+) -> int:
+    """Run ``model(input_ids=...)`` over ``batches`` (``[N, T]``) in mini-batches, without gradients.
+
+    ``logits=False`` (default) runs only the decoder stack (``model.get_decoder()``) when the model
+    has one: statistics of the decoder layers are the same, and the ``[batch, T, vocab]`` logits —
+    the largest activation of a small-model forward (400 MB for 4 × 512 tokens of a 49k vocabulary)
+    — are never allocated. ``logits=True`` runs the whole model (hooks on the lm_head fire).
+
+    Used inside :func:`record` to feed the hooks. ``attention_mask`` (``[N, T]``, 1 = real token)
+    is passed to the model and also excludes padded positions from the statistics. ``progress``:
+    ``True``/``False`` for a rich progress bar, a callable ``(done, total)`` called after each
+    mini-batch (each layer when layer-wise), or ``None`` (default) for a bar only when there are
+    more than 4 of them. Returns the number of (unmasked) tokens processed.
+
+    ``layerwise=True`` runs the same mini-batches one decoder layer at a time through
+    :class:`compress.calib.layerwise.LayerwiseRunner` (layers computed on ``device``, hidden states cached
+    in ``cache``: ``"cpu"``, ``"device"`` or a folder); the hooks see the same activations, the
+    lm_head never runs.
+    """
+    check_batches(batches, attention_mask, batch_size)
+    if layerwise:
+        from compress.calib.layerwise import LayerwiseRunner
+
+        with LayerwiseRunner(model, batches, batch_size=batch_size, attention_mask=attention_mask, device=device,
+                             cache=cache, progress=progress, description=description) as runner:
+            for _ in runner:  # the engine's own pass to the next layer feeds the hooks
+                pass
+            return runner.tokens
+    device = _model_device(model)
+    forward = model
+    if not logits and callable(getattr(model, "get_decoder", None)):
+        decoder = model.get_decoder()
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            forward = decoder
+    n = batches.shape[0]
+    starts = list(range(0, n, batch_size))
+    seen = 0
+    with progress_bar(progress, len(starts), description) as advance, torch.no_grad():
+        for s in starts:
+            ids = batches[s : s + batch_size].to(device)
+            kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+            mask = None
+            if attention_mask is not None:
+                mask = attention_mask[s : s + batch_size].to(device)
+                kwargs["attention_mask"] = mask
+                seen += int(mask.sum())
+            else:
+                seen += ids.numel()
+            token = CURRENT_MASK.set(mask)
+            try:
+                forward(**kwargs)
+            finally:
+                CURRENT_MASK.reset(token)
+            advance()
+    return seen

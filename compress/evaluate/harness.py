@@ -1,0 +1,264 @@
+"""Zero-shot accuracy through lm-eval, on the in-memory model (no save and reload).
+
+The local task definitions ship with the package (``compress/evaluate/tasks/``) and read their data
+from ``$COMPRESS_ASSETS/data``. They name it as ``${COMPRESS_ASSETS}/...``; lm-eval does not expand
+variables, so :func:`materialized_tasks_dir` writes resolved copies into a temporary folder that is
+passed to ``TaskManager(include_path=...)``. ``hub:<task>`` uses lm-eval's own task instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.assets import assets_root
+from compress.errors import UsageError
+from compress.evaluate.perplexity import eval_mode, perplexity, ppl_text
+
+#: The seven zero-shot tasks of the structured-pruning papers (LLM-Pruner, SliceGPT, LoRAP, ...).
+ZERO_SHOT_TASKS: tuple[str, ...] = (
+    "boolq",
+    "piqa",
+    "hellaswag",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+)
+
+
+#: Short name -> local lm-eval task (``compress/evaluate/tasks/<task>.yaml``, package data) over ``$COMPRESS_ASSETS/data``.
+LOCAL_TASKS: dict[str, str] = {name: f"compress_{name}" for name in ZERO_SHOT_TASKS}
+
+
+#: Short name -> the metric a results table reports for it. The papers mix acc and acc_norm; these
+#: are LLM-Pruner's choices (its issue #25: the paper's numbers match lm-eval ``acc`` for BoolQ,
+#: PIQA, WinoGrande and ARC-e, and ``acc_norm`` for HellaSwag, ARC-c and OBQA), which later papers
+#: comparing with it (LoRAP, ...) copied. BoolQ and WinoGrande have no acc_norm in lm-eval.
+HEADLINE_METRIC: dict[str, str] = {
+    "boolq": "acc",
+    "piqa": "acc",
+    "hellaswag": "acc_norm",
+    "winogrande": "acc",
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+}
+
+
+#: Placeholder in the task YAMLs, replaced by the resolved assets folder.
+ASSETS_PLACEHOLDER = "${COMPRESS_ASSETS}"
+
+
+HUB_PREFIX = "hub:"
+
+
+_GROUP_ALIASES = {"zeroshot": ZERO_SHOT_TASKS}
+
+
+def tasks_dir() -> Path:
+    """Folder of the task YAMLs: ``$COMPRESS_TASKS_DIR``, or the ones shipped inside the package."""
+    override = os.environ.get("COMPRESS_TASKS_DIR")
+    path = Path(override) if override else Path(__file__).resolve().parent / "tasks"
+    if not path.is_dir():
+        raise UsageError(f"task folder {path} not found; point COMPRESS_TASKS_DIR at a folder of lm-eval task YAMLs")
+    return path
+
+
+@contextlib.contextmanager
+def materialized_tasks_dir(assets: Path | None = None) -> Iterator[Path]:
+    """A temporary copy of :func:`tasks_dir` with ``${COMPRESS_ASSETS}`` replaced by ``assets``.
+
+    The YAML files hold the placeholder inside double-quoted strings, so the path is inserted
+    JSON-escaped (valid in a YAML double-quoted scalar). Helper ``.py`` files are copied as they are.
+    """
+    root = assets if assets is not None else assets_root()
+    assert root is not None
+    escaped = json.dumps(str(Path(root).resolve()))[1:-1]
+    with tempfile.TemporaryDirectory(prefix="compress-tasks-") as tmp:
+        out = Path(tmp)
+        for src in sorted(tasks_dir().iterdir()):
+            if src.suffix in (".yaml", ".yml"):
+                (out / src.name).write_text(
+                    src.read_text(encoding="utf-8").replace(ASSETS_PLACEHOLDER, escaped)
+                )
+            elif src.suffix == ".py":
+                shutil.copyfile(src, out / src.name)
+        yield out
+
+
+def resolve_tasks(tasks: Sequence[str] | str) -> list[tuple[str, str]]:
+    """Map user task names to ``(result key, lm-eval task name)`` pairs.
+
+    Accepted names: a short name from :data:`ZERO_SHOT_TASKS` (or its ``compress_`` task name) →
+    the local task; ``zeroshot`` → all seven local tasks; ``hub:<name>`` → lm-eval's own task
+    ``<name>`` (downloads through the HF hub / datasets cache).
+    """
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("no tasks given; use any of " + _valid_names())
+    out: list[tuple[str, str]] = []
+    for raw in tasks:
+        name = raw.strip()
+        if name in _GROUP_ALIASES:
+            out.extend((short, LOCAL_TASKS[short]) for short in _GROUP_ALIASES[name])
+        elif name in LOCAL_TASKS:
+            out.append((name, LOCAL_TASKS[name]))
+        elif name.startswith("compress_") and name[len("compress_") :] in LOCAL_TASKS:
+            out.append((name[len("compress_") :], name))
+        elif name.startswith(HUB_PREFIX) and len(name) > len(HUB_PREFIX):
+            out.append((name, name[len(HUB_PREFIX) :]))
+        else:
+            raise UsageError(f"unknown task {name!r}; use any of {_valid_names()}")
+    seen: set[str] = set()
+    return [p for p in out if not (p[0] in seen or seen.add(p[0]))]
+
+
+def _valid_names() -> str:
+    return ", ".join([*ZERO_SHOT_TASKS, *_GROUP_ALIASES]) + f", or {HUB_PREFIX}<lm-eval task name>"
+
+
+def _headline(key: str, metrics: Mapping[str, float]) -> str:
+    short = key[len(HUB_PREFIX) :] if key.startswith(HUB_PREFIX) else key
+    metric = HEADLINE_METRIC.get(short)
+    if metric in metrics:
+        return metric
+    return "acc_norm" if "acc_norm" in metrics else "acc"
+
+
+def lm_eval_tasks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str] | str,
+    *,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    num_fewshot: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot (or few-shot) accuracy of the in-memory ``model`` with lm-eval.
+
+    ``tasks`` uses the names of :func:`resolve_tasks`: ``piqa`` etc. run the local ``compress_*``
+    tasks over ``$COMPRESS_ASSETS/data`` (prompts as lm-eval's own tasks build them; each YAML says
+    how its data differ from the hub's), ``zeroshot`` runs all seven, and ``hub:<name>`` runs
+    lm-eval's own task ``<name>`` (needs the hub or a filled HF datasets cache). ``limit`` is a
+    count or a fraction of each task's items; ``device`` moves the model first (otherwise it stays
+    where it is); ``max_length`` defaults to the model's ``max_position_embeddings``.
+
+    Returns ``{key: {"acc", "acc_norm" (when the task reports it), "n", "metric", "score",
+    "task"}, ..., "average": mean of the "score"s}``, where ``metric`` is the headline metric of
+    :data:`HEADLINE_METRIC` (acc_norm, else acc, for hub tasks not listed) and ``score`` its value.
+    """
+    pairs = resolve_tasks(tasks)
+    needs_local = any(not key.startswith(HUB_PREFIX) for key, _ in pairs)
+    needs_hub = any(key.startswith(HUB_PREFIX) for key, _ in pairs)
+    if needs_local and assets_root(required=False) is None:
+        raise UsageError(
+            "the local tasks need COMPRESS_ASSETS (the assets folder with data/); "
+            f"set it, or use {HUB_PREFIX}<task> for lm-eval's own tasks"
+        )
+    if num_fewshot < 0:
+        raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if device is not None:
+        model.to(device)
+
+    with contextlib.ExitStack() as stack:
+        include = stack.enter_context(materialized_tasks_dir()) if needs_local else None
+        manager = TaskManager(include_path=str(include) if include else None, include_defaults=needs_hub)
+        known = set(manager.all_tasks)
+        missing = [name for _, name in pairs if name not in known]
+        if missing:
+            raise UsageError(
+                f"lm-eval does not know task(s) {', '.join(missing)}; use any of {_valid_names()}"
+            )
+        stack.enter_context(eval_mode(model))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[name for _, name in pairs],
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
+        except ConnectionError as e:
+            if not needs_hub:
+                raise
+            raise UsageError(
+                f"{e} - {HUB_PREFIX}<task> needs the HF hub or a filled datasets cache; offline, use the "
+                f"local tasks ({', '.join(ZERO_SHOT_TASKS)})"
+            ) from None
+
+    if out is None:  # only on non-zero ranks of a distributed run
+        return {}
+    results: dict[str, Any] = {}
+    scores: list[float] = []
+    for key, name in pairs:
+        raw = out["results"].get(name, {})
+        metrics = {
+            m: float(raw[f"{m},none"])
+            for m in ("acc", "acc_norm")
+            if isinstance(raw.get(f"{m},none"), (int, float))
+        }
+        if not metrics:
+            raise UsageError(
+                f"task {name!r} reported no acc/acc_norm (got {sorted(raw)}); only multiple-choice tasks are supported"
+            )
+        metric = _headline(key, metrics)
+        n = out.get("n-samples", {}).get(name, {}).get("effective")
+        results[key] = {**metrics, "n": n, "metric": metric, "score": metrics[metric], "task": name}
+        scores.append(metrics[metric])
+    results["average"] = sum(scores) / len(scores)
+    return results
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    ppl: Mapping[str, Sequence[int]] | None = None,
+    tasks: Sequence[str] | str | None = None,
+    limit: int | float | None = None,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexities and lm-eval accuracies in one call (for ``compress eval`` and the bench runner).
+
+    ``ppl`` maps a source of :func:`ppl_text` to the window lengths to measure, e.g.
+    ``{"wikitext2": [2048, 128]}``; ``tasks`` and ``limit`` go to :func:`lm_eval_tasks`;
+    ``max_windows`` caps every perplexity run. Returns ``{"ppl": {source: {str(seq_len): result}},
+    "tasks": <lm_eval_tasks result>}`` with only the parts that were asked for (string keys keep
+    the record identical after a JSON round trip).
+    """
+    result: dict[str, Any] = {}
+    if ppl:
+        result["ppl"] = {}
+        for source, lengths in ppl.items():
+            text = ppl_text(source)
+            result["ppl"][source] = {
+                str(n): perplexity(
+                    model, tokenizer, text, seq_len=int(n), max_windows=max_windows, progress=progress
+                )
+                for n in lengths
+            }
+    if tasks:
+        result["tasks"] = lm_eval_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size)
+    return result

@@ -1,0 +1,179 @@
+"""Perplexity with the pruning papers' WikiText-2 protocol.
+
+As in GPTQ / SparseGPT / SliceGPT / LLM-Pruner: the whole split is joined with ``"\\n\\n"``,
+tokenised once without special tokens, cut into non-overlapping windows of ``seq_len`` tokens (the
+tail is dropped), and every window predicts its tokens 1..L-1 from its own prefix.
+``ppl = exp(mean NLL over all predicted tokens)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from compress.assets import asset_file
+from compress.errors import UsageError
+from compress.progress import progress_bar
+
+#: Text sources :func:`ppl_text` knows, relative to ``$COMPRESS_ASSETS``.
+PPL_DATASETS: tuple[str, ...] = ("wikitext2", "wikitext2-valid", "tinystories")
+
+
+def wikitext2_text(split: Literal["test", "valid"] = "test") -> str:
+    """WikiText-2 (raw) ``split`` joined the way the pruning papers join the HF dataset rows.
+
+    The raw file holds one HF row per line, empty rows written as " "; rows are restored as
+    ``line + "\\n"`` (empty rows as ``""``) and joined with ``"\\n\\n"``, which is
+    ``"\\n\\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split=...)["text"])``.
+    """
+    if split not in ("test", "valid"):
+        raise UsageError(f"unknown WikiText-2 split {split!r}; use 'test' or 'valid'")
+    text = asset_file("data", "wikitext-2-raw", f"wiki.{split}.raw").read_text(encoding="utf-8")
+    rows = [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
+    return "\n\n".join(rows)
+
+
+def ppl_text(source: str) -> str:
+    """Text for a perplexity source: one of :data:`PPL_DATASETS` or a path to a UTF-8 text file."""
+    if source == "wikitext2":
+        return wikitext2_text("test")
+    if source == "wikitext2-valid":
+        return wikitext2_text("valid")
+    if source == "tinystories":
+        return asset_file("data", "tinystories", "tinystories_val.txt").read_text(encoding="utf-8")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise UsageError(
+        f"unknown perplexity source {source!r}; use one of {', '.join(PPL_DATASETS)} or a text file path"
+    )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence "sequence longer than the model maximum" while tokenising a whole corpus at once."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    add_bos: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``text`` over non-overlapping windows of ``seq_len`` tokens.
+
+    ``text`` is tokenised once with ``add_special_tokens=False``; the tail shorter than a window is
+    dropped. Each window predicts its tokens 1..L-1 from its own prefix (no context carried over),
+    and ``ppl = exp(mean NLL)`` over all predicted tokens of all windows, accumulated in fp32/fp64.
+
+    With ``add_bos=True`` every window is ``[BOS] + seq_len - 1`` text tokens and all its text tokens
+    are predicted (the input stays ``seq_len`` long). ``max_windows`` evaluates only the first N
+    windows (a quick, partial figure: the result then has ``"partial": True``).
+
+    Returns ``{"ppl", "nll", "seq_len", "windows", "tokens", "predicted", "total_windows",
+    "partial", "add_bos"}`` where ``tokens`` counts the whole text and ``predicted`` the tokens scored.
+    """
+    if seq_len < 2:
+        raise UsageError(f"seq_len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise UsageError(
+            f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; use a shorter seq_len"
+        )
+
+    with _quiet_transformers():
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    n_tokens = int(ids.numel())
+
+    prefix: list[int] = []
+    if add_bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise UsageError("add_bos=True but the tokenizer has no bos_token_id")
+        prefix = [int(bos)]
+    body = seq_len - len(prefix)
+    total_windows = n_tokens // body
+    if total_windows == 0:
+        raise UsageError(
+            f"the text has {n_tokens} tokens, fewer than one window of seq_len={seq_len}; "
+            "use a shorter seq_len or a longer text"
+        )
+    windows = total_windows if max_windows is None else min(max_windows, total_windows)
+    blocks = ids[: windows * body].view(windows, body)
+    if prefix:
+        blocks = torch.cat([torch.full((windows, 1), prefix[0], dtype=torch.long), blocks], dim=1)
+
+    device = _model_device(model)
+    nll_sum = 0.0
+    predicted = 0
+    with (
+        eval_mode(model),
+        torch.no_grad(),
+        progress_bar(progress, windows, f"perplexity @{seq_len}") as advance,
+    ):
+        for start in range(0, windows, batch_size):
+            batch = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            # fp32 log-softmax even for bf16/fp16 models; sum per batch, accumulate in fp64.
+            shift = logits[:, :-1, :].float()
+            target = batch[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift.reshape(-1, shift.size(-1)), target.reshape(-1), reduction="sum"
+            )
+            nll_sum += float(loss.double())
+            predicted += int(target.numel())
+            del logits, shift, loss
+            advance(batch.size(0))
+
+    nll = nll_sum / predicted
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "seq_len": seq_len,
+        "windows": windows,
+        "total_windows": total_windows,
+        "partial": windows < total_windows,
+        "tokens": n_tokens,
+        "predicted": predicted,
+        "add_bos": add_bos,
+    }

@@ -1,0 +1,1 @@
+"""Files in and out: loading (safe), export (stock / compress format), checkpoints, the recipe file format."""

@@ -1,0 +1,273 @@
+"""Save a pruned model so that stock ``transformers`` reloads it, atomically.
+
+Two formats:
+
+* ``stock``    — every layer has the same shapes and the family's own config class accepts them
+  (transformers 5.x still checks ``hidden_size % num_attention_heads == 0``): a plain checkpoint.
+* ``compress`` — anything else: ``model_type: compress`` with one spec per layer, the modeling file
+  copied into the folder and ``auto_map`` set, so ``trust_remote_code=True`` loads it without this
+  package, and ``import compress`` loads it without remote code. Its sha256 is recorded in the config.
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so an
+interrupted export leaves the output complete or absent, never partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import UsageError
+from compress.model.adapter import ArchAdapter, adapter_for
+from compress.modeling import MODELING_FILE, CompressConfig, CompressForCausalLM, LowRankLinear
+
+PLAN_FILE = "compress_plan.json"
+RECORD_FILE = "compress_run.json"
+_DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path",
+              "quantization_config", "dtype", "torch_dtype"}
+
+
+def modeling_sha256() -> str:
+    return hashlib.sha256(MODELING_FILE.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- describing the shapes
+def layer_specs(model: nn.Module, arch: ArchAdapter | None = None) -> list[dict[str, Any]]:
+    """One spec per decoder layer, read from the modules (the format of ``CompressConfig.layers``)."""
+    arch = arch or adapter_for(model)
+    hidden = int(arch.embed_tokens.weight.shape[1])
+    specs = []
+    for i in range(arch.num_layers):
+        g = arch.geometry(i)
+        layer = arch.layers[i]
+        q, _, _, o = arch.attn_names
+        h_in = int(getattr(arch.attention(i), q).in_features)
+        h_mid = int(getattr(arch.attention(i), o).out_features)
+        h_out = int(arch.down_proj(i).out_features)
+        spec: dict[str, Any] = {
+            "num_attention_heads": g.num_heads,
+            "num_key_value_heads": g.num_kv_heads,
+            "intermediate_size": g.intermediate,
+        }
+        if (h_in, h_mid, h_out) != (hidden, hidden, hidden):
+            spec.update(hidden_in=h_in, hidden_mid=h_mid, hidden_out=h_out)
+        low = {n: m.rank for n, m in layer.named_modules() if isinstance(m, LowRankLinear)}
+        if low:
+            spec["low_rank"] = dict(sorted(low.items()))
+        if hasattr(layer, "attn_shortcut"):
+            spec["shortcut"] = True
+        specs.append(spec)
+    return specs
+
+
+def stock_expressible(model: nn.Module, arch: ArchAdapter | None = None) -> tuple[bool, str]:
+    """Whether a stock config of the model's own family describes it exactly (and validates)."""
+    arch = arch or adapter_for(model)
+    cfg = model.config
+    if cfg.model_type == CompressConfig.model_type:
+        return False, "the model already uses the compress format"
+    specs = layer_specs(model, arch)
+    if any("low_rank" in s or "shortcut" in s or "hidden_in" in s for s in specs):
+        return False, "low-rank factors, shortcuts or per-layer residual widths"
+    if any(s != specs[0] for s in specs):
+        return False, "layers differ in width"
+    s = specs[0]
+    d = cfg.to_dict()
+    d.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
+             intermediate_size=s["intermediate_size"], head_dim=arch.head_dim(0),
+             hidden_size=int(arch.embed_tokens.weight.shape[1]))
+    try:
+        type(cfg)(**{k: v for k, v in d.items() if k not in _DROP_KEYS})
+    except Exception as e:  # noqa: BLE001 - any validation failure means "not stock"
+        return False, f"the stock config rejects these shapes ({str(e).splitlines()[-1][:120]})"
+    return True, "uniform shapes accepted by the stock config"
+
+
+def compress_config(model: nn.Module, arch: ArchAdapter | None = None) -> CompressConfig:
+    """The ``compress`` config describing ``model`` exactly."""
+    arch = arch or adapter_for(model)
+    cfg = model.config
+    if isinstance(cfg, CompressConfig):
+        base_type, base = cfg.base_model_type, dict(cfg.base_config)
+    else:
+        base_type = cfg.model_type
+        base = {k: v for k, v in cfg.to_dict().items() if k not in _DROP_KEYS}
+    hidden = int(arch.embed_tokens.weight.shape[1])
+    # The base config must validate in its own class: one head always divides the hidden size;
+    # the real per-layer head counts live in ``layers``.
+    base.update(hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1, head_dim=arch.head_dim(0))
+    out = CompressConfig(
+        base_model_type=base_type,
+        base_config=base,
+        layers=layer_specs(model, arch),
+        hidden_size=hidden,
+        tie_word_embeddings=arch.tied_embeddings,
+        architectures=["CompressForCausalLM"],
+        auto_map={"AutoConfig": "modeling_compress.CompressConfig",
+                  "AutoModelForCausalLM": "modeling_compress.CompressForCausalLM"},
+        compress_modeling_sha256=modeling_sha256(),
+    )
+    out.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    return out
+
+
+def to_compress_model(model: nn.Module, arch: ArchAdapter | None = None) -> CompressForCausalLM:
+    """The same weights in a :class:`CompressForCausalLM` (no copy: tensors are shared)."""
+    arch = arch or adapter_for(model)
+    cfg = compress_config(model, arch)
+    cfg._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    with torch.device("meta"):
+        cm = CompressForCausalLM(cfg)
+    state = model.state_dict()
+    missing, unexpected = cm.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and arch.tied_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"compress model does not match the pruned model: missing={missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
+    if arch.tied_embeddings:
+        cm.lm_head.weight = cm.model.embed_tokens.weight
+    # Non-persistent buffers (rotary inv_freq) were created on meta: take them from the source model.
+    src_buffers = dict(model.named_buffers())
+    for name, buf in list(cm.named_buffers()):
+        if buf.is_meta and name in src_buffers:
+            mod_name, _, bname = name.rpartition(".")
+            cm.get_submodule(mod_name)._buffers[bname] = src_buffers[name]
+    still_meta = [n for n, t in list(cm.named_parameters()) + list(cm.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"tensors left on meta after conversion: {still_meta[:5]}")
+    return cm.eval()
+
+
+# ---------------------------------------------------------------------- writing
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing output (unless ``overwrite``) or an unwritable parent, before any work."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise UsageError(f"output folder {out} already exists; pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a folder; choose another --out")
+    parent = out.parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create {out}: {probe} is a file, not a folder; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {parent}; choose a writable --out")
+    return out
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    plan: dict | None = None,
+    record: dict | None = None,
+    overwrite: bool = False,
+    card: str | None = None,
+) -> dict[str, Any]:
+    """Write ``model`` (+ tokenizer, plan, run record, model card) to ``out`` atomically.
+
+    Returns ``{"path", "kind", "reason"}``. ``kind="auto"`` picks ``stock`` when possible.
+    """
+    out = check_output_dir(out, overwrite)
+    arch = adapter_for(model)
+    ok, reason = stock_expressible(model, arch)
+    if kind == "stock" and not ok:
+        raise UsageError(f"cannot export as stock: {reason}; use the compress format")
+    chosen = "stock" if (kind in ("auto", "stock") and ok) else "compress"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if chosen == "stock":
+            model.config.architectures = [type(model).__name__]
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            cm = to_compress_model(model, arch)
+            cm.save_pretrained(tmp, safe_serialization=True)
+            shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"format": chosen, "format_reason": reason, "weights_sha256": weights_sha256(tmp)}
+        (tmp / PLAN_FILE).write_text(json.dumps({**(plan or {}), **meta}, indent=1, sort_keys=True) + "\n")
+        (tmp / RECORD_FILE).write_text(json.dumps({**(record or {}), **meta}, indent=1, sort_keys=True,
+                                                  default=str) + "\n")
+        if (record or {}).get("recipe"):
+            from compress.io.recipe import RECIPE_FILE, dump_recipe
+
+            (tmp / RECIPE_FILE).write_text(dump_recipe(record["recipe"]), encoding="utf-8")
+        (tmp / "README.md").write_text(card or _default_card(record or {}, chosen))
+        _fsync_tree(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(out), "kind": chosen, "reason": reason, "weights_sha256": meta["weights_sha256"]}
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the folder's safetensors files in name order (determinism checks, run records)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _default_card(record: dict, kind: str) -> str:
+    fp = record.get("achieved", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [pruned, compress]",
+        "---",
+        f"# {record.get('method', 'pruned')} · {record.get('target', '')}",
+        "",
+        f"Pruned from `{record.get('model', '?')}` with `compress` method `{record.get('method', '?')}` "
+        f"(target {record.get('target', '?')}, seed {record.get('seed', '?')}).",
+        "",
+        f"- parameters: {fp.get('params', '?')}",
+        f"- forward FLOPs/token: {fp.get('flops_per_token', '?')}",
+        f"- KV-cache bytes/token: {fp.get('kv_bytes_per_token', '?')}",
+        f"- format: `{kind}`" + (" — load with `trust_remote_code=True`, or `import compress` first"
+                                 if kind == "compress" else " — loads with stock transformers"),
+        "",
+        "`compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record;",
+        "`compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.",
+        "",
+    ]
+    flag = ", trust_remote_code=True" if kind == "compress" else ""
+    lines += [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{flag})',
+        # AutoTokenizer reads config.json too, whose auto_map names the custom config: without the flag
+        # transformers asks on stdin whether to run it
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{flag})',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

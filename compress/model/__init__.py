@@ -1,0 +1,1 @@
+"""Shapes, no data: architecture adapters, plans, structures, surgery, sizing, footprint, memory estimates."""

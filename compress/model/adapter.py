@@ -1,0 +1,194 @@
+"""Architecture adapters: where the prunable pieces of a model family live.
+
+A method never reaches into ``model.model.layers[i].self_attn.q_proj`` itself; it asks the adapter.
+The built-in adapter covers every "Llama-shaped" decoder in transformers (llama, mistral, qwen2,
+qwen3 and the ``compress`` export format): pre-norm blocks with separate q/k/v/o projections and a
+gated (SwiGLU) MLP. Other families register their own adapter through the
+``register_architectures`` hook.
+
+Geometry (heads, KV heads, MLP width) is read from the weights, not the config, so it is correct
+for models whose layers were pruned to different widths.
+
+Every stage gets its adapter from :func:`adapter_for`, which asks the plugin registry
+(:mod:`compress.plugins` installs itself as the resolver when it is imported, and ``import compress``
+imports it): an adapter registered through ``register_architectures`` is then the one that sizing,
+surgery, measurement, export and every method see. The registry sits above this layer, so it is
+reached through :func:`install_resolver` rather than an import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from compress.errors import Unsupported
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Shapes of one decoder layer, read from its weights."""
+
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for MHA)."""
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
+
+
+class ArchAdapter:
+    """Adapter for Llama-shaped causal LMs. Subclass and override the accessors for other layouts."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "compress")
+    attn_names: ClassVar[tuple[str, str, str, str]] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self._check()
+
+    # ----------------------------------------------------------------- structure accessors
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def attention(self, i: int) -> nn.Module:
+        return self.layers[i].self_attn
+
+    def mlp(self, i: int) -> nn.Module:
+        return self.layers[i].mlp
+
+    def attn_linears(self, i: int) -> dict[str, nn.Module]:
+        a = self.attention(i)
+        return {n: getattr(a, n) for n in self.attn_names}
+
+    def mlp_linears(self, i: int) -> dict[str, nn.Module]:
+        m = self.mlp(i)
+        return {n: getattr(m, n) for n in self.mlp_names}
+
+    def o_proj(self, i: int) -> nn.Module:
+        return getattr(self.attention(i), self.attn_names[3])
+
+    def down_proj(self, i: int) -> nn.Module:
+        return getattr(self.mlp(i), self.mlp_names[2])
+
+    def input_norm(self, i: int) -> nn.Module:
+        return self.layers[i].input_layernorm
+
+    def post_attn_norm(self, i: int) -> nn.Module:
+        return self.layers[i].post_attention_layernorm
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.backbone.embed_tokens
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.backbone.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+    # ----------------------------------------------------------------- geometry
+    def head_dim(self, i: int = 0) -> int:
+        a = self.attention(i)
+        hd = getattr(a, "head_dim", None) or getattr(self.config, "head_dim", None)
+        if not hd:
+            hd = self.config.hidden_size // self.config.num_attention_heads
+        return int(hd)
+
+    def geometry(self, i: int) -> LayerGeometry:
+        lin = self.attn_linears(i)
+        mlp = self.mlp_linears(i)
+        hd = self.head_dim(i)
+        return LayerGeometry(
+            hidden=int(self.embed_tokens.weight.shape[1]),
+            num_heads=int(_out_features(lin["q_proj"]) // hd),
+            num_kv_heads=int(_out_features(lin["k_proj"]) // hd),
+            head_dim=hd,
+            intermediate=int(_out_features(mlp["gate_proj"])),
+        )
+
+    def geometries(self) -> list[LayerGeometry]:
+        return [self.geometry(i) for i in range(self.num_layers)]
+
+    def is_uniform(self) -> bool:
+        return len(set(self.geometries())) <= 1
+
+    # ----------------------------------------------------------------- validation
+    def _check(self) -> None:
+        backbone = getattr(self.model, "model", None)
+        layers = getattr(backbone, "layers", None)
+        if layers is None or not hasattr(self.model, "lm_head"):
+            raise Unsupported(
+                f"{type(self.model).__name__} does not have the model.layers / lm_head layout of a "
+                "Llama-shaped causal LM; register an ArchAdapter for it"
+            )
+        layer = layers[0]
+        for n in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"):
+            if not hasattr(layer, n):
+                raise Unsupported(f"decoder layer {type(layer).__name__} has no '{n}'; register an ArchAdapter")
+        for n in self.attn_names:
+            if not hasattr(layer.self_attn, n):
+                raise Unsupported(
+                    f"attention {type(layer.self_attn).__name__} has no separate '{n}' "
+                    "(fused qkv is not supported by the built-in adapter)"
+                )
+        for n in self.mlp_names:
+            if not hasattr(layer.mlp, n):
+                raise Unsupported(f"MLP {type(layer.mlp).__name__} has no '{n}' (gated MLP expected)")
+
+
+def _out_features(m: nn.Module) -> int:
+    if hasattr(m, "out_features"):
+        return int(m.out_features)
+    return int(m.weight.shape[0])
+
+
+def _in_features(m: nn.Module) -> int:
+    if hasattr(m, "in_features"):
+        return int(m.in_features)
+    return int(m.weight.shape[1])
+
+
+_Resolver = Callable[[nn.Module], "ArchAdapter"]
+_RESOLVER: _Resolver | None = None
+
+
+def install_resolver(resolver: _Resolver | None) -> _Resolver | None:
+    """Make ``resolver`` (the plugin registry's lookup by ``config.model_type``) the one adapter
+    resolution of the process; returns the previous one."""
+    global _RESOLVER
+    previous, _RESOLVER = _RESOLVER, resolver
+    return previous
+
+
+def adapter_for(model: nn.Module) -> ArchAdapter:
+    """The adapter of ``model``'s family, from the registry (built-in or registered by a plugin).
+
+    Before any registry is installed (only when this module is used without ``import compress``),
+    the built-in Llama-shaped adapter."""
+    if _RESOLVER is not None:
+        return _RESOLVER(model)
+    return ArchAdapter(model)

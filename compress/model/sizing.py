@@ -1,0 +1,219 @@
+"""Turn a :class:`~compress.target.Target` into uniform widths: attention units and MLP channels per layer.
+
+Width-pruning methods (TransAct, the naive floors, LLM-Pruner's local mode) keep the same number of
+attention units and MLP channels in every pruned layer. Every metric we target — parameters, FLOPs per
+token, KV bytes per token — is affine in those two numbers, so the solver computes the cost of one
+unit exactly from the layer shapes and searches the keep ratio. The result lands at or below the goal,
+as close as the head/channel granularity allows, and is then checked by measuring the pruned model.
+
+Attention units:
+
+* ``kv_group`` — a KV head with its query heads (shrinks the KV cache; needed for ``kv:`` targets);
+* ``head``     — one query head in every KV group (``heads_per_group`` kept per group; KV unchanged).
+  For MHA models the two are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from compress.errors import TargetError
+from compress.model.adapter import ArchAdapter
+from compress.model.footprint import footprint
+from compress.model.plan import LayerPlan, Plan
+from compress.target import Target
+
+AttnUnit = Literal["kv_group", "head"]
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Chosen uniform widths. ``attn_units`` counts KV groups (``kv_group``) or heads per group (``head``)."""
+
+    attn_unit: AttnUnit
+    attn_units: int
+    attn_units_dense: int
+    mlp: int
+    mlp_dense: int
+    predicted: float
+    goal: float
+    dense: float
+    metric: str
+
+    def to_dict(self) -> dict:
+        return {
+            "attn_unit": self.attn_unit,
+            "attn_units": self.attn_units,
+            "attn_units_dense": self.attn_units_dense,
+            "mlp": self.mlp,
+            "mlp_dense": self.mlp_dense,
+            "predicted": self.predicted,
+            "goal": self.goal,
+            "dense": self.dense,
+            "metric": self.metric,
+        }
+
+
+def unit_costs(arch: ArchAdapter, layer: int, attn_unit: AttnUnit, seq_len: int,
+               dtype_bytes: int) -> dict[str, tuple[float, float]]:
+    """Cost of ONE attention unit and ONE MLP channel of ``layer`` per metric: ``{metric: (attn, mlp)}``."""
+    g = arch.geometry(layer)
+    lin = arch.attn_linears(layer)
+    q, k, v, o = arch.attn_names
+    h, hd = g.hidden, g.head_dim
+    qb = hd if getattr(lin[q], "bias", None) is not None else 0
+    kb = hd if getattr(lin[k], "bias", None) is not None else 0
+    vb = hd if getattr(lin[v], "bias", None) is not None else 0
+    q_heads = g.group_size if attn_unit == "kv_group" else g.num_kv_heads
+    kv_heads = 1 if attn_unit == "kv_group" else 0
+    attn_params = q_heads * (2 * h * hd + qb) + kv_heads * (2 * h * hd + kb + vb)
+    attn_lin_w = q_heads * 2 * h * hd + kv_heads * 2 * h * hd
+    attn_flops = 2 * attn_lin_w + 4 * q_heads * hd * seq_len
+    attn_kv = kv_heads * 2 * hd * dtype_bytes
+    mlp = arch.mlp_linears(layer)
+    gate, up, down = arch.mlp_names
+    mb = sum(1 for n in (gate, up) if getattr(mlp[n], "bias", None) is not None)
+    mlp_params = 3 * h + mb
+    return {
+        "params": (attn_params, mlp_params),
+        "flops": (attn_flops, 6 * h),
+        "kv": (attn_kv, 0),
+    }
+
+
+def solve_uniform(
+    arch: ArchAdapter,
+    target: Target,
+    *,
+    attn_unit: AttnUnit = "kv_group",
+    layers: list[int] | None = None,
+    attn_ratio: float = 1.0,
+    mlp_round_to: int = 1,
+    min_attn_units: int = 1,
+    seq_len: int = 2048,
+    prune_attention: bool = True,
+    prune_mlp: bool = True,
+    fixed: tuple[int, int] | None = None,
+) -> Widths:
+    """Uniform widths for ``layers`` (default: all) so the model lands at or below ``target``.
+
+    ``fixed=(attention units, MLP channels)`` skips the search (explicit widths, e.g. a paper's
+    configuration) and only predicts the resulting value; the caller checks it against the goal.
+
+    The attention keep ratio is ``attn_ratio`` times the MLP keep ratio (1.0 = balanced, which the
+    TransAct paper found best). The largest ratio that meets the goal is found by bisection; the MLP
+    then takes whatever budget the attention granularity left over.
+    """
+    layers = list(range(arch.num_layers)) if layers is None else list(layers)
+    if not layers:
+        raise TargetError("no layers to prune; widen the layer range")
+    dense_fp = footprint(arch.model, seq_len=seq_len, arch=arch)
+    dense = dense_fp.of(target.metric)
+    goal = target.goal(dense)
+    target.check_reachable(dense)
+    dtype_bytes = max(1, dense_fp.kv_bytes_per_token // max(1, sum(2 * lg["num_kv_heads"] * lg["head_dim"]
+                                                                     for lg in dense_fp.layers)))
+    g0 = arch.geometry(layers[0])
+    for i in layers:
+        if arch.geometry(i) != g0:
+            raise TargetError(f"layer {i} has a different shape from layer {layers[0]}; uniform widths need "
+                              "equal layers (prune from the dense model)")
+    units_dense = g0.num_kv_heads if attn_unit == "kv_group" else g0.group_size
+    mlp_dense = g0.intermediate
+    ca, cm = (sum(x) for x in zip(*(unit_costs(arch, i, attn_unit, seq_len, dtype_bytes)[target.metric]
+                                     for i in layers), strict=True))
+
+    if target.metric == "kv" and (attn_unit != "kv_group" or not prune_attention):
+        raise TargetError("a kv: target needs whole KV groups to be removed; use gqa=groups")
+
+    def widths(r: float) -> tuple[int, int]:
+        ra = min(1.0, r * attn_ratio) if prune_attention else 1.0
+        rm = r if prune_mlp else 1.0
+        a = max(min_attn_units, min(units_dense, math.floor(ra * units_dense + 1e-9)))
+        m = max(mlp_round_to, (math.floor(rm * mlp_dense + 1e-9) // mlp_round_to) * mlp_round_to)
+        return a, min(m, mlp_dense)
+
+    def value(a: int, m: int) -> float:
+        return dense - ca * (units_dense - a) - cm * (mlp_dense - m)
+
+    if fixed is not None:
+        a, m = int(fixed[0]), int(fixed[1])
+        if not (1 <= a <= units_dense and 1 <= m <= mlp_dense):
+            raise TargetError(f"explicit widths ({a} attention units, {m} MLP channels) are outside "
+                              f"1..{units_dense} and 1..{mlp_dense}")
+        return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
+                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric)
+    a_min, m_min = widths(0.0)
+    if value(a_min, m_min) > goal:
+        raise TargetError(
+            f"target {target} ({goal:.4g}) is below the smallest legal shape ({value(a_min, m_min):.4g} with "
+            f"{a_min} attention unit(s) and {m_min} MLP channels per layer); choose a larger target"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if value(*widths(mid)) <= goal:
+            lo = mid
+        else:
+            hi = mid
+    a, m = widths(lo)
+    if prune_mlp and cm > 0:  # spend what the attention granularity left on MLP channels
+        extra = int((goal - value(a, m)) // (cm * mlp_round_to)) * mlp_round_to
+        m = min(mlp_dense, m + max(0, extra))
+        while m > mlp_round_to and value(a, m) > goal:
+            m -= mlp_round_to
+    return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
+                  predicted=value(a, m), goal=goal, dense=dense, metric=target.metric)
+
+
+def plan_from_scores(
+    arch: ArchAdapter,
+    widths: Widths,
+    attn_scores: dict[int, torch.Tensor] | None,
+    mlp_scores: dict[int, torch.Tensor] | None,
+    layers: list[int] | None = None,
+) -> Plan:
+    """Keep the top-scoring units per layer at the solved widths (indices sorted ascending).
+
+    ``attn_scores[i]`` has one score per KV group (``kv_group`` units) or per query head (``head``
+    units: the top ``widths.attn_units`` heads of EVERY group are kept, so GQA stays valid).
+    ``mlp_scores[i]`` has one score per MLP channel. Ties break towards the lower index.
+    """
+    layers = list(range(arch.num_layers)) if layers is None else list(layers)
+    plan = Plan()
+    for i in layers:
+        g = arch.geometry(i)
+        lp = LayerPlan()
+        if attn_scores is not None and widths.attn_units < widths.attn_units_dense:
+            s = attn_scores[i].detach().float().cpu()
+            if widths.attn_unit == "kv_group":
+                lp.kv_heads = _topk(s, widths.attn_units)
+            else:
+                per_group = s.reshape(g.num_kv_heads, g.group_size)
+                lp.heads = sorted(k * g.group_size + j for k in range(g.num_kv_heads)
+                                  for j in _topk(per_group[k], widths.attn_units))
+        if mlp_scores is not None and widths.mlp < widths.mlp_dense:
+            lp.mlp = _topk(mlp_scores[i].detach().float().cpu(), widths.mlp)
+        if lp.to_dict():
+            plan.layers[i] = lp
+    return plan
+
+
+def shape_plan(arch: ArchAdapter, widths: Widths, layers: list[int] | None = None) -> Plan:
+    """A plan with the solved widths and arbitrary indices: for shape-only (meta-device) planning."""
+    layers = list(range(arch.num_layers)) if layers is None else list(layers)
+    g = arch.geometry(layers[0])
+    n_attn = g.num_kv_heads if widths.attn_unit == "kv_group" else g.num_heads
+    scores = {i: -torch.arange(n_attn, dtype=torch.float32) for i in layers}
+    mlp = {i: -torch.arange(g.intermediate, dtype=torch.float32) for i in layers}
+    return plan_from_scores(arch, widths, scores, mlp, layers)
+
+
+def _topk(scores: torch.Tensor, k: int) -> list[int]:
+    # stable: sort by (-score, index) so equal scores keep the lower index
+    order = torch.sort(-scores.flatten(), stable=True).indices[:k]
+    return sorted(order.tolist())

@@ -1,0 +1,138 @@
+"""Surgery: apply a :class:`~compress.model.plan.Plan` by slicing weights, GQA-correct.
+
+Plain tensor slicing through the adapter's accessors: q/o by query head, k/v by KV head (the query
+heads of a removed KV group go with it), gate/up/down by MLP channel, every block's input and output
+by hidden channel. The result is bit-exact against masking the same structures in the dense model
+(tests/test_graph.py). :func:`sync_config` then writes the new widths into the config and the
+attention modules' ``num_key_value_groups``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from compress.errors import UsageError
+from compress.model.adapter import ArchAdapter, adapter_for
+from compress.model.plan import Plan, resolve_attention
+from compress.modeling import LowRankLinear
+
+
+# ====================================================================== surgery
+def _index(idx: list[int] | torch.Tensor, device) -> torch.Tensor:
+    return torch.as_tensor(idx, dtype=torch.long, device=device)
+
+
+def slice_linear(old: nn.Module, out_idx: list[int] | torch.Tensor | None = None,
+                 in_idx: list[int] | torch.Tensor | None = None) -> nn.Module:
+    """A new linear (or :class:`LowRankLinear`) keeping rows ``out_idx`` and columns ``in_idx``."""
+    if isinstance(old, LowRankLinear):
+        new = LowRankLinear(old.in_features, old.out_features, old.rank, bias=old.B.bias is not None)
+        new.A = slice_linear(old.A, None, in_idx)
+        new.B = slice_linear(old.B, out_idx, None)
+        new.in_features, new.out_features = new.A.in_features, new.B.out_features
+        return new
+    W = old.weight.data
+    dev = W.device
+    if out_idx is not None:
+        W = W.index_select(0, _index(out_idx, dev))
+    if in_idx is not None:
+        W = W.index_select(1, _index(in_idx, dev))
+    bias = old.bias
+    new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(W.clone(), requires_grad=old.weight.requires_grad)
+    if bias is not None:
+        b = bias.data if out_idx is None else bias.data.index_select(0, _index(out_idx, dev))
+        new.bias = nn.Parameter(b.clone(), requires_grad=bias.requires_grad)
+    return new
+
+
+def _slice_vector_param(module: nn.Module, idx: list[int]) -> None:
+    w = module.weight
+    module.weight = nn.Parameter(w.data.index_select(0, _index(idx, w.device)).clone(), requires_grad=w.requires_grad)
+    if hasattr(module, "normalized_shape"):
+        module.normalized_shape = (len(idx),)
+
+
+def _head_rows(heads: list[int], hd: int, device) -> torch.Tensor:
+    return (torch.as_tensor(heads, device=device).unsqueeze(1) * hd + torch.arange(hd, device=device)).reshape(-1)
+
+
+def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) -> nn.Module:
+    """Cut the model in place to what ``plan`` keeps; update attention attributes and the config."""
+    arch = arch or adapter_for(model)
+    for i, lp in sorted(plan.layers.items()):
+        if not 0 <= i < arch.num_layers:
+            raise UsageError(f"plan names layer {i} but the model has {arch.num_layers} layers")
+        geom = arch.geometry(i)
+        attn, mlp = arch.attention(i), arch.mlp(i)
+        if lp.heads is not None or lp.kv_heads is not None:
+            heads, kv = resolve_attention(geom, lp.heads, lp.kv_heads, f" for layer {i}")
+            dev = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else None
+            q_rows = _head_rows(heads, geom.head_dim, dev)
+            kv_rows = _head_rows(kv, geom.head_dim, dev)
+            q, k, v, o = arch.attn_names
+            setattr(attn, q, slice_linear(getattr(attn, q), out_idx=q_rows))
+            setattr(attn, k, slice_linear(getattr(attn, k), out_idx=kv_rows))
+            setattr(attn, v, slice_linear(getattr(attn, v), out_idx=kv_rows))
+            setattr(attn, o, slice_linear(getattr(attn, o), in_idx=q_rows))
+            attn.num_key_value_groups = len(heads) // len(kv)
+        if lp.mlp is not None:
+            if not lp.mlp:
+                raise UsageError(f"plan removes every MLP channel of layer {i}; keep at least one")
+            if max(lp.mlp) >= geom.intermediate or min(lp.mlp) < 0:
+                raise UsageError(f"plan names an MLP channel outside 0..{geom.intermediate - 1} in layer {i}")
+            gate, up, down = arch.mlp_names
+            idx = sorted(set(lp.mlp))
+            setattr(mlp, gate, slice_linear(getattr(mlp, gate), out_idx=idx))
+            setattr(mlp, up, slice_linear(getattr(mlp, up), out_idx=idx))
+            setattr(mlp, down, slice_linear(getattr(mlp, down), in_idx=idx))
+    if plan.hidden is not None:
+        _apply_hidden(arch, sorted(set(plan.hidden)))
+    sync_config(model, arch)
+    return model
+
+
+def _apply_hidden(arch: ArchAdapter, keep: list[int]) -> None:
+    tied = arch.tied_embeddings
+    emb = arch.embed_tokens
+    emb.weight = nn.Parameter(emb.weight.data[:, keep].clone(), requires_grad=emb.weight.requires_grad)
+    emb.embedding_dim = len(keep)
+    for i in range(arch.num_layers):
+        _slice_vector_param(arch.input_norm(i), keep)
+        _slice_vector_param(arch.post_attn_norm(i), keep)
+        attn, mlp = arch.attention(i), arch.mlp(i)
+        q, k, v, o = arch.attn_names
+        for n in (q, k, v):
+            setattr(attn, n, slice_linear(getattr(attn, n), in_idx=keep))
+        setattr(attn, o, slice_linear(getattr(attn, o), out_idx=keep))
+        gate, up, down = arch.mlp_names
+        for n in (gate, up):
+            setattr(mlp, n, slice_linear(getattr(mlp, n), in_idx=keep))
+        setattr(mlp, down, slice_linear(getattr(mlp, down), out_idx=keep))
+    _slice_vector_param(arch.final_norm, keep)
+    if tied:
+        arch.lm_head.weight = emb.weight
+        arch.lm_head.in_features = len(keep)
+    else:
+        arch.model.lm_head = slice_linear(arch.lm_head, in_idx=keep)
+
+
+def sync_config(model: nn.Module, arch: ArchAdapter | None = None) -> None:
+    """Make attention attributes and the config agree with the weights.
+
+    Uniform shapes are written to the config (it then describes the model exactly). Non-uniform
+    models keep their config; export writes a per-layer ``compress`` config for them.
+    """
+    arch = arch or adapter_for(model)
+    geoms = arch.geometries()
+    for i, g in enumerate(geoms):
+        arch.attention(i).num_key_value_groups = g.group_size
+    cfg = model.config
+    cfg.hidden_size = geoms[0].hidden if geoms else cfg.hidden_size
+    if len(set(geoms)) == 1:
+        g = geoms[0]
+        cfg.num_attention_heads = g.num_heads
+        cfg.num_key_value_heads = g.num_kv_heads
+        cfg.intermediate_size = g.intermediate
+        cfg.head_dim = g.head_dim

@@ -1,0 +1,317 @@
+"""One pruning run, start to finish: the engine behind ``compress run`` and the benchmark cells.
+
+Order matters for the user: everything that can be refused is refused by
+:func:`compress.pipeline.preflight.preflight` before any weight is loaded, and nothing is written
+unless the run succeeds — except the checkpoints of an iterative method, kept in a hidden sibling of
+``--out`` (:func:`state_dir_for`) so that ``--resume`` continues an interrupted run; they are removed
+once the output is saved.
+
+How data flows: the target is parsed once, where it enters (:class:`RunSpec`); the method draws its
+calibration blocks through the context (``ctx.draw``), which records them, and the run's
+``calibration_hash`` is of exactly those blocks; the method returns a plan (kept indices per layer,
+in the dense numbering), whose hash and footprint go into the record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import NumericalError, TargetError, UsageError
+from compress.model.footprint import Footprint, footprint
+from compress.pipeline.preflight import DEFAULT_CALIB, Checked, meta_model, preflight
+from compress.pipeline.record import empty_run_record, jsonable, versions
+from compress.plugins import get_registry
+from compress.probes import track_peak_rss
+from compress.pruner import PruneContext, Pruner
+from compress.target import Target
+
+__all__ = ["DEFAULT_CALIB", "RunResult", "RunSpec", "check_finite_weights", "dry_run", "meta_model", "run", "state_dir_for"]
+
+
+@dataclass
+class RunSpec:
+    """What the user asked for (CLI flags, recipe, a benchmark cell, the Python API).
+
+    ``target`` is parsed here, once: a string becomes a :class:`~compress.target.Target` (a bad one is
+    a one-line :class:`~compress.errors.TargetError`), and everything downstream uses the object."""
+
+    method: str
+    target: Target | str
+    model: str | None = None
+    out: str | None = None
+    seed: int = 0
+    calib: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    device: str = "cpu"
+    dry_run: bool = False
+    overwrite: bool = False
+    recover_tokens: int = 0
+    recover_mode: str = "full"
+    recover_settings: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    seq_len_flops: int = 2048
+    progress: bool = True
+    resume: bool = False  # continue an interrupted run from its checkpoint (iterative methods)
+    # calibrate one decoder layer at a time (compress.calib.layerwise); None = on when the weights
+    # exceed compress.calib.layerwise.LAYERWISE_AUTO_BYTES (4 GiB). Layer-wise, the weights stay in CPU
+    # RAM and each layer visits ``device`` in turn; ``offload_dir`` caches the activations in files there.
+    layerwise: bool | None = None
+    offload_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.target = Target.parse(self.target)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the pruned model (and its tokenizer), the plan, both footprints, and the
+    JSON record (schema :data:`compress.pipeline.record.SCHEMA`, also written as ``compress_run.json``)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    plan: dict[str, Any]
+    dense: Footprint
+    achieved: Footprint
+    record: dict[str, Any]
+
+    @property
+    def export(self) -> dict[str, Any] | None:
+        """``{kind, reason, path}`` of the saved folder, None when the run saved nothing."""
+        return self.record.get("export")
+
+
+def check_finite_weights(model: torch.nn.Module, when: str) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not torch.isfinite(p).all():
+            raise NumericalError(f"non-finite values in {name} {when}; check the input model / method settings")
+
+
+def _goal_check(target: Target, dense: Footprint, achieved: Footprint, method: str) -> None:
+    goal = target.goal(dense.of(target.metric))
+    got = achieved.of(target.metric)
+    if got > goal * (1 + 1e-9):
+        raise TargetError(f"method {method} ended above its target: {target.metric} {got:.6g} > goal {goal:.6g}")
+
+
+STATE_SUFFIX = ".compress-state"
+
+
+def state_dir_for(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its checkpoints: a hidden sibling, removed once ``out`` is saved."""
+    return out.parent / f".{out.name}{STATE_SUFFIX}"
+
+
+def run_key(spec: RunSpec, pruner: Pruner, source: str) -> str:
+    """Hash of everything that determines a run's result: a checkpoint resumes only the run that wrote it."""
+    p = Path(source).expanduser()
+    doc = {
+        "model": str(p.resolve()) if p.exists() else source, "method": pruner.name,
+        "config": pruner.config.model_dump(mode="json"), "target": str(spec.target), "seed": spec.seed,
+        "calib": spec.calib or DEFAULT_CALIB, "dtype": spec.dtype, "device": spec.device,
+        "recover": [spec.recover_tokens, spec.recover_mode, spec.recover_settings],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resume_state(state_dir: Path, key: str, spec: RunSpec, log) -> bool:
+    """Decide what to do with a checkpoint left by an interrupted run, before any work.
+
+    Returns True when the state folder must be discarded before pruning (``--overwrite``)."""
+    from compress.io.checkpoint import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(state_dir)
+    except UsageError:
+        if spec.overwrite:
+            return True
+        raise
+    if ckpt is None:
+        if spec.resume:
+            log(f"--resume: no interrupted run in {state_dir}; starting from the beginning")
+        return False
+    if spec.resume and ckpt.key == key:
+        log(f"resuming the interrupted run from {ckpt.path}")
+        return False
+    if spec.overwrite:
+        return True
+    if spec.resume:
+        raise UsageError(f"the interrupted run in {state_dir} had other settings (model, method, target, seed, "
+                         "calibration or dtype); repeat its command with --resume, or pass --overwrite to discard it")
+    raise UsageError(f"an interrupted run left its checkpoint in {state_dir}; pass --resume to continue it or "
+                     "--overwrite to start over")
+
+
+def _preflight(spec: RunSpec, *, dry: bool = False) -> Checked:
+    return preflight(
+        method=spec.method, settings=spec.settings, target=spec.target, model=spec.model,
+        out=None if dry else spec.out, overwrite=spec.overwrite, device=spec.device, dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code, recover_tokens=spec.recover_tokens,
+        recover_mode=spec.recover_mode, recover_settings=spec.recover_settings, seed=spec.seed, calib=spec.calib,
+        layerwise=spec.layerwise, offload_dir=spec.offload_dir, read_calibration=not dry,
+    )
+
+
+def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
+    """Plan shapes on the meta device: no weights are loaded or allocated. Returns the plan summary."""
+    from compress.calib.layerwise import resolve_layerwise
+    from compress.io.export import stock_expressible
+    from compress.model.memory import estimate_peak_memory
+
+    checked = _preflight(spec, dry=True)
+    pruner, target, shapes = checked.pruner, checked.target, checked.shapes
+    assert pruner is not None and target is not None and shapes is not None
+    registry = get_registry()
+    model, dense = shapes.model, shapes.dense
+    layerwise = resolve_layerwise(checked.layerwise_forced, model)
+    memory = estimate_peak_memory(pruner, model, target, layerwise=layerwise, arch=shapes.arch)
+    with registry.reported(pruner.name, "plan_shapes"):
+        planned = pruner.plan_shapes(model, target)
+    arch = registry.adapter_for(model)
+    after = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
+    _goal_check(target, dense, after, pruner.name)
+    stock, why = stock_expressible(model, arch)
+    return {
+        "dry_run": True,
+        "export": {"kind": "stock" if stock else "compress", "reason": why, "path": None},
+        "model": checked.source,
+        "method": pruner.name,
+        "target": str(target),
+        "plan": planned,
+        "dense": dense.to_dict(),
+        "achieved": after.to_dict(),
+        "ratios": after.ratios(dense),
+        "memory": memory.to_dict(),
+        "layers_after": after.layers[:1] if len({json.dumps(x, sort_keys=True) for x in after.layers}) == 1
+        else after.layers,
+    }
+
+
+def run(spec: RunSpec, log=print) -> RunResult:
+    """Prune (and optionally recover and export) a model."""
+    from compress.calib.layerwise import resolve_layerwise
+    from compress.io.export import export_model
+    from compress.io.loading import load_model
+    from compress.io.recipe import resolved_recipe
+
+    if spec.dry_run:
+        raise UsageError("a dry run plans shapes only: call compress.pipeline.run.dry_run (compress run --dry-run)")
+    registry = get_registry()
+    target: Target = spec.target  # type: ignore[assignment]  # parsed in RunSpec
+    if spec.resume and not spec.out:
+        raise UsageError("--resume continues an interrupted run into its --out folder; give the same --out")
+    checked = _preflight(spec)
+    pruner = checked.pruner
+    assert pruner is not None
+    out = checked.out
+    key = run_key(spec, pruner, checked.source)
+    state_dir = state_dir_for(out) if out is not None else None
+    discard_state = _resume_state(state_dir, key, spec, log) if state_dir is not None else False
+
+    t0 = time.perf_counter()
+    loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    layerwise = resolve_layerwise(checked.layerwise_forced, model)
+    if not layerwise and spec.device != "cpu":
+        model.to(spec.device)  # whole-model: all weights on the device; layer-wise: they stay in CPU RAM
+    arch = registry.adapter_for(model)
+    with registry.reported(pruner.name, "check"):  # the weights' shapes, which the config may misstate
+        pruner.check(model, target)
+    dense = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
+    target.check_reachable(dense.of(target.metric))
+    check_finite_weights(model, "of the input model")
+    load_s = time.perf_counter() - t0
+
+    calib = checked.calibration.with_tokenizer(tok) if checked.calibration is not None else None
+    rec_obj = None
+    if checked.recovery is not None:
+        from compress.train.recovery import Recovery
+
+        rec_obj = Recovery(calib, checked.recovery, progress=spec.progress)
+    ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
+                       recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
+                       layerwise=layerwise,
+                       offload_dir=Path(spec.offload_dir).expanduser() if spec.offload_dir else None)
+    if discard_state:
+        import shutil
+
+        shutil.rmtree(state_dir, ignore_errors=True)  # --overwrite: the interrupted run is discarded
+    torch.manual_seed(spec.seed)
+    t1 = time.perf_counter()
+    with track_peak_rss() as rss, registry.reported(pruner.name, "prune"):
+        result = pruner.prune(model, target, ctx)
+    prune_s = time.perf_counter() - t1
+    model = result.model
+    arch = registry.adapter_for(model)
+    achieved = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
+    _goal_check(target, dense, achieved, pruner.name)
+    recovery_info = None
+    if rec_obj is not None and not result.notes.get("recovered_inside"):
+        r = rec_obj(model)
+        model = r.model
+        recovery_info = {"tokens": r.tokens_seen, "steps": r.steps, "wall_s": r.wall_s, "world_size": r.world_size,
+                         "trained_params": r.trained_params, "final_loss": r.losses[-1][1] if r.losses else None}
+    check_finite_weights(model, f"after {pruner.name}")
+    plan_hash = hashlib.sha256(json.dumps(result.plan, sort_keys=True).encode()).hexdigest()
+    origin = registry.origin.get(pruner.name)
+    cfg = pruner.config
+    record = empty_run_record()
+    record.update({
+        "model": {"source": loaded.source},
+        "method": pruner.name,
+        "plugin": {"distribution": origin.distribution if origin else None, "version": origin.version if origin else None},
+        "settings": dict(spec.settings),
+        "config": cfg.model_dump(mode="json"),
+        "target": str(target),
+        "goal": target.goal(dense.of(target.metric)),
+        "seed": spec.seed,
+        "calib": spec.calib,
+        "calibration": calib.describe() if calib else None,
+        "calibration_hash": ctx.calibration_hash,
+        "plan_hash": plan_hash,
+        "recipe": resolved_recipe(pruner.name, cfg.model_dump(mode="json"), target=str(target), seed=spec.seed,
+                                  calib=calib.spec if calib is not None else None,
+                                  recover_tokens=spec.recover_tokens, recover_mode=spec.recover_mode,
+                                  recover_settings=spec.recover_settings),
+        "dense": dense.to_dict(),
+        "achieved": achieved.to_dict(),
+        "ratios": achieved.ratios(dense),
+        "recovery": {"tokens": spec.recover_tokens, "mode": spec.recover_mode,
+                     "settings": dict(spec.recover_settings)},
+        "recovery_result": recovery_info,
+        "notes": result.notes,
+        "timing_s": {"load": round(load_s, 3), "prune": round(prune_s, 3)},
+        "peak_rss_bytes": rss.peak_bytes,
+        "peak_rss_increase_bytes": rss.increase_bytes,
+        "peak_rss": {"prune": rss.peak_bytes},
+        "layerwise": layerwise,
+        "versions": versions(),
+    })
+    record = jsonable(record)
+    if out is not None:
+
+        def export() -> None:
+            plan_doc = {"method": pruner.name, "target": str(target), "seed": spec.seed, "plan": result.plan}
+            info = export_model(model, tok, out, kind=result.export, plan=plan_doc, record=record,
+                                overwrite=spec.overwrite)
+            record["export"] = info
+            record["weights_sha256"] = info["weights_sha256"]
+            if state_dir is not None:
+                import shutil
+
+                shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
+
+        from compress.train.distributed import on_main_process
+
+        # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
+        on_main_process(export, launched=rec_obj is not None)
+    return RunResult(model=model, tokenizer=tok, plan=result.plan, dense=dense, achieved=achieved,
+                     record=jsonable(record))
+

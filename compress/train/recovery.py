@@ -1,0 +1,385 @@
+"""Recovery training after pruning: full-parameter continued pre-training or LoRA, on a token budget.
+
+Training goes through the Hugging Face ``Trainer`` (no hand-written loop), so the same call runs on
+one CPU, one GPU, or several processes under ``accelerate launch`` (DDP, or FSDP/DeepSpeed through
+the accelerate config). The data are consecutive token blocks of a :class:`CalibrationSource`
+(``labels = input_ids``, the usual causal-LM objective).
+
+The number of optimiser steps is ``ceil(tokens / (seq_len * batch_size * grad_accum * world_size))``,
+so the budget is met or slightly exceeded; :attr:`RecoveryResult.tokens_seen` says by how much.
+
+LoRA adapters are merged back into the base weights at the end (``merge_and_unload``): the
+returned model has plain modules and the architecture of the input, ready for export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from compress.calib.sources import CalibrationSource
+from compress.errors import UsageError
+from compress.train.distributed import load_full_state, meta_skeleton
+
+T = TypeVar("T")
+
+
+#: LLM-Pruner's official LoRA recovery setting: every attention and MLP projection.
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+#: Default learning rates when ``lr`` is not given: 5e-5 for full continued pre-training (TransAct's
+#: setting), 1e-4 for LoRA (LLM-Pruner's setting).
+DEFAULT_LR: dict[str, float] = {"full": 5e-5, "lora": 1e-4}
+
+
+class RecoveryConfig(BaseModel):
+    """Recovery training settings. Unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: int = Field(gt=0, description="training token budget (all processes together)")
+    mode: Literal["full", "lora"] = "full"
+    seq_len: int = Field(512, gt=0)
+    batch_size: int = Field(4, gt=0, description="micro-batch per device")
+    grad_accum: int = Field(1, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: 5e-5 for full, 1e-4 for lora")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: str = "cosine"
+    lora_r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] | None = Field(None, description=f"None: {', '.join(DEFAULT_LORA_TARGETS)}")
+    seed: int = 0
+    bf16: bool = False
+    max_grad_norm: float = Field(1.0, ge=0)
+    logging_steps: int | None = Field(None, gt=0, description="None: about 25 log points per run")
+    train_shortcuts: bool = Field(False, description="full mode: also train SliceGPT's residual shortcut rotations")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> RecoveryConfig:
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ValueError("lora_targets is empty; leave it unset for the default projections")
+        return self
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.lora_targets) if self.lora_targets is not None else list(DEFAULT_LORA_TARGETS)
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum * world_size
+
+    def num_steps(self, world_size: int = 1) -> int:
+        return math.ceil(self.tokens / self.tokens_per_step(world_size))
+
+
+@dataclass
+class RecoveryResult:
+    """What :func:`recover` returns. ``losses`` are ``(step, training loss)`` as logged."""
+
+    model: nn.Module
+    tokens_seen: int
+    steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    world_size: int = 1
+    lr: float = 0.0
+    mode: str = "full"
+    trained_params: int = 0  # parameters the optimizer updated (LoRA: the adapters)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly record (no model)."""
+        return {
+            "mode": self.mode,
+            "tokens_seen": self.tokens_seen,
+            "steps": self.steps,
+            "world_size": self.world_size,
+            "lr": self.lr,
+            "trained_params": self.trained_params,
+            "first_loss": self.losses[0][1] if self.losses else None,
+            "last_loss": self.losses[-1][1] if self.losses else None,
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+class _BlockDataset(torch.utils.data.Dataset):
+    """Token blocks ``[N, T]`` as causal-LM examples (labels = input_ids)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[i]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def resolve_lora_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Full names of the ``nn.Linear`` modules LoRA should wrap.
+
+    A target matches a module whose qualified name equals it or ends with ``"." + target``. A
+    matched module that is not an ``nn.Linear`` (e.g. a low-rank factorised projection) is
+    replaced by the ``nn.Linear`` modules inside it. Raises :class:`UsageError` when a target
+    matches nothing or a matched module contains no linear layer.
+    """
+    named = dict(model.named_modules())
+    out: list[str] = []
+    for t in targets:
+        hits = [n for n in named if n == t or n.endswith("." + t)]
+        if not hits:
+            raise UsageError(
+                f"LoRA target {t!r} matches no module of {type(model).__name__}; "
+                "set lora_targets to module-name suffixes such as q_proj, down_proj"
+            )
+        for n in hits:
+            mod = named[n]
+            if isinstance(mod, nn.Linear):
+                out.append(n)
+                continue
+            inner = [f"{n}.{c}" for c, m in mod.named_modules() if c and isinstance(m, nn.Linear)]
+            if not inner:
+                raise UsageError(
+                    f"LoRA target {n!r} is a {type(mod).__name__} with no nn.Linear inside; "
+                    "drop it from lora_targets or use mode='full'"
+                )
+            out.extend(inner)
+    return sorted(set(out))
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 calls a transformers API deprecated in 5.x; a warning nobody can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def recover(
+    model: nn.Module,
+    source: CalibrationSource,
+    cfg: RecoveryConfig,
+    *,
+    output_dir: str | None = None,
+    callbacks: Sequence[Any] | None = None,
+    progress: bool = True,
+    skip_tokens: int = 0,
+) -> RecoveryResult:
+    """Train ``model`` on ``cfg.tokens`` tokens of ``source`` and return it (trained in place).
+
+    ``skip_tokens``: tokens of the source's training stream already consumed by earlier calls
+    (:class:`Recovery` tracks it), so training between pruning shots sees fresh text each time, as
+    the official TransAct data stream does.
+
+    ``mode="full"`` trains every parameter; ``mode="lora"`` trains LoRA adapters on
+    ``cfg.targets`` and merges them into the weights. The model ends in ``eval()`` mode with its
+    ``config.use_cache`` and parameters' ``requires_grad`` flags as they were, on the device the
+    Trainer chose (the GPU when there is one). ``output_dir`` holds Trainer scratch files (nothing
+    is saved); a temporary directory, removed afterwards, when None. ``callbacks`` are extra
+    ``TrainerCallback`` objects. ``progress=False`` hides the progress bar and log lines.
+    """
+    t0 = time.perf_counter()
+    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    if not isinstance(cfg, RecoveryConfig):
+        raise UsageError(f"cfg must be a RecoveryConfig, got {type(cfg).__name__}")
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    n_params_before = _num_params(model)
+    lora_targets = resolve_lora_targets(model, cfg.targets) if cfg.mode == "lora" else []
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.mkdtemp(prefix="compress-recover-")
+        output_dir = tmp
+
+    def make_args(max_steps: int, logging_steps: int) -> TrainingArguments:
+        return TrainingArguments(
+            output_dir=output_dir,
+            max_steps=max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+            lr_scheduler_type=cfg.lr_scheduler,
+            max_grad_norm=cfg.max_grad_norm,
+            logging_steps=logging_steps,
+            logging_first_step=True,
+            save_strategy="no",
+            report_to=[],
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            bf16=cfg.bf16,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            ddp_find_unused_parameters=False,  # every trained parameter is used in every step
+            disable_tqdm=not progress,
+        )
+
+    train_model: nn.Module = model
+    merged = False
+    try:
+        # The world size is only known once the arguments have initialised the (possibly
+        # distributed) state, so build them once to read it, then again with the real step count.
+        try:
+            world = int(make_args(1, 1).world_size)
+            steps = cfg.num_steps(world)
+            logging_steps = cfg.logging_steps or max(1, steps // 25)
+            args = make_args(steps, logging_steps)
+        except ValueError as e:  # e.g. an unknown lr_scheduler name
+            raise UsageError(f"invalid recovery setting: {' '.join(str(e).split())[:200]}") from e
+
+        n_blocks = steps * cfg.batch_size * cfg.grad_accum * world
+        blocks = source.sequential_blocks(n_blocks, cfg.seq_len, skip_tokens=skip_tokens)
+
+        set_seed(cfg.seed)  # LoRA's A matrices are drawn at wrapping time
+        if config is not None and use_cache is not None:
+            config.use_cache = False
+        if cfg.mode == "full":
+            frozen = set() if cfg.train_shortcuts else {id(p) for p in shortcut_parameters(model)}
+            for p in model.parameters():
+                p.requires_grad_(id(p) not in frozen)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=lora_targets,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            with _quiet_peft():
+                train_model = get_peft_model(model, lcfg)
+
+        trained = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
+        trainer = Trainer(
+            model=train_model,
+            args=args,
+            train_dataset=_BlockDataset(blocks),
+            data_collator=default_data_collator,
+            callbacks=list(callbacks or []),
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)
+        # FSDP (accelerate config) shards the parameters in place; keep a weightless copy of the
+        # module tree to rebuild a plain model from the gathered full weights afterwards.
+        skeleton = meta_skeleton(train_model) if getattr(trainer, "is_fsdp_enabled", False) else None
+        with _quiet_peft():
+            trainer.train()
+        if skeleton is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # a collective: every process gathers the full weights, as after DDP each holds them
+            full = get_model_state_dict(trainer.model_wrapped, options=StateDictOptions(full_state_dict=True))
+            rebuilt = load_full_state(skeleton, full)
+            model = rebuilt if train_model is model else model
+            train_model = rebuilt
+        losses = [
+            (int(r["step"]), float(r["loss"])) for r in trainer.state.log_history if "loss" in r and "step" in r
+        ]
+        done_steps = int(trainer.state.global_step)
+
+        if cfg.mode == "lora":
+            with _quiet_peft():
+                model = train_model.merge_and_unload()
+            merged = True
+            if _num_params(model) != n_params_before:  # pragma: no cover - peft contract
+                raise RuntimeError("LoRA merge changed the parameter count; peft did not unload cleanly")
+    finally:
+        if train_model is not model and not merged:
+            model = train_model.unload()  # failed mid-way: drop the adapters, keep the base weights
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+        for n, p in model.named_parameters():
+            if n in grad_flags:
+                p.requires_grad_(grad_flags[n])
+        model.eval()
+
+    return RecoveryResult(
+        model=model,
+        tokens_seen=done_steps * cfg.tokens_per_step(world),
+        steps=done_steps,
+        losses=losses,
+        wall_s=time.perf_counter() - t0,
+        world_size=world,
+        lr=float(cfg.lr),
+        mode=cfg.mode,
+        trained_params=trained,
+    )
+
+
+@dataclass
+class Recovery:
+    """A recovery recipe bound to its data, for methods that train between pruning steps.
+
+    ``Recovery(source, cfg)(model, tokens=N)`` runs :func:`recover` with the budget replaced by
+    ``N`` (e.g. TransAct splits its budget over the shots) and, with ``lr``, the learning rate.
+    Successive calls continue one data stream: ``consumed`` counts the tokens trained on so far
+    (all processes together), and the next call starts after them. Set it to resume a stream.
+    """
+
+    source: CalibrationSource
+    cfg: RecoveryConfig
+    output_dir: str | None = None
+    progress: bool = True
+    consumed: int = 0
+
+    def __call__(self, model: nn.Module, *, tokens: int | None = None, lr: float | None = None,
+                 callbacks: Sequence[Any] | None = None) -> RecoveryResult:
+        update: dict[str, Any] = {}
+        if tokens is not None:
+            update["tokens"] = tokens
+        if lr is not None:
+            update["lr"] = lr
+        cfg = self.cfg.model_copy(update=update) if update else self.cfg
+        if cfg.tokens <= 0:
+            raise UsageError(f"recovery token budget must be positive, got {cfg.tokens}")
+        result = recover(model, self.source, cfg, output_dir=self.output_dir, callbacks=callbacks,
+                         progress=self.progress, skip_tokens=self.consumed)
+        self.consumed += result.tokens_seen
+        return result
+
+
+def shortcut_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of SliceGPT's residual shortcuts (``attn_shortcut`` / ``mlp_shortcut`` of a layer).
+
+    Full recovery keeps them frozen unless ``train_shortcuts``: they are the change of basis
+    ``Q_l^T Q_(l+1)`` between layers, and the residual stream passes through two of them per layer, so
+    AdamW's first, sign-like steps compound along the whole depth. On SliceGPT SmolLM2-135M at 80 %, one
+    step at 5e-5 raised the loss of the very batch it was computed on from 6.19 to 6.95 with them
+    trained, and lowered it to 5.79 with them frozen. SliceGPT's own recovery fine-tuning (LoRA on the
+    attention and MLP projections) never trains them either.
+    """
+    out: list[nn.Parameter] = []
+    for module in model.modules():
+        for name in ("attn_shortcut", "mlp_shortcut"):
+            sc = getattr(module, name, None)
+            if isinstance(sc, nn.Module):
+                out.extend(sc.parameters())
+    return out

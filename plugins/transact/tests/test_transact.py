@@ -1,0 +1,222 @@
+"""TransAct: scorer, schedule, GQA modes, target arithmetic, dry run, SmolLM2 integration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from compress_transact.transact import TransActConfig, TransActPruner
+
+from compress import PruneContext, Target, adapter_for
+from compress.testing import CalibrationSource, load_config, tiny_model, tiny_tokenizer
+from conftest import needs_assets
+
+REPO = Path(__file__).resolve().parents[3]
+LLAMA7B = REPO / "benchmarks" / "configs" / "llama-2-7b.json"
+
+
+def _meta(config_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(str(config_path))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def _ctx(model, samples=4, seq_len=32, seed=0):
+    tok = tiny_tokenizer()
+    src = CalibrationSource.from_spec("tinystories", tok, seed=seed, max_chars=100_000)
+    return PruneContext(arch=adapter_for(model), tokenizer=tok, calibration=src, seed=seed, progress=False,
+                        log=lambda m: None)
+
+
+# ----------------------------------------------------------------------------- scorer
+def test_head_score_formula_by_hand():
+    p = TransActPruner()
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0, 4.0, 4.0])
+    # head 0: mean 2.5 + (10/4)·4 = 12.5 ; head 1: mean 4 + (10/4)·4 = 14
+    assert p.head_scores(s, 4).tolist() == pytest.approx([12.5, 14.0])
+    p2 = TransActPruner({"alpha": 0.0})
+    assert p2.head_scores(s, 4).tolist() == pytest.approx([2.5, 4.0])
+
+
+@needs_assets
+def test_channel_salience_equals_l2_norm_of_transitional_activations():
+    """Streaming scores == sqrt(Σ A²) over stored o_proj / down_proj inputs of the same batches."""
+    model = tiny_model("llama-gqa")
+    ctx = _ctx(model)
+    batches = ctx.calibration.batches(4, 32)
+    stored: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for i in range(ctx.arch.num_layers):
+        for key, mod in ((f"{i}.o", ctx.arch.o_proj(i)), (f"{i}.d", ctx.arch.down_proj(i))):
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, k=key: stored.setdefault(k, []).append(a[0].detach())))
+    with torch.no_grad():
+        for b in batches.split(2):
+            model(input_ids=b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    sal = TransActPruner({"calib_batch_size": 3}).collect(model, ctx, batches)
+    for i in range(ctx.arch.num_layers):
+        o = torch.cat(stored[f"{i}.o"]).reshape(-1, stored[f"{i}.o"][0].shape[-1])
+        d = torch.cat(stored[f"{i}.d"]).reshape(-1, stored[f"{i}.d"][0].shape[-1])
+        assert torch.allclose(sal[i][0], o.pow(2).sum(0).sqrt(), rtol=1e-5)
+        assert torch.allclose(sal[i][1], d.pow(2).sum(0).sqrt(), rtol=1e-5)
+    # the MLP transitional activation really is act(gate(x)) * up(x): check one layer directly
+    mlp = ctx.arch.mlp(0)
+    x = torch.randn(5, 64)
+    assert torch.allclose(mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)), mlp(x), atol=1e-6)
+
+
+@needs_assets
+def test_pruning_keeps_the_top_scored_units():
+    model = tiny_model("llama-mha")
+    ctx = _ctx(model)
+    p = TransActPruner({"calib_samples": 4, "calib_seq_len": 32})
+    sal = p.collect(model, ctx, ctx.calibration.batches(4, 32))
+    res = p.prune(model, Target.parse("60%"), ctx)
+    widths = res.notes["widths"]
+    for i, lp in res.plan["layers"].items():
+        heads = p.head_scores(sal[int(i)][0], 16)
+        expect = sorted(torch.topk(heads, widths["attn_units"]).indices.tolist())
+        assert lp["kv_heads"] == expect
+        expect_mlp = sorted(torch.topk(sal[int(i)][1], widths["mlp"]).indices.tolist())
+        assert lp["mlp"] == expect_mlp
+
+
+# ----------------------------------------------------------------------------- schedule
+def test_schedule_follows_official_interpolation():
+    model = _meta(LLAMA7B)
+    arch = adapter_for(model)
+    p = TransActPruner({"shots": 4})
+    final = p.final_widths(arch, Target.parse("2B"))
+    steps = p.schedule(arch, final)
+    assert len(steps) == 4
+    cur_a, tgt_a, cur_f, tgt_f = 4096, final.attn_units * 128, 11008, final.mlp
+    for k, (units, mlp) in enumerate(steps):
+        remaining = 4 - k
+        cur_a = cur_a - (cur_a - tgt_a) // remaining
+        cur_f = cur_f - (cur_f - tgt_f) // remaining
+        assert units == -(-cur_a // 128)  # ceil, as the official head count
+        assert mlp == cur_f
+    assert steps[-1] == (final.attn_units, final.mlp)
+    assert [s[0] for s in steps] == sorted((s[0] for s in steps), reverse=True)
+
+
+@needs_assets
+def test_iterative_shots_plan_is_in_dense_numbering():
+    model = tiny_model("llama-mha")
+    ref = tiny_model("llama-mha")
+    ctx = _ctx(model)
+    res = TransActPruner({"shots": 3, "calib_samples": 4, "calib_seq_len": 32}).prune(model, Target.parse("50%"), ctx)
+    assert len([s for s in res.notes["shots"] if not s.get("skipped")]) >= 2
+    # the composed plan applied to a fresh dense model reproduces the iteratively pruned weights
+    from compress import Plan, apply_plan
+
+    apply_plan(ref, Plan.from_dict(res.plan))
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+# ----------------------------------------------------------------------------- GQA modes
+@needs_assets
+def test_gqa_groups_removes_whole_kv_groups():
+    model = tiny_model("llama-gqa")  # 8 q heads, 2 KV heads, head_dim 8
+    res = TransActPruner({"gqa": "groups", "calib_samples": 4, "calib_seq_len": 32}).prune(
+        model, Target.parse("60%"), _ctx(model))
+    g = adapter_for(res.model).geometry(0)
+    assert (g.num_heads, g.num_kv_heads) == (4, 1)
+    assert res.model.config.num_key_value_heads == 1
+    assert res.model.model.layers[0].self_attn.num_key_value_groups == 4
+
+
+@needs_assets
+def test_gqa_heads_keeps_every_kv_head_and_equal_heads_per_group():
+    model = tiny_model("llama-gqa")
+    res = TransActPruner({"gqa": "heads", "calib_samples": 4, "calib_seq_len": 32}).prune(
+        model, Target.parse("60%"), _ctx(model))
+    g = adapter_for(res.model).geometry(0)
+    assert g.num_kv_heads == 2 and g.num_heads < 8 and g.num_heads % 2 == 0
+    for lp in res.plan["layers"].values():
+        per_group = [sum(1 for h in lp["heads"] if h // 4 == k) for k in range(2)]
+        assert per_group[0] == per_group[1] > 0
+
+
+def test_gqa_heads_refuses_kv_target():
+    with pytest.raises(Exception, match="gqa=groups"):
+        TransActPruner({"gqa": "heads"}).check(tiny_model("llama-gqa"), Target.parse("kv:50%"))
+
+
+def test_config_rejects_unknown_keys_and_half_explicit_widths():
+    with pytest.raises(Exception, match="extra"):
+        TransActConfig(nope=1)
+    with pytest.raises(Exception, match="together"):
+        TransActConfig(attn_heads=4)
+
+
+# ----------------------------------------------------------------------------- target arithmetic
+@pytest.mark.parametrize("target,low", [("2B", 1.99e9), ("4B", 3.99e9)])
+def test_llama2_7b_dry_run_arithmetic(target, low):
+    from compress import footprint
+
+    model = _meta(LLAMA7B)
+    dense = footprint(model)
+    assert dense.params == 6_738_415_616
+    summary = TransActPruner().plan_shapes(model, Target.parse(target))
+    got = footprint(model)
+    goal = Target.parse(target).goal(dense.params)
+    assert low <= got.params <= goal
+    # as close as granularity allows: one more MLP channel in every layer would overshoot
+    assert got.params + 32 * 3 * 4096 > goal
+    a, f = summary["a"], summary["f"]
+    assert got.params == 2 * 32000 * 4096 + 65 * 4096 + 32 * (4 * 4096 * a + 3 * 4096 * f)
+    assert got.kv_bytes_per_token == dense.kv_bytes_per_token * a // 4096
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_llama2_7b_2b_plan_values():
+    model = _meta(LLAMA7B)
+    s = TransActPruner().plan_shapes(model, Target.parse("2B"))
+    # balanced keep ratio ≈ 0.27 → 8 whole heads (a = 1024) and the rest of the budget in the MLP
+    assert (s["heads"], s["a"], s["f"]) == (8, 1024, 3053)
+
+
+def test_explicit_official_widths():
+    model = _meta(LLAMA7B)
+    s = TransActPruner({"attn_heads": 6, "mlp_dim": 1536}).plan_shapes(model, Target.parse("2B"))
+    assert (s["a"], s["f"]) == (768, 1536)
+    from compress import count_params
+
+    assert count_params(model) == 1_269_043_200  # the paper's TransAct-1.3B (official -a 768 -f 1536)
+
+
+# ----------------------------------------------------------------------------- SmolLM2 integration
+@pytest.mark.slow
+@needs_assets
+def test_smollm2_prune_export_reload_with_stock_transformers(smollm2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from compress import footprint
+    from compress.testing import RunSpec, run
+
+    out = tmp_path / "smol-transact"
+    rec = run(RunSpec(method="transact", target="60%", model=str(smollm2_dir), out=str(out), calib="wikitext2",
+                      settings={"calib_samples": 4, "calib_seq_len": 128}, progress=False), log=lambda m: None)
+    model, rec = rec.model, rec.record
+    assert rec["export"]["kind"] == "stock"
+    assert rec["achieved"]["params"] <= 0.6 * rec["dense"]["params"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 281]])
+    with torch.no_grad():
+        a = model(ids).logits
+        b = reloaded(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    fp = footprint(reloaded)
+    g0 = fp.layers[0]
+    assert fp.kv_bytes_per_token == rec["dense"]["kv_bytes_per_token"] * g0["num_kv_heads"] // 3
+    plan = json.loads((out / "compress_plan.json").read_text())
+    assert plan["method"] == "transact" and len(plan["plan"]["layers"]) == 30
