@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="compress-hf-home-"))
+os.environ.setdefault("COMPRESS_CACHE", tempfile.mkdtemp(prefix="compress-cache-"))  # the methods catalog
 _default_assets = Path(__file__).resolve().parent.parent / "shared" / "assets"
 if not os.environ.get("COMPRESS_ASSETS") and _default_assets.is_dir():
     os.environ["COMPRESS_ASSETS"] = str(_default_assets)

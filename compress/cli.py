@@ -65,20 +65,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         **run_kwargs, model=args.model, out=args.out, dtype=args.dtype, device=args.device, dry_run=args.dry_run,
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
         progress=not args.json and not args.no_progress, resume=args.resume,
-        layerwise=args.layerwise, offload_dir=args.offload_dir,
+        layerwise=args.layerwise, offload_dir=args.offload_dir, evaluate=not args.no_eval,
     )
     con = _console()
     if not spec.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    log = (lambda m: None) if args.json else (lambda m: con.print(m))
+    log = (lambda m: None) if args.json else _phase_logger(con)
     rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
     if args.json:
         print(json.dumps(rec, indent=1, sort_keys=True))
         return 0
     _print_summary(rec)
     return 0
+
+
+def _phase_logger(con):
+    """One line per phase on stderr, with the time since the run started (in a terminal and piped)."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        con.print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", highlight=False, markup=False)
+
+    return log
 
 
 def _print_summary(rec: dict[str, Any]) -> None:
@@ -98,6 +110,10 @@ def _print_summary(rec: dict[str, Any]) -> None:
               f"{r['flops']:.2%}")
     t.add_row(f"KV bytes/token ({d['dtype']})", f"{d['kv_bytes_per_token']:,}", f"{a['kv_bytes_per_token']:,}",
               f"{r['kv']:.2%}")
+    q = rec.get("quality")
+    if q:
+        t.add_row(f"perplexity ({q['dense']['tokens']:,} held-out tokens)", f"{q['dense']['ppl']:,.2f}",
+                  f"{q['pruned']['ppl']:,.2f}", f"{q['ratio']:.2f}×")
     con.print(t)
     plan = rec.get("plan") or (rec.get("notes") or {}).get("widths")
     if plan:
@@ -121,6 +137,11 @@ def _print_summary(rec: dict[str, Any]) -> None:
     if rec.get("timing_s"):
         con.print(f"time: load {rec['timing_s']['load']:.1f}s, prune {rec['timing_s']['prune']:.1f}s; "
                   f"peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if q and q["ratio"] > q["warn_ratio"] and not rec.get("recovery_result"):
+        Console(stderr=True).print(
+            f"[bold yellow]warning:[/] perplexity rose {q['ratio']:.1f}× ({q['dense']['ppl']:.1f} → "
+            f"{q['pruned']['ppl']:.1f}), more than {q['warn_ratio']:g}×: the model needs recovery training before "
+            "use; add --recover-tokens N to this command, or run `compress recover OUT --tokens N --out DIR`")
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -153,35 +174,40 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from compress.plugins import get_registry
+    from compress.catalog import current
 
-    rows = get_registry().methods_table()
+    rows = current()["methods"]  # cached: no plugin (and no torch) is imported when nothing changed
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="pruning methods")
-    for col in ("method", "structures", "calibration", "gradients", "targets", "export", "plugin", "summary"):
-        t.add_column(col)
+    # one block per method, wrapped to the terminal: readable at 80 columns
+    con = Console()
     for r in rows:
-        t.add_row(r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else ""), ", ".join(r["structures"]),
-                  "yes" if r["needs_calibration"] else "no", "yes" if r["needs_gradients"] else "no",
-                  ", ".join(r["targets"]), r["export"], f"{r['distribution']} {r['version']}", r["summary"])
-    Console().print(t)
+        needs = [n for n, on in (("calibration", r["needs_calibration"]), ("gradients", r["needs_gradients"])) if on]
+        con.print(f"[bold]{r['name']}[/]" + (f"  (aliases: {', '.join(r['aliases'])})" if r["aliases"] else "")
+                  + f"  — {r['distribution']} {r['version']}", highlight=False)
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=11, no_wrap=True)
+        grid.add_column(ratio=1)
+        for key, value in (("prunes", ", ".join(r["structures"])), ("targets", ", ".join(r["targets"])),
+                           ("needs", ", ".join(needs) or "nothing"), ("export", r["export"]),
+                           ("how", r["summary"]), ("reference", r["reference"])):
+            if value:
+                grid.add_row(f"  {key}", value)
+        con.print(grid, highlight=False)
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from compress.plugins import get_registry
+    from compress.catalog import current
 
-    reg = get_registry()
-    rows = [p.to_dict() for p in reg.plugins]
-    for r in rows:
-        r.pop("traceback", None)
+    catalog = current()  # cached: no plugin (and no torch) is imported when nothing changed
+    rows, architectures = catalog["plugins"], catalog["architectures"]
     if args.json:
-        print(json.dumps({"plugins": rows, "architectures": sorted(reg.architectures)}, indent=1))
+        print(json.dumps({"plugins": rows, "architectures": architectures}, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -193,7 +219,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         t.add_row(r["name"], f"{r['distribution']} {r['version']}", r["status"], ", ".join(r["methods"]), r["error"] or "")
     con = Console()
     con.print(t)
-    con.print(f"architectures: {', '.join(sorted(reg.architectures))}")
+    con.print(f"architectures: {', '.join(architectures)}")
     return 0
 
 
@@ -379,10 +405,29 @@ def _attach_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("compress")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compress", description="Structured pruning of causal LMs, with measurements.")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"compress {_version()}")
+    # -v is also accepted after the subcommand (`compress run ... -v`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     r = sub.add_parser("run", help="prune a model to a target and save it")
     r.add_argument("--model", help="HF folder, hub id, .gguf file (default: $COMPRESS_MODEL or SmolLM2-135M)")
@@ -396,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", "--config", dest="recipe", metavar="FILE",
                    help="YAML/JSON recipe: method, its settings, optional run keys (flags and --set win)")
     r.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="where calibration runs: cpu (default), cuda, cuda:N, mps")
     r.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate one decoder layer at a time: weights stay in CPU RAM, each layer visits --device "
                         "in turn (default: on above 4 GiB of weights)")
@@ -407,10 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (iterative methods, e.g. TransAct shots)")
     r.add_argument("--recover-tokens", type=int, default=None, help="recovery training budget after pruning")
-    r.add_argument("--recover-mode", choices=("full", "lora"), default=None)
+    r.add_argument("--recover-mode", choices=("full", "lora"), default=None,
+                   help="recovery training of every weight (full, default) or LoRA adapters merged back")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
+    r.add_argument("--no-eval", action="store_true",
+                   help="skip the quality check (perplexity before -> after on a held-out slice, a few seconds)")
     r.add_argument("--json", action="store_true", help="print the run record as JSON")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (one line per phase still)")
     r.set_defaults(fn=cmd_run)
 
     rc = sub.add_parser("recover", help="recovery training of a saved model (works under `accelerate launch`)")
@@ -427,38 +475,38 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--logging-steps", type=int, default=None, help="log the loss every N steps")
     rc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="other recovery setting, e.g. warmup_ratio=0 or lora_r=16 (repeatable)")
-    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--seed", type=int, default=0, help="training data order and init seed (default 0)")
     rc.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     rc.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     rc.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
     rc.add_argument("--json", action="store_true", help="print the record as JSON")
-    rc.add_argument("--no-progress", action="store_true")
+    rc.add_argument("--no-progress", action="store_true", help="no progress bars")
     rc.set_defaults(fn=cmd_recover)
 
     m = sub.add_parser("methods", help="list pruning methods and their capabilities")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print every method's capabilities as JSON")
     m.set_defaults(fn=cmd_methods)
 
     pl = sub.add_parser("plugins", help="list loaded and failed plugins")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="print the plugins and architectures as JSON")
     pl.set_defaults(fn=cmd_plugins)
 
     i = sub.add_parser("inspect", help="architecture, params, FLOPs/token, KV bytes/token (no weights loaded)")
     i.add_argument("model", nargs="?", help="HF folder, hub id, .gguf file or config.json")
     i.add_argument("--seq-len", type=int, default=2048, help="context length for FLOPs/token")
-    i.add_argument("--trust-remote-code", action="store_true")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the model's config")
+    i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(fn=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity and lm-eval tasks of a saved model")
-    e.add_argument("model", nargs="?")
+    e.add_argument("model", nargs="?", help="saved model folder, hub id or .gguf (default: the default model)")
     e.add_argument("--ppl", action="append", metavar="SET[:LEN,LEN]", help="e.g. wikitext2:2048,128 (repeatable)")
     e.add_argument("--tasks", help="comma list, e.g. piqa,arc_easy,hellaswag")
     e.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction")
     e.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
-    e.add_argument("--dtype", default=None)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    e.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the model")
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="run a benchmark suite (one isolated process and record per cell)")
@@ -506,10 +554,11 @@ def _disable_hf_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("0", "false", "no", ""):
-        _disable_hf_progress_bars()
     parser = build_parser()
     args = parser.parse_args(_attach_values(list(sys.argv[1:] if argv is None else argv)))
+    light = args.command in ("methods", "plugins")  # answered without torch / transformers when cached
+    if not light and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("0", "false", "no", ""):
+        _disable_hf_progress_bars()
     try:
         from compress.errors import CompressError
     except Exception as e:  # noqa: BLE001
@@ -518,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except CompressError as e:
-        if args.verbose:
+        if getattr(args, "verbose", False):
             import traceback
 
             traceback.print_exc()
@@ -529,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001
-        if args.verbose:
+        if getattr(args, "verbose", False):
             import traceback
 
             traceback.print_exc()

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from compress.assets import wikitext_join
 from compress.calib.runner import run_calibration
-from compress.calib.sources import CalibrationSource, wikitext_join
+from compress.calib.sources import CalibrationSource
 from compress.calib.stats import ChannelStats, record
-from compress.errors import CalibrationError, NumericalError
+from compress.errors import CalibrationError, NumericalError, UsageError
 from compress.testing import assets_dir, tiny_model, tiny_tokenizer
 
 ASSETS = assets_dir()
@@ -300,3 +301,24 @@ def test_run_calibration_skips_the_lm_head_unless_asked():
         run_calibration(model, ids, batch_size=2, progress=False, logits=True)
     assert len(calls) == 2
     assert torch.equal(lean["o"].l2, full["o"].l2)
+
+
+def test_packaged_wikitext_equals_the_assets_copy_and_needs_no_assets(monkeypatch, assets):
+    """The default calibration and perplexity text work with COMPRESS_ASSETS unset, from the copy
+    the package ships, and give exactly the assets folder's text (so the same blocks and PPL)."""
+    from compress.assets import data_text
+    from compress.evaluate import wikitext2_text
+
+    tok = tiny_tokenizer()
+    with_assets = {s: wikitext2_text(s) for s in ("valid", "test")}
+    calib_assets = CalibrationSource.from_spec("wikitext2", tok, seed=3)
+    assert calib_assets.path == "$COMPRESS_ASSETS/data/wikitext-2-raw/wiki.valid.raw"
+    monkeypatch.delenv("COMPRESS_ASSETS")
+    assert {s: wikitext2_text(s) for s in ("valid", "test")} == with_assets
+    calib = CalibrationSource.from_spec("wikitext2", tok, seed=3)
+    assert calib.path == "package:compress/data/wikitext-2-raw/wiki.valid.raw"
+    assert calib.fingerprint(4, 64) == calib_assets.fingerprint(4, 64)
+    with pytest.raises(CalibrationError, match="tinystories.*COMPRESS_ASSETS"):
+        CalibrationSource.from_spec("tinystories", tok)
+    with pytest.raises(UsageError, match="neither in"):
+        data_text("nope/missing.txt")

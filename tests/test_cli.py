@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +126,7 @@ def test_methods_and_plugins(capsys, monkeypatch):
     assert {"random", "magnitude", "transact"} <= set(rows)
     assert rows["magnitude"]["aliases"] == ["l2"] and rows["transact"]["distribution"] == "compress-transact"
     rc, out, _ = _run_cli(capsys, "methods")
-    assert rc == 0 and "magnitude (l2)" in out and "compress-transact 0.1.0" in out
+    assert rc == 0 and "magnitude  (aliases: l2)" in out and "compress-transact 0.1.0" in out
     rc, out, _ = _run_cli(capsys, "plugins", "--json")
     assert rc == 0
     doc = json.loads(out)
@@ -208,3 +210,54 @@ def test_run_magnitude_smollm2(tmp_path, capsys, monkeypatch, smollm2_dir, smoll
     with torch.no_grad():
         diff = (reloaded(ids).logits - exported["model"](ids).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+# ------------------------------------------------------------------------------ instant CLI
+def _fresh(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "COMPRESS_CACHE": str(cache), "COLUMNS": "80", **env}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+
+
+_PROBE = ("import sys\nfrom compress.cli import main\ntry:\n    rc = main({argv!r})\nexcept SystemExit as e:\n"
+          "    rc = e.code\nprint('RC', rc, 'TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"]])
+def test_help_and_version_do_not_import_torch(argv, tmp_path):
+    r = _fresh(_PROBE.format(argv=argv), tmp_path)
+    assert "RC 0 NO-TORCH" in r.stderr, r.stderr[-2000:]
+    if argv == ["--version"]:
+        assert r.stdout.strip().startswith("compress 0.")
+
+
+def test_methods_and_plugins_are_answered_from_the_catalog_without_torch(tmp_path):
+    first = _fresh(_PROBE.format(argv=["methods", "--json"]), tmp_path)
+    assert "RC 0" in first.stderr, first.stderr[-2000:]
+    for argv in (["methods", "--json"], ["plugins", "--json"], ["methods"]):
+        again = _fresh(_PROBE.format(argv=argv), tmp_path)
+        assert "RC 0 NO-TORCH" in again.stderr, (argv, again.stderr[-2000:])
+        if argv == ["methods", "--json"]:
+            assert json.loads(again.stdout) == json.loads(first.stdout)  # the cache is the registry's table
+    table = _fresh(_PROBE.format(argv=["methods"]), tmp_path).stdout
+    assert "transact" in table and max(len(line) for line in table.splitlines()) <= 80
+    # another plugin selection is another catalog: rebuilt from the registry, not served stale
+    only = _fresh(_PROBE.format(argv=["methods", "--json"]), tmp_path, COMPRESS_PLUGINS="naive")
+    assert {r["name"] for r in json.loads(only.stdout)} == {"magnitude", "random"}
+
+
+def test_verbose_is_accepted_after_the_subcommand(capsys):
+    rc, _, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "sixty", "--dry-run", "-v")
+    assert rc == 2 and "cannot parse target 'sixty'" in err
+
+
+def test_every_option_has_help():
+    from compress.cli import build_parser
+
+    parser = build_parser()
+    missing = []
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for name, sub in [("compress", parser), *subs.choices.items()]:
+        for action in sub._actions:
+            if action.option_strings and not action.help and action.help is not argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings)}")
+    assert not missing, missing

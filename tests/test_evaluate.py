@@ -87,11 +87,12 @@ def test_wikitext2_token_count_matches_reference():
 
 def test_missing_assets_is_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESS_ASSETS", str(tmp_path / "nope"))
-    with pytest.raises(UsageError, match="COMPRESS_ASSETS"):
-        ev.wikitext2_text()
+    with pytest.raises(UsageError, match="COMPRESS_ASSETS=.* is not a folder"):
+        ev.wikitext2_text()  # a set but wrong override is an error, not a silent fallback
     monkeypatch.delenv("COMPRESS_ASSETS")
-    with pytest.raises(UsageError, match="COMPRESS_ASSETS is not set"):
-        ev.wikitext2_text()
+    assert ev.wikitext2_text().startswith("\n\n = Robert Boulter = \n\n")  # shipped with the package
+    with pytest.raises(UsageError, match="tinystories.*COMPRESS_ASSETS"):
+        ev.ppl_text("tinystories")
     with pytest.raises(UsageError, match="COMPRESS_ASSETS"):
         ev.lm_eval_tasks(None, None, ["piqa"])  # type: ignore[arg-type]
 

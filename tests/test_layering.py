@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model", "modeling"),  # adapters, plans, surgery, sizing, footprint; the export modeling file
     ("calib", "io", "evaluate", "probes"),  # data and statistics; files in and out; quality; process probes
     ("train",),  # recovery training
-    ("pruner", "plugins"),  # the method contract (with its services) and the registry
+    ("pruner", "plugins", "catalog"),  # the method contract (with its services), the registry, its cache
     ("pipeline",),  # preflight, run, dry run, recover, the Python API
     ("bench", "cli", "testing", "__init__"),  # entry points
 )

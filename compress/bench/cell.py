@@ -100,6 +100,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                 settings=dict(cell.settings), dtype=cell.model.get("dtype"),
                 recover_tokens=int(rec.get("tokens") or 0), recover_mode=rec.get("mode", "full"),
                 recover_settings=dict(rec.get("settings") or {}), progress=False,
+                evaluate=False,  # the cell measures quality itself, by its eval protocol
             )
             _log(f"pruning {path} with {cell.method} to {cell.target}")
             t0 = time.perf_counter()

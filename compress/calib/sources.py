@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from compress.errors import CalibrationError
+from compress.assets import data_text, wikitext_join
+from compress.errors import CalibrationError, UsageError
 
-#: Built-in aliases: name -> (path under ``$COMPRESS_ASSETS``, reader kind).
+#: Built-in aliases: name -> (data file, reader kind); see compress.assets.data_text for where it is read.
 ALIASES: dict[str, tuple[str, str]] = {
-    "wikitext2": ("data/wikitext-2-raw/wiki.valid.raw", "wikitext"),
-    "wikitext2-test": ("data/wikitext-2-raw/wiki.test.raw", "wikitext"),
-    "tinystories": ("data/tinystories/tinystories_val.txt", "text"),
+    "wikitext2": ("wikitext-2-raw/wiki.valid.raw", "wikitext"),  # shipped with the package too
+    "wikitext2-test": ("wikitext-2-raw/wiki.test.raw", "wikitext"),  # shipped with the package too
+    "tinystories": ("tinystories/tinystories_val.txt", "text"),  # $COMPRESS_ASSETS only
 }
 
 
@@ -44,16 +45,6 @@ _ONE_SHOT_CHARS = 4_000_000
 
 
 _CHUNK_CHARS = 1_000_000
-
-
-def wikitext_join(raw: str) -> str:
-    """WikiText-2 raw file -> the text used by GPTQ, SparseGPT, LLM-Pruner and SliceGPT.
-
-    The raw file holds one HF dataset row per line (empty rows written as ``" "``); the protocol
-    joins the rows with ``"\\n\\n"``, where non-empty rows keep their trailing newline.
-    """
-    rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
-    return "\n\n".join(rows)
 
 
 def _one_line(e: BaseException) -> str:
@@ -343,18 +334,13 @@ def _load_path(spec: str) -> tuple[str, str]:
 
 def _load_alias(name: str) -> tuple[str, str]:
     rel, kind = ALIASES[name]
-    root = os.environ.get("COMPRESS_ASSETS")
-    if not root:
-        raise CalibrationError(
-            f"calibration alias {name!r} needs $COMPRESS_ASSETS (the shared assets folder); set it or pass a file path"
-        )
-    path = Path(root).expanduser() / rel
-    if not path.is_file():
-        raise CalibrationError(f"alias {name!r} expects {str(path)!r}, which does not exist; check $COMPRESS_ASSETS")
-    text = _read_text(path)
+    try:
+        text, where = data_text(rel)
+    except UsageError as e:
+        raise CalibrationError(f"calibration alias {name!r}: {e}") from None
     if kind == "wikitext":
         text = wikitext_join(text)
-    return text, str(path.resolve())
+    return text, where
 
 
 def _load_hf(spec: str, max_chars: int | None) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from compress.assets import asset_file
+from compress.assets import data_text, wikitext2
 from compress.errors import UsageError
 from compress.progress import progress_bar
 
@@ -25,17 +25,9 @@ PPL_DATASETS: tuple[str, ...] = ("wikitext2", "wikitext2-valid", "tinystories")
 
 
 def wikitext2_text(split: Literal["test", "valid"] = "test") -> str:
-    """WikiText-2 (raw) ``split`` joined the way the pruning papers join the HF dataset rows.
-
-    The raw file holds one HF row per line, empty rows written as " "; rows are restored as
-    ``line + "\\n"`` (empty rows as ``""``) and joined with ``"\\n\\n"``, which is
-    ``"\\n\\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split=...)["text"])``.
-    """
-    if split not in ("test", "valid"):
-        raise UsageError(f"unknown WikiText-2 split {split!r}; use 'test' or 'valid'")
-    text = asset_file("data", "wikitext-2-raw", f"wiki.{split}.raw").read_text(encoding="utf-8")
-    rows = [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
-    return "\n\n".join(rows)
+    """WikiText-2 (raw) ``split`` joined the way the pruning papers join the HF dataset rows
+    (:func:`compress.assets.wikitext2`: ``$COMPRESS_ASSETS`` or the package's own copy)."""
+    return wikitext2(split)[0]
 
 
 def ppl_text(source: str) -> str:
@@ -45,7 +37,7 @@ def ppl_text(source: str) -> str:
     if source == "wikitext2-valid":
         return wikitext2_text("valid")
     if source == "tinystories":
-        return asset_file("data", "tinystories", "tinystories_val.txt").read_text(encoding="utf-8")
+        return data_text("tinystories/tinystories_val.txt")[0]
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")

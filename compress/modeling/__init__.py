@@ -27,6 +27,8 @@ def register() -> None:
         AutoModelForCausalLM.register(CompressConfig, CompressForCausalLM)
 
 
+register()  # importing this package registers the compress model type
+
 __all__ = [
     "COMPRESS_MODEL_TYPE",
     "MODELING_FILE",

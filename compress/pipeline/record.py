@@ -38,6 +38,7 @@ RUN_RECORD_KEYS: dict[str, str] = {
     "dense": "footprint of the dense model (params, flops_per_token, kv_bytes_per_token, layers, ...)",
     "achieved": "footprint of the pruned model",
     "ratios": "achieved / dense for params, flops, kv",
+    "quality": "perplexity before -> after on a held-out slice ({text, dense, pruned, ratio}; None: not measured)",
     "recovery": "recovery asked: {tokens, mode, settings}",
     "recovery_result": "recovery done: tokens, steps, wall_s, world_size, trained_params, final_loss (None: none)",
     "notes": "the method's own notes (widths, shots, calibration sizes)",

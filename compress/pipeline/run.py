@@ -65,6 +65,7 @@ class RunSpec:
     # RAM and each layer visits ``device`` in turn; ``offload_dir`` caches the activations in files there.
     layerwise: bool | None = None
     offload_dir: str | None = None
+    evaluate: bool = True  # quality before -> after on a held-out slice (compress run --no-eval: False)
 
     def __post_init__(self) -> None:
         self.target = Target.parse(self.target)
@@ -81,11 +82,31 @@ class RunResult:
     dense: Footprint
     achieved: Footprint
     record: dict[str, Any]
+    export_kind: str = "auto"  # what the method asked for: auto / stock / compress
 
     @property
     def export(self) -> dict[str, Any] | None:
-        """``{kind, reason, path}`` of the saved folder, None when the run saved nothing."""
+        """``{kind, reason, path}`` of the saved folder, None when nothing was saved yet."""
         return self.record.get("export")
+
+    @property
+    def quality(self) -> dict[str, Any] | None:
+        """Perplexity before -> after on the held-out slice (None when not measured)."""
+        return self.record.get("quality")
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+        """Write the model folder exactly as ``compress run --out`` does (weights, tokenizer, plan,
+        record, resolved recipe, model card), atomically; returns ``{path, kind, reason, ...}``."""
+        from compress.io.export import check_output_dir, export_model
+
+        out = check_output_dir(path, overwrite)
+        rec = self.record
+        plan_doc = {"method": rec["method"], "target": rec["target"], "seed": rec["seed"], "plan": self.plan}
+        info = export_model(self.model, self.tokenizer, out, kind=self.export_kind, plan=plan_doc, record=rec,
+                            overwrite=overwrite)
+        rec["export"] = info
+        rec["weights_sha256"] = info["weights_sha256"]
+        return info
 
 
 def check_finite_weights(model: torch.nn.Module, when: str) -> None:
@@ -197,9 +218,7 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
 def run(spec: RunSpec, log=print) -> RunResult:
     """Prune (and optionally recover and export) a model."""
     from compress.calib.layerwise import resolve_layerwise
-    from compress.io.export import export_model
     from compress.io.loading import load_model
-    from compress.io.recipe import resolved_recipe
 
     if spec.dry_run:
         raise UsageError("a dry run plans shapes only: call compress.pipeline.run.dry_run (compress run --dry-run)")
@@ -243,7 +262,66 @@ def run(spec: RunSpec, log=print) -> RunResult:
         import shutil
 
         shutil.rmtree(state_dir, ignore_errors=True)  # --overwrite: the interrupted run is discarded
+    log(f"loaded {_display_source(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters")
+    result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
+                             load_s=load_s, log=log)
+    if out is not None:
+
+        def export() -> None:
+            info = result.save(out, overwrite=spec.overwrite)
+            log(f"saved {out} ({info['kind']} format)")
+            if state_dir is not None:
+                import shutil
+
+                shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
+
+        from compress.train.distributed import on_main_process
+
+        # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
+        on_main_process(export, launched=rec_obj is not None)
+    return result
+
+
+def _display_source(source: str) -> str:
+    """A model source as it may appear in output: a hub id or a file name, never a home path."""
+    p = Path(source).expanduser()
+    return p.name if p.exists() else source
+
+
+#: The held-out text of the quick quality check: WikiText-2 test (calibration reads validation).
+QUALITY_TEXT = "wikitext2"
+QUALITY_WINDOWS, QUALITY_SEQ_LEN = 8, 256
+#: Perplexity ratio (pruned / dense) above which a run warns that the model needs recovery.
+QUALITY_WARN_RATIO = 2.0
+
+
+def quick_quality(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """Perplexity on the first :data:`QUALITY_WINDOWS` windows of :data:`QUALITY_SEQ_LEN` tokens of
+    the WikiText-2 test split (capped at the model's context): seconds, and comparable before/after."""
+    from compress.evaluate.perplexity import perplexity, ppl_text
+
+    ctx_len = getattr(model.config, "max_position_embeddings", None) or QUALITY_SEQ_LEN
+    seq_len = min(QUALITY_SEQ_LEN, int(ctx_len))
+    res = perplexity(model, tokenizer, ppl_text(QUALITY_TEXT), seq_len=seq_len, max_windows=QUALITY_WINDOWS,
+                     batch_size=QUALITY_WINDOWS, progress=False)
+    return {"ppl": res["ppl"], "seq_len": seq_len, "windows": res["windows"], "tokens": res["predicted"]}
+
+
+def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok: Any, ctx: PruneContext, *,
+                    dense: Footprint, spec: RunSpec, source: str, load_s: float = 0.0, log=print) -> RunResult:
+    """Prune a loaded (or user-given) model with its context, recover if asked, measure, record.
+
+    The part of a run after loading, shared by :func:`run` and :func:`compress.pipeline.api.prune`."""
+    from compress.io.recipe import resolved_recipe
+
+    registry = get_registry()
+    quality: dict[str, Any] | None = None
+    if spec.evaluate and tok is not None:
+        t = time.perf_counter()
+        quality = {"text": f"{QUALITY_TEXT} test, first {QUALITY_WINDOWS} windows", "dense": quick_quality(model, tok)}
+        log(f"dense perplexity {quality['dense']['ppl']:.2f} ({time.perf_counter() - t:.1f}s)")
     torch.manual_seed(spec.seed)
+    log(f"pruning with {pruner.name} to {target}")
     t1 = time.perf_counter()
     with track_peak_rss() as rss, registry.reported(pruner.name, "prune"):
         result = pruner.prune(model, target, ctx)
@@ -252,19 +330,28 @@ def run(spec: RunSpec, log=print) -> RunResult:
     arch = registry.adapter_for(model)
     achieved = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     _goal_check(target, dense, achieved, pruner.name)
+    log(f"pruned in {prune_s:.1f}s: {achieved.params:,} parameters ({achieved.params / dense.params:.1%})")
     recovery_info = None
+    rec_obj = ctx.recover
     if rec_obj is not None and not result.notes.get("recovered_inside"):
+        log(f"recovery training: {spec.recover_tokens:,} tokens ({spec.recover_mode})")
         r = rec_obj(model)
         model = r.model
         recovery_info = {"tokens": r.tokens_seen, "steps": r.steps, "wall_s": r.wall_s, "world_size": r.world_size,
                          "trained_params": r.trained_params, "final_loss": r.losses[-1][1] if r.losses else None}
     check_finite_weights(model, f"after {pruner.name}")
+    if quality is not None:
+        quality["pruned"] = quick_quality(model, tok)
+        quality["ratio"] = quality["pruned"]["ppl"] / quality["dense"]["ppl"]
+        quality["warn_ratio"] = QUALITY_WARN_RATIO
+        log(f"pruned perplexity {quality['pruned']['ppl']:.2f} ({quality['ratio']:.2f}× dense)")
     plan_hash = hashlib.sha256(json.dumps(result.plan, sort_keys=True).encode()).hexdigest()
     origin = registry.origin.get(pruner.name)
     cfg = pruner.config
+    calib = ctx.calibration
     record = empty_run_record()
     record.update({
-        "model": {"source": loaded.source},
+        "model": {"source": _display_source(source)},
         "method": pruner.name,
         "plugin": {"distribution": origin.distribution if origin else None, "version": origin.version if origin else None},
         "settings": dict(spec.settings),
@@ -283,6 +370,7 @@ def run(spec: RunSpec, log=print) -> RunResult:
         "dense": dense.to_dict(),
         "achieved": achieved.to_dict(),
         "ratios": achieved.ratios(dense),
+        "quality": quality,
         "recovery": {"tokens": spec.recover_tokens, "mode": spec.recover_mode,
                      "settings": dict(spec.recover_settings)},
         "recovery_result": recovery_info,
@@ -291,27 +379,9 @@ def run(spec: RunSpec, log=print) -> RunResult:
         "peak_rss_bytes": rss.peak_bytes,
         "peak_rss_increase_bytes": rss.increase_bytes,
         "peak_rss": {"prune": rss.peak_bytes},
-        "layerwise": layerwise,
+        "layerwise": ctx.layerwise,
         "versions": versions(),
     })
-    record = jsonable(record)
-    if out is not None:
-
-        def export() -> None:
-            plan_doc = {"method": pruner.name, "target": str(target), "seed": spec.seed, "plan": result.plan}
-            info = export_model(model, tok, out, kind=result.export, plan=plan_doc, record=record,
-                                overwrite=spec.overwrite)
-            record["export"] = info
-            record["weights_sha256"] = info["weights_sha256"]
-            if state_dir is not None:
-                import shutil
-
-                shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
-
-        from compress.train.distributed import on_main_process
-
-        # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
-        on_main_process(export, launched=rec_obj is not None)
     return RunResult(model=model, tokenizer=tok, plan=result.plan, dense=dense, achieved=achieved,
-                     record=jsonable(record))
+                     record=jsonable(record), export_kind=result.export)
 
