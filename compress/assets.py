@@ -43,6 +43,15 @@ def asset_file(*parts: str) -> Path:
     return path
 
 
+def display_path(path: str | None) -> str | None:
+    """What records and model cards say about a user's path: an absolute path becomes its file name
+    (folders travel to other machines and hubs; a local path leaks and is wrong there). Aliases,
+    ``hf:`` specs, hub ids and relative paths are unchanged."""
+    if path is None:
+        return None
+    return Path(path).name if os.path.isabs(os.path.expanduser(path)) else path
+
+
 def data_text(rel: str) -> tuple[str, str]:
     """The text of data file ``rel`` (e.g. ``wikitext-2-raw/wiki.test.raw``) and where it came from.
 

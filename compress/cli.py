@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --config is the pre-recipe name of the same option, kept so existing commands keep working.
     r.add_argument("--recipe", "--config", dest="recipe", metavar="FILE",
                    help="YAML/JSON recipe: method, its settings, optional run keys (flags and --set win)")
-    r.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    r.add_argument("--dtype", default="auto", help="auto (default: the source's own dtype; bfloat16 for a GGUF "
+                   "file), float32, bfloat16, float16; calibration statistics are float32 whatever it is")
     r.add_argument("--device", default="cpu", help="where calibration runs: cpu (default), cuda, cuda:N, mps")
     r.add_argument("--layerwise", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate one decoder layer at a time: weights stay in CPU RAM, each layer visits --device "

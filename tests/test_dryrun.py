@@ -56,9 +56,10 @@ def test_dry_run_meets_target_without_weights(capsys, no_weights, config, target
     assert rec["achieved"]["kv_bytes_per_token"] <= rec["dense"]["kv_bytes_per_token"]
     assert rec["export"]["path"] is None
     mem = rec["memory"]
-    # float32 unless --dtype: the weights the real run would load (every parameter and buffer)
-    assert rec["dense"]["dtype"] == "float32"
-    assert 4 * dense <= mem["weights_bytes"] < 4 * dense * 1.001
+    # --dtype auto (the default): the config's own dtype, as the real run would load the weights
+    dtype = json.loads((ROOT / "benchmarks" / "configs" / f"{config}.json").read_text())["torch_dtype"]
+    assert rec["dense"]["dtype"] == dtype in ("float16", "bfloat16")
+    assert 2 * dense <= mem["weights_bytes"] < 2 * dense * 1.001
     assert mem["peak_bytes"] == mem["weights_bytes"] + sum(mem["working_bytes"].values())
     if get_registry().get(method).capabilities.needs_calibration:
         assert mem["peak_bytes"] > mem["weights_bytes"]
@@ -79,13 +80,13 @@ def test_peak_memory_terms(capsys, no_weights):
     assert "gradients_fp32" not in _dry(capsys, "llama-2-7b", "llm_pruner", "2B",
                                         "--set", "importance=l2")["memory"]["working_bytes"]
 
-    fp32 = _dry(capsys, "llama-2-7b", "transact", "2B", "--no-layerwise")
+    fp32 = _dry(capsys, "llama-2-7b", "transact", "2B", "--no-layerwise", "--dtype", "float32")
     bf16 = _dry(capsys, "llama-2-7b", "transact", "2B", "--no-layerwise", "--dtype", "bfloat16")
     assert bf16["dense"]["dtype"] == "bfloat16" and bf16["dense"]["params"] == fp32["dense"]["params"]
     assert abs(bf16["memory"]["weights_bytes"] * 2 - fp32["memory"]["weights_bytes"]) <= 1024  # fp32 rotary buffers
     assert bf16["dense"]["kv_bytes_per_token"] * 2 == fp32["dense"]["kv_bytes_per_token"] == 2 * L * H * 4
     assert fp32["memory"]["mode"] == "whole-model" and "activations" in fp32["memory"]["working_bytes"]
-    lw = _dry(capsys, "llama-2-7b", "transact", "2B", "--layerwise")["memory"]
+    lw = _dry(capsys, "llama-2-7b", "transact", "2B", "--layerwise", "--dtype", "float32")["memory"]
     assert lw["mode"] == "layer-wise" and lw["working_bytes"]["layer_on_device"] == (4 * H * H + 3 * H * F + 2 * H) * 4
     # whole-model calibration holds a mini-batch of logits (4 × 2048 × 32000 floats); layer-wise never does
     assert fp32["memory"]["working_bytes"]["activations"] >= 4 * 2048 * 32000 * 4

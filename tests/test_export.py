@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_9_at_random
 from transformers import AutoModelForCausalLM
 
 from compress.errors import UsageError
@@ -23,6 +22,7 @@ from compress.model.plan import LayerPlan, Plan
 from compress.model.surgery import apply_plan
 from compress.modeling import LowRankLinear
 from compress.testing import tiny_model, tiny_tokenizer
+from conftest import kill_9_at_random
 
 ATOL = 1e-5
 IDS = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -281,3 +281,51 @@ def test_kill_9_during_export_leaves_complete_or_absent(tmp_path, assets):
         AutoModelForCausalLM.from_pretrained(folder)
     # whatever was in flight is only under a hidden temporary name
     assert all(p.name.startswith((".m", ".same")) for p in out.iterdir() if p.name.startswith("."))
+
+
+# ------------------------------------------------------------------------------ hub-ready folder
+@pytest.mark.parametrize("kind", ["stock", "compress"])
+def test_generation_config_and_chat_template_travel(kind, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from compress.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    if tok is None:
+        pytest.skip("needs $COMPRESS_ASSETS")
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    model = tiny_model("llama-gqa")
+    model.generation_config = GenerationConfig(eos_token_id=[2, 7], bos_token_id=1, do_sample=True,
+                                               temperature=0.2, top_p=0.9)
+    export_model(model, tok, tmp_path / "o", kind=kind, plan={}, record={"method": "x", "target": "60%"})
+    gen = GenerationConfig.from_pretrained(tmp_path / "o")
+    assert gen.eos_token_id == [2, 7] and gen.do_sample is True and gen.temperature == 0.2 and gen.top_p == 0.9
+    again = AutoTokenizer.from_pretrained(tmp_path / "o", trust_remote_code=kind == "compress")
+    assert again.chat_template == tok.chat_template
+
+
+def test_run_folder_is_hub_ready_and_has_no_absolute_path(tmp_path, stories_dir, capsys):
+    import re
+
+    import yaml
+
+    from compress.cli import main
+
+    out = tmp_path / "deep" / "out"
+    calib = tmp_path / "my-calibration.txt"
+    calib.write_text((stories_dir.parent.parent / "data" / "tinystories" / "tinystories_val.txt").read_text()[:200_000])
+    assert main(["run", "--method", "transact", "--target", "60%", "--model", str(stories_dir), "--out", str(out),
+                 "--calib", str(calib), "--set", "calib_samples=4", "--set", "calib_seq_len=32", "--json"]) == 0
+    capsys.readouterr()
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---", 2)[1])
+    assert front["pipeline_tag"] == "text-generation" and "transact" in front["tags"]
+    assert "| parameters |" in card and "| perplexity (" in card and "no recovery training was run" in card
+    # numbers are formatted (no raw floats such as 208491264.0)
+    assert not re.search(r"\d{7,}\.0", card)
+    leaks = {str(tmp_path), str(stories_dir), str(Path.home())}
+    for f in out.iterdir():
+        if f.suffix in (".json", ".md", ".yaml", ".txt", ".jinja"):
+            text = f.read_text(errors="replace")
+            for leak in leaks:
+                assert leak not in text, f"{f.name} holds the absolute path {leak}"

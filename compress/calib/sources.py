@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from compress.assets import data_text, wikitext_join
+from compress.assets import data_text, display_path, wikitext_join
 from compress.errors import CalibrationError, UsageError
 
 #: Built-in aliases: name -> (data file, reader kind); see compress.assets.data_text for where it is read.
@@ -213,9 +213,10 @@ class CalibrationSource:
         return blocks_sha256(self.batches(n, seq_len))
 
     def describe(self) -> dict[str, Any]:
+        """What the record says about the text: no absolute path (records travel with model folders)."""
         return {
-            "spec": self.spec,
-            "path": self.path,
+            "spec": display_path(self.spec),
+            "path": display_path(self.path),
             "chars": len(self.text),
             "tokens": self.num_tokens,
             "seed": self.seed,

@@ -143,6 +143,10 @@ def to_compress_model(model: nn.Module, arch: ArchAdapter | None = None) -> Comp
     still_meta = [n for n, t in list(cm.named_parameters()) + list(cm.named_buffers()) if t.is_meta]
     if still_meta:
         raise RuntimeError(f"tensors left on meta after conversion: {still_meta[:5]}")
+    if getattr(model, "generation_config", None) is not None:  # eos ids, sampling defaults of the source
+        import copy
+
+        cm.generation_config = copy.deepcopy(model.generation_config)
     return cm.eval()
 
 
@@ -236,36 +240,65 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _human(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for suf, mul in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= mul:
+            return f"{n / mul:.1f}{suf}"
+    return f"{n:,.0f}"
+
+
 def _default_card(record: dict, kind: str) -> str:
-    fp = record.get("achieved", {})
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [pruned, compress]",
-        "---",
-        f"# {record.get('method', 'pruned')} · {record.get('target', '')}",
-        "",
-        f"Pruned from `{record.get('model', '?')}` with `compress` method `{record.get('method', '?')}` "
-        f"(target {record.get('target', '?')}, seed {record.get('seed', '?')}).",
-        "",
-        f"- parameters: {fp.get('params', '?')}",
-        f"- forward FLOPs/token: {fp.get('flops_per_token', '?')}",
-        f"- KV-cache bytes/token: {fp.get('kv_bytes_per_token', '?')}",
-        f"- format: `{kind}`" + (" — load with `trust_remote_code=True`, or `import compress` first"
-                                 if kind == "compress" else " — loads with stock transformers"),
-        "",
-        "`compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record;",
-        "`compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.",
-        "",
-    ]
+    """A Hub-ready model card: YAML front matter (base model, license, pipeline tag, tags), the dense
+    comparison, the quality check, and a warning when no recovery training was run. No local path."""
+    model = record.get("model") if isinstance(record.get("model"), dict) else {"source": record.get("model")}
+    method, target = record.get("method", "pruned"), record.get("target", "")
+    front = ["---"]
+    if model.get("base_model"):
+        front.append(f"base_model: {model['base_model']}")
+    if model.get("license"):
+        front.append(f"license: {model['license']}")
+    front += ["library_name: transformers", "pipeline_tag: text-generation",
+              f"tags: [pruned, structured-pruning, compress, {method}]", "---"]
+    source = model.get("base_model") or Path(str(model.get("source") or "?")).name
+    lines = [*front, f"# {source} · {method} → {target}", "",
+             f"Structurally pruned from `{source}` with [compress](https://pypi.org/project/compress/) method "
+             f"`{method}` (target {target}, seed {record.get('seed', '?')}).", ""]
+    d, a = record.get("dense") or {}, record.get("achieved") or {}
+    q = record.get("quality")
+    if a:
+        def row(label: str, key: str, fmt) -> str:
+            dv, av = d.get(key), a.get(key)
+            ratio = f"{av / dv:.1%}" if dv and av is not None else ""
+            return f"| {label} | {fmt(dv)} | {fmt(av)} | {ratio} |"
+
+        lines += ["| | dense | pruned | ratio |", "|---|---|---|---|",
+                  row("parameters", "params", _human),
+                  row(f"forward FLOPs/token (T={a.get('seq_len', '?')})", "flops_per_token", _human),
+                  row(f"KV-cache bytes/token ({a.get('dtype', '?')})", "kv_bytes_per_token",
+                      lambda v: "?" if v is None else f"{v:,}")]
+        if q:
+            lines.append(f"| perplexity ({q['dense']['tokens']:,} held-out WikiText-2 test tokens) | "
+                         f"{q['dense']['ppl']:,.2f} | {q['pruned']['ppl']:,.2f} | {q['ratio']:.2f}× |")
+        lines.append("")
+    if not record.get("recovery_result"):
+        rose = f" (perplexity {q['ratio']:.1f}× the dense model's)" if q else ""
+        lines += ["> **Warning: no recovery training was run after pruning**" + rose + ". Structured pruning "
+                  "removes capacity; recover it before use with `compress recover THIS_FOLDER --tokens N "
+                  "--out DIR` (or `compress run ... --recover-tokens N`).", ""]
+    lines += [f"- format: `{kind}`" + (" — load with `trust_remote_code=True`, or `import compress` first"
+                                       if kind == "compress" else " — loads with stock transformers"),
+              "- `compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record;",
+              "  `compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.", ""]
     flag = ", trust_remote_code=True" if kind == "compress" else ""
     lines += [
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{flag})',
-        # AutoTokenizer reads config.json too, whose auto_map names the custom config: without the flag
-        # transformers asks on stdin whether to run it
+        # AutoTokenizer always reads config.json too, whose auto_map names the custom config: without
+        # the flag transformers asks on stdin whether to run it
         f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{flag})',
         "```",
         "",

@@ -49,14 +49,41 @@ class LoadedModel:
     gguf_file: str | None = None
 
 
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype | None, source: str | None = None) -> torch.dtype:
+    """``name`` as a torch dtype. ``None`` is float32 (the library default); ``"auto"`` is the
+    source's own dtype (:func:`source_dtype`)."""
     if name is None:
         return torch.float32
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return source_dtype(source)
     if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}")
+        raise UsageError(f"unknown dtype {name!r}; use auto or one of {', '.join(sorted(DTYPES))}")
     return DTYPES[name]
+
+
+#: What ``--dtype auto`` loads a GGUF file in: its weights are quantized (Q4_1, Q8_0, ...), so there is
+#: no "own" float dtype; bfloat16 halves the saved bytes against float32 for a perplexity change of
+#: a few hundredths (benchmarks/results/dtype_gguf_smollm2.md). Statistics are fp32 either way.
+GGUF_AUTO_DTYPE = torch.bfloat16
+
+
+def source_dtype(source: str | None) -> torch.dtype:
+    """The dtype ``--dtype auto`` uses for ``source``: a GGUF file's :data:`GGUF_AUTO_DTYPE`, else the
+    config's ``dtype`` (``torch_dtype``) when it is a float type, else float32. Reads no weights."""
+    source = source or default_model()
+    p = Path(source).expanduser()
+    if p.exists() and _gguf_in(p) is not None:
+        return GGUF_AUTO_DTYPE
+    try:
+        cfg = load_config(source)
+    except UsageError:
+        return torch.float32
+    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
 def parse_device(device: str | None) -> str:
@@ -168,6 +195,51 @@ def default_model() -> str:
     )
 
 
+#: What a model card can say about known sources: the embedded default model's hub id and license.
+KNOWN_SOURCES: dict[str, dict[str, str]] = {
+    SMOLLM2_GGUF: {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+}
+
+
+def source_metadata(source: str) -> dict[str, str]:
+    """``base_model`` and ``license`` of a model source when they can be known without loading it:
+    a hub id is its own base model; a folder's README front matter and a GGUF's ``general.license``
+    give the license; the embedded default model is known. Never raises (a card is cosmetic)."""
+    out: dict[str, str] = {}
+    p = Path(source).expanduser()
+    try:
+        if not p.exists():
+            if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+                out["base_model"] = source
+            return out
+        gguf = _gguf_in(p)
+        if gguf is not None:
+            out.update(KNOWN_SOURCES.get(gguf.name, {}))
+            if "license" not in out:
+                from gguf import GGUFReader
+
+                field = GGUFReader(str(gguf)).fields.get("general.license")
+                if field is not None:
+                    out["license"] = str(field.contents())
+            return out
+        readme = p / "README.md" if p.is_dir() else None
+        if readme is not None and readme.is_file():
+            text = readme.read_text(encoding="utf-8", errors="replace")
+            if text.startswith("---"):
+                import yaml
+
+                front = yaml.safe_load(text.split("---", 2)[1]) or {}
+                for key in ("license", "base_model"):
+                    value = front.get(key)
+                    if isinstance(value, list) and value:
+                        value = value[0]
+                    if isinstance(value, str) and value:
+                        out[key] = value
+    except Exception:  # noqa: BLE001 - unknown is a fine answer
+        return out
+    return out
+
+
 def _gguf_in(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".gguf":
         return path
@@ -242,7 +314,7 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
 
     compress.modeling.register()
     source = source or default_model()
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, source)
     path = Path(source).expanduser()
     gguf = _gguf_in(path) if path.exists() else None
     if not device_map:

@@ -58,7 +58,8 @@ def meta_model(source: str, *, dtype: str | None = None, trust_remote_code: bool
     cfg = load_config(source, trust_remote_code=trust_remote_code)
     registry.check_model_type(getattr(cfg, "model_type", None))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, dtype=parse_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code,
+                                                 dtype=parse_dtype(dtype, source))
     arch = registry.adapter_for(model)
     return Shapes(source=source, config=cfg, model=model, arch=arch, dense=footprint(model, seq_len=seq_len, arch=arch))
 

@@ -49,7 +49,7 @@ class RunSpec:
     seed: int = 0
     calib: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-    dtype: str | None = None
+    dtype: str | None = "auto"  # the source's own (compress.io.loading.source_dtype); None: float32
     device: str = "cpu"
     dry_run: bool = False
     overwrite: bool = False
@@ -312,6 +312,8 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     """Prune a loaded (or user-given) model with its context, recover if asked, measure, record.
 
     The part of a run after loading, shared by :func:`run` and :func:`compress.pipeline.api.prune`."""
+    from compress.assets import display_path
+    from compress.io.loading import source_metadata
     from compress.io.recipe import resolved_recipe
 
     registry = get_registry()
@@ -351,7 +353,7 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     calib = ctx.calibration
     record = empty_run_record()
     record.update({
-        "model": {"source": _display_source(source)},
+        "model": {"source": _display_source(source), **source_metadata(source)},
         "method": pruner.name,
         "plugin": {"distribution": origin.distribution if origin else None, "version": origin.version if origin else None},
         "settings": dict(spec.settings),
@@ -359,12 +361,12 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
         "target": str(target),
         "goal": target.goal(dense.of(target.metric)),
         "seed": spec.seed,
-        "calib": spec.calib,
+        "calib": display_path(spec.calib),
         "calibration": calib.describe() if calib else None,
         "calibration_hash": ctx.calibration_hash,
         "plan_hash": plan_hash,
         "recipe": resolved_recipe(pruner.name, cfg.model_dump(mode="json"), target=str(target), seed=spec.seed,
-                                  calib=calib.spec if calib is not None else None,
+                                  calib=display_path(calib.spec) if calib is not None else None,
                                   recover_tokens=spec.recover_tokens, recover_mode=spec.recover_mode,
                                   recover_settings=spec.recover_settings),
         "dense": dense.to_dict(),
