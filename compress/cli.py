@@ -558,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_attach_values(list(sys.argv[1:] if argv is None else argv)))
     light = args.command in ("methods", "plugins")  # answered without torch / transformers when cached
+    if getattr(args, "no_progress", False) or getattr(args, "json", False) or not sys.stderr.isatty():
+        # third-party bars (transformers' GGUF de-quantization, the HF Trainer) use tqdm, which reads
+        # TQDM_DISABLE when it is first imported — nothing has imported it yet
+        os.environ["TQDM_DISABLE"] = "1"
     if not light and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"].lower() not in ("0", "false", "no", ""):
         _disable_hf_progress_bars()
     try:

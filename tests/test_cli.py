@@ -261,3 +261,14 @@ def test_every_option_has_help():
             if action.option_strings and not action.help and action.help is not argparse.SUPPRESS:
                 missing.append(f"{name} {'/'.join(action.option_strings)}")
     assert not missing, missing
+
+
+def test_no_progress_silences_third_party_tqdm_bars(tmp_path, stories_dir):
+    """transformers' GGUF de-quantization bar and the HF Trainer's use tqdm directly: --no-progress
+    (and --json, and a piped stderr) switch them off too."""
+    code = ("import sys\nfrom compress.cli import main\n"
+            f"rc = main(['run', '--method', 'magnitude', '--target', '60%', '--model', {str(stories_dir)!r}, "
+            "'--no-save', '--no-eval', '--no-progress'])\n"
+            "from tqdm.auto import tqdm\nbar = tqdm(range(2))\nprint('RC', rc, 'DISABLED' if bar.disable else 'SHOWN')\n")
+    r = _fresh(code, tmp_path)
+    assert "RC 0 DISABLED" in r.stdout, r.stdout[-1000:] + r.stderr[-2000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -43,7 +44,10 @@ def _stack_without_compress(dest: Path) -> None:
 def installed(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     dist = work / "dist"
-    for project in (ROOT, ROOT / "plugins" / "transact", ROOT / "baselines"):
+    src = work / "src"  # build from a copy: setuptools writes build/ and *.egg-info into the project
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", ".tox", "build", "dist", "*.egg-info",
+                                                             "__pycache__", "runs", "out", "results"))
+    for project in (src, src / "plugins" / "transact", src / "baselines"):
         r = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
                   str(project)], cwd=work)
         assert r.returncode == 0, r.stderr[-3000:]
