@@ -48,6 +48,8 @@ def _fmt_num(x: float) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from compress.io.recipe import Recipe, load_recipe
     from compress.pipeline.run import RunSpec, dry_run, run
     from compress.plugins import get_registry
@@ -67,12 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.json and not args.no_progress, resume=args.resume,
         layerwise=args.layerwise, offload_dir=args.offload_dir, evaluate=not args.no_eval,
     )
-    con = _console()
     if not spec.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    log = (lambda m: None) if args.json else _phase_logger(con)
+    log = (lambda m: None) if args.json else _phase_logger(Console())
     rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
     if args.json:
         print(json.dumps(rec, indent=1, sort_keys=True))
@@ -82,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _phase_logger(con):
-    """One line per phase on stderr, with the time since the run started (in a terminal and piped)."""
+    """One line per phase on stdout, with the time since the run started (in a terminal and piped);
+    stderr stays for the one-line error."""
     import time
 
     t0 = time.perf_counter()

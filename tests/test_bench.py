@@ -347,7 +347,7 @@ _RUNNER_DIES = textwrap.dedent('''
 ''')
 
 
-def test_cell_process_dies_with_the_runner(tmp_path):
+def test_cell_process_dies_with_the_runner(tmp_path, assets):  # the smoke suite names $COMPRESS_ASSETS
     """A runner killed by SIGKILL (no cleanup possible) must not leave its cell running for hours."""
     import os
     import signal
