@@ -73,7 +73,7 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
     """Prune SmolLM2 with ``compress.pipeline.run.run`` (no export) and measure it."""
     from compress.pipeline.run import RunSpec, run
 
-    spec = RunSpec(method=method, target=target, model=smollm2_path(), seed=seed, calib=calib,
+    spec = RunSpec(method=method, target=target, model=smollm2_path(), seed=seed, calib=calib, dtype="float32",
                    settings=dict(settings or {}), recover_tokens=recover_tokens, recover_mode=recover_mode,
                    recover_settings=dict(recover_settings or {}), progress=False)
     t = time.perf_counter()

@@ -51,7 +51,10 @@ def test_dry_run_meets_target_without_weights(capsys, no_weights, config, target
     rec = _dry(capsys, config, method, target)
     dense, got = rec["dense"]["params"], rec["achieved"]["params"]
     goal = float(target[:-1]) / 100 * dense if target.endswith("%") else float(target[:-1]) * 1e9
-    assert got <= goal and got >= 0.97 * goal, (got, goal)
+    # as close as the method's granularity allows: whole heads/channels (3 %), whole layers for depth
+    layers = json.loads((ROOT / "benchmarks" / "configs" / f"{config}.json").read_text())["num_hidden_layers"]
+    floor = goal - dense / layers if method == "depth" else 0.97 * goal
+    assert floor <= got <= goal, (got, goal)
     assert rec["achieved"]["flops_per_token"] < rec["dense"]["flops_per_token"]
     assert rec["achieved"]["kv_bytes_per_token"] <= rec["dense"]["kv_bytes_per_token"]
     assert rec["export"]["path"] is None

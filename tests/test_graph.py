@@ -458,6 +458,57 @@ def test_solve_uniform_refuses_unreachable():
         solve_uniform(arch, Target.parse("10M"))
 
 
+def _smollm2_meta():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_attn_round_policy_on_smollm2_shapes():
+    """SmolLM2-135M (3 KV groups): the balanced attention width at 60 % is ~1.7 groups; down keeps 1 group
+    + 839 MLP channels (the default, unchanged), nearest and up 2 + 668; at 50 % (~1.4) nearest rounds
+    down. The MLP always takes what is left, at or below the goal."""
+    arch = ArchAdapter(_smollm2_meta())
+    got = {}
+    for t in ("60%", "50%"):
+        for r in ("down", "nearest", "up"):
+            w = solve_uniform(arch, Target.parse(t), attn_round=r)
+            assert w.predicted <= w.goal and w.attn_round == r and not w.note
+            got[t, r] = (w.attn_units, w.mlp)
+    assert got == {("60%", "down"): (1, 839), ("60%", "nearest"): (2, 668), ("60%", "up"): (2, 668),
+                   ("50%", "down"): (1, 579), ("50%", "nearest"): (1, 579), ("50%", "up"): (2, 409)}
+    assert solve_uniform(arch, Target.parse("60%")).attn_units == 1  # the default is down
+    with pytest.raises(TargetError, match="attn_round"):
+        solve_uniform(arch, Target.parse("60%"), attn_round="ceil")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("target", ["60%", "flops:70%", "80K"])
+@pytest.mark.parametrize("rounding", ["nearest", "up"])
+def test_attn_round_stays_at_or_below_the_target(kind, target, rounding):
+    make = lambda: tiny_model(kind)  # noqa: E731
+    arch = ArchAdapter(make())
+    down = solve_uniform(arch, Target.parse(target))
+    w = solve_uniform(arch, Target.parse(target), attn_round=rounding)
+    assert w.attn_units >= down.attn_units
+    got = _measure(make(), w)
+    assert got <= w.goal * (1 + 1e-12) and got == pytest.approx(w.predicted, rel=1e-12)
+    if w.mlp < w.mlp_dense:  # the MLP takes every channel the attention left
+        assert _measure(make(), dataclasses.replace(w, mlp=w.mlp + 1)) > w.goal
+
+
+def test_attn_round_up_falls_back_to_the_largest_width_that_fits():
+    """kv: 50 % of 3 KV groups is 1.5 groups: up cannot keep 2, so it keeps 1 and says why."""
+    arch = ArchAdapter(_smollm2_meta())
+    w = solve_uniform(arch, Target.parse("kv:50%"), attn_round="up")
+    assert w.attn_units == 1 and w.predicted <= w.goal
+    assert "attn_round=up: 2 attention units do not fit" in w.note and w.to_dict()["note"] == w.note
+    assert "note" not in solve_uniform(arch, Target.parse("kv:50%")).to_dict()
+
+
 def _llama2_7b_meta():
     from pathlib import Path
 

@@ -183,6 +183,62 @@ def test_recovery_calls_continue_one_data_stream(source, monkeypatch):
     assert torch.equal(seen[-1], second)
 
 
+def _captured_training(source, cfg, overrides=None):
+    """Run one tiny recovery and capture what the Trainer was configured with."""
+    from transformers import TrainerCallback
+
+    seen: dict = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+            seen["args"] = args
+            seen["groups"] = [dict(g) for g in optimizer.param_groups]
+
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kw):
+            seen.setdefault("lrs", []).append(lr_scheduler.get_last_lr()[0])
+
+    rec = Recovery(source, cfg, progress=False)
+    rec(tiny_model("llama-gqa"), tokens=cfg.tokens, callbacks=[Spy()], **({"settings": overrides} if overrides else {}))
+    return seen
+
+
+def test_optimizer_settings_reach_the_trainer(source):
+    """adam_beta1/adam_beta2/weight_decay/lr_scheduler/warmup_ratio go into TrainingArguments and the
+    optimizer; the defaults are AdamW (0.9, 0.999), no weight decay, cosine with 10 % warm-up."""
+    cfg = RecoveryConfig(tokens=640, seq_len=32, batch_size=2, lr=1e-4)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay, cfg.lr_scheduler, cfg.warmup_ratio) == \
+        (0.9, 0.999, 0.0, "cosine", 0.1)
+    seen = _captured_training(source, cfg)
+    a = seen["args"]
+    assert (a.adam_beta1, a.adam_beta2, a.weight_decay, str(a.lr_scheduler_type.value)) == (0.9, 0.999, 0.0, "cosine")
+    assert all(tuple(g["betas"]) == (0.9, 0.999) for g in seen["groups"])
+    # the official TransAct optimizer: AdamW (0.9, 0.95); a weight decay and a constant schedule too
+    official = cfg.model_copy(update={"adam_beta2": 0.95, "weight_decay": 0.1, "lr_scheduler": "constant",
+                                      "warmup_ratio": 0.0})
+    seen = _captured_training(source, official)
+    a = seen["args"]
+    assert (a.adam_beta1, a.adam_beta2, a.weight_decay, str(a.lr_scheduler_type.value)) == (0.9, 0.95, 0.1, "constant")
+    assert all(tuple(g["betas"]) == (0.9, 0.95) for g in seen["groups"])
+    assert {g["weight_decay"] for g in seen["groups"]} == {0.0, 0.1}  # the Trainer spares biases and norms
+    assert seen["lrs"] == [1e-4] * len(seen["lrs"])
+    with pytest.raises(ValidationError):
+        RecoveryConfig(tokens=10, adam_beta2=1.0)
+
+
+def test_recovery_call_overrides_settings_for_one_call(source):
+    """``Recovery(...)(model, settings={...})`` overrides RecoveryConfig fields for that call only (how
+    TransAct's shots train with the official beta2 = 0.95); unknown keys are refused in one line."""
+    cfg = RecoveryConfig(tokens=320, seq_len=32, batch_size=2, lr=1e-4)
+    seen = _captured_training(source, cfg, {"adam_beta2": 0.95, "weight_decay": 0.01})
+    assert (seen["args"].adam_beta2, seen["args"].weight_decay) == (0.95, 0.01)
+    rec = Recovery(source, cfg, progress=False)
+    with pytest.raises(UsageError, match="adam_beta3"):
+        rec(tiny_model("llama-gqa"), tokens=64, settings={"adam_beta3": 0.9})
+    with pytest.raises(UsageError, match="adam_beta2"):
+        rec(tiny_model("llama-gqa"), tokens=64, settings={"adam_beta2": 2.0})
+    assert rec.cfg.adam_beta2 == 0.999 and rec.consumed == 0
+
+
 def test_pruned_widths_and_lowrank_modules(source):
     """Layers of different widths and a non-Linear (factorised) projection train under LoRA."""
     model = tiny_model("llama-gqa")

@@ -61,6 +61,18 @@ and ``MetaPruner``:
   normalisation** (``TaylorImportance(normalizer=None)``), and removes the lowest
   ``n − int(n·(1 − r))`` units. With a Target instead of a ratio, units are removed in that same
   global order until the target is met. Per-layer widths then differ.
+* **Iterative steps** (``iterative_steps``, official ``--iterative_steps``, default 1). The official
+  script builds one ``MetaPruner`` with ``iterative_steps = S`` (``linear_scheduler``: step ``k`` prunes
+  to ratio ``r·k/S`` of each group's initial channels, so every step removes an equal share) and, before
+  each ``pruner.step()``, backwards a FRESH random draw of 10 × 64 examples through the partially pruned
+  model. Here step ``k`` draws its own ``calib_samples`` sequences (one draw of ``S × calib_samples``
+  split in order; ``S = 1`` is exactly the one-shot draw and plan), recomputes the gradients and scores
+  of the pruned model and cuts to the step's widths: ``official_kept_units(units, head_dim, r·k/S)``
+  with a ratio; with a target, ``C − ceil((C − K)·k/S)`` channels (``K`` the solved final channels,
+  attention rounded up to whole KV groups), i.e. the same linear share of what is removed; global mode
+  removes ``len(imp) − int(initial·(1 − r·k/S))`` units per step with a ratio, or the lowest units
+  until the target's ``k/S`` share of the metric is removed. The composed plan is in the dense
+  numbering; the per-step widths are in the notes (``steps``) and in ``--dry-run``'s plan (local mode).
 * **Recovery** is not part of pruning: ``compress run --recover-tokens N --recover-mode lora`` runs the
   official LoRA setting (r=8, α=16, dropout 0.05 on q,k,v,o,gate,up,down; merged before export).
 
@@ -77,8 +89,11 @@ Deviations (all deliberate):
 * ``param_second`` skips the extra batch backward of ``llama3.py``: its scores do not use it.
 * Calibration text defaults to the run's calibration source instead of BookCorpus (not shipped
   offline); the sample count and length keep the official 10 × 64.
-* One-shot only (``--iterative_steps 1``, the paper's setting); channel-wise and layer-wise modes and
-  the ``random`` criterion (see the ``random`` method) are not offered.
+* Iterative steps: every step starts from fresh gradients for every group. The official loop never
+  zeroes ``.grad`` between steps, so the weights of a group that one step left uncut (new tensors are
+  made only for cut layers) carry the previous steps' gradients summed into the next score.
+* Channel-wise and layer-wise modes and the ``random`` criterion (see the ``random`` method) are not
+  offered.
 * ``--dry-run`` of global mode shows the local-mode shapes: global widths depend on the scores.
 """
 
@@ -171,6 +186,9 @@ class LLMPrunerConfig(PrunerConfig):
     block_attention_layer_end: int | None = Field(None, ge=0, description="exclusive; None: scaled official 30 (of 32)")
     block_mlp_layer_start: int | None = Field(None, ge=0, description="None: scaled official 4 (of 32)")
     block_mlp_layer_end: int | None = Field(None, ge=0, description="exclusive; None: scaled official 30 (of 32)")
+    iterative_steps: int = Field(
+        1, ge=1, description="official --iterative_steps: prune in this many rounds (linear ratio schedule), "
+                             "fresh Taylor gradients on the partially pruned model each round")
 
     @field_validator("importance", mode="before")
     @classmethod
@@ -335,12 +353,12 @@ class LLMPruner(Pruner):
 
     # ------------------------------------------------------------------ sizing
     def _value(self, arch: ArchAdapter, target: Target, dense: float, sizes: _Sizes) -> float:
-        g = arch.geometry(next(iter(sizes.attn or sizes.mlp)))
+        """``dense`` (the model's value now) less the units ``sizes`` removes from each layer's width now."""
         out = dense
         for i, a in sizes.attn.items():
-            out -= self._costs(arch, target, i)[0] * (g.num_kv_heads - a)
+            out -= self._costs(arch, target, i)[0] * (arch.geometry(i).num_kv_heads - a)
         for i, m in sizes.mlp.items():
-            out -= self._costs(arch, target, i)[1] * (g.intermediate - m)
+            out -= self._costs(arch, target, i)[1] * (arch.geometry(i).intermediate - m)
         return out
 
     def _costs(self, arch: ArchAdapter, target: Target, layer: int) -> tuple[float, float]:
@@ -396,9 +414,15 @@ class LLMPruner(Pruner):
         arch = adapter_for(model)
         attn, mlp = self.layer_ranges(arch.num_layers)
         sizes = self._sizes(arch, target, attn, mlp)
+        g0 = arch.geometry((attn or mlp)[0])
+        schedule = self._schedule_summary(g0, sizes) if self.config.iterative_steps > 1 else None
         plan = _plan_from_ranks(arch, sizes, None, None)
         apply_plan(model, plan, arch)
-        return self._summary(sizes, attn, mlp)
+        out = self._summary(sizes, attn, mlp)
+        if schedule is not None:
+            out["iterative_steps"] = self.config.iterative_steps
+            out["steps"] = schedule  # local mode; global widths depend on the scores of each step
+        return out
 
     def working_memory(self, model: nn.Module, target: Target, mem) -> dict[str, int]:
         """Loss backward from the first pruned layer + the gradients of every scored weight: autograd's
@@ -435,39 +459,132 @@ class LLMPruner(Pruner):
             out["global_pruning"] = True
         return out
 
+    # ------------------------------------------------------------------ iterative schedule
+    def step_sizes(self, g0, final: _Sizes, step: int) -> _Sizes:
+        """Local-mode kept units per layer after ``step`` of ``iterative_steps`` (``g0``: the dense
+        geometry of the pruned layers).
+
+        Official (``MetaPruner`` with ``linear_scheduler``): step ``k`` of ``S`` prunes each group to
+        ratio ``r·k/S`` of its INITIAL channels, ``n_pruned = current − int(C·(1 − r·k/S))`` rounded
+        down to whole heads — i.e. ``official_kept_units(units, head_dim, r·k/S)``. Sized by a target
+        (no ratio), each step removes an equal share of the channels to remove the same way: after step
+        ``k``, ``C − ceil((C − K)·k/S)`` channels, rounded up to whole KV groups for attention (``K``:
+        the solved final channels). Step ``S`` is the final size."""
+        S = self.config.iterative_steps
+        if step >= S:
+            return final
+        if final.ratio is not None:
+            r = (step / float(S)) * final.ratio  # torch-pruning's linear_scheduler value
+            a = official_kept_units(g0.num_kv_heads, g0.head_dim, r)
+            m = official_kept_units(g0.intermediate, 1, r)
+            return _Sizes(attn=dict.fromkeys(final.attn, a), mlp=dict.fromkeys(final.mlp, m), ratio=r,
+                          how=f"step {step}/{S} of {final.how}")
+
+        def kept(units: int, per_unit: int, final_units: int) -> int:
+            removed = -(-(units - final_units) * per_unit * step // S)  # ceil, in channels
+            return units - removed // per_unit
+
+        return _Sizes(attn={i: kept(g0.num_kv_heads, g0.head_dim, a) for i, a in final.attn.items()},
+                      mlp={i: kept(g0.intermediate, 1, m) for i, m in final.mlp.items()},
+                      how=f"step {step}/{S} of {final.how}")
+
+    def _schedule_summary(self, g0, final: _Sizes) -> list[dict]:
+        out = []
+        for k in range(1, self.config.iterative_steps + 1):
+            sz = self.step_sizes(g0, final, k)
+            row: dict = {"step": k, "kv_groups_kept": _compact(sz.attn), "mlp_kept": _compact(sz.mlp)}
+            if sz.ratio is not None:
+                row["pruning_ratio"] = sz.ratio
+            out.append(row)
+        return out
+
     # ------------------------------------------------------------------ pruning
     def prune(self, model: nn.Module, target: Target, ctx: PruneContext) -> PruneResult:
         cfg = self.config
         arch = ctx.arch
         attn, mlp = self.layer_ranges(arch.num_layers)
-        sizes = self._sizes(arch, target, attn, mlp)
-        hd = arch.geometry((attn or mlp)[0]).head_dim
+        final = self._sizes(arch, target, attn, mlp)
+        g0 = arch.geometry((attn or mlp)[0])
+        hd = g0.head_dim
+        S = cfg.iterative_steps
+        notes: dict = {"importance": cfg.importance, "grouping": cfg.member_reduction,
+                       "global_pruning": cfg.global_pruning}
+        if cfg.importance in TAYLOR and ctx.calibration is None:
+            raise Unsupported("LLM-Pruner's Taylor importance needs calibration text; pass --calib")
+        # official: every step backwards a fresh random draw of calib_samples sequences
+        tokens = ctx.draw(cfg.calib_samples * S, cfg.calib_seq_len) if cfg.importance in TAYLOR else None
+        dense_fp = footprint(model, arch=arch)
+        dense_value, goal = dense_fp.of(target.metric), target.goal(dense_fp.of(target.metric))
+        initial_units = len(attn) * g0.num_kv_heads + len(mlp) * g0.intermediate
+        timing: dict[str, float] = {}
+        total_plan = Plan()
+        steps: list[dict] = []
+        sizes = final
+        for step in range(1, S + 1):
+            block = None if tokens is None else tokens[(step - 1) * cfg.calib_samples:step * cfg.calib_samples]
+            scores = self._scores(model, ctx, attn, mlp, hd, block, timing)
+            if cfg.global_pruning:
+                last = step == S
+                if cfg.pruning_ratio is not None:
+                    r = (step / float(S)) * cfg.pruning_ratio
+                    sizes = self._global_sizes(arch, target, scores, ratio=r, initial_units=initial_units,
+                                               goal=goal if last else None)
+                else:  # the target's share of the removal, linear in the metric; the target itself last
+                    goal_k = goal if last else dense_value - (dense_value - goal) * step / S
+                    sizes = self._global_sizes(arch, target, scores, goal=goal_k, check=last)
+            else:
+                sizes = self.step_sizes(g0, final, step)
+            plan = _plan_from_ranks(arch, sizes, {i: scores[("attn", i)] for i in attn},
+                                    {i: scores[("mlp", i)] for i in mlp})
+            apply_plan(model, plan, arch)
+            total_plan = total_plan.compose(plan)
+            if S > 1:
+                row: dict = {"step": step, "kv_groups_kept": _compact(sizes.attn), "mlp_kept": _compact(sizes.mlp),
+                             footprint_key(target): footprint(model, arch=arch).of(target.metric)}
+                if sizes.ratio is not None:
+                    row["pruning_ratio"] = sizes.ratio
+                steps.append(row)
+                ctx.log(f"llm_pruner step {step}/{S}: kept KV groups {sorted(set(sizes.attn.values()))}, "
+                        f"MLP {sorted(set(sizes.mlp.values()))}")
+        if tokens is not None:
+            notes["calibration"] = {"samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len,
+                                    "backward_passes": S * ((math.ceil(cfg.calib_samples / cfg.calib_batch_size)
+                                                             if cfg.importance in _NEEDS_FIRST else 0)
+                                                            + (cfg.calib_samples if cfg.importance in _NEEDS_FISHER
+                                                               else 0))}
+            if S > 1:
+                notes["calibration"]["fresh_samples_per_step"] = True
+        notes["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+        if S > 1:
+            notes["iterative_steps"] = S
+            notes["steps"] = steps
+        notes.update(self._summary(sizes, attn, mlp))
+        if ctx.recover is not None and getattr(getattr(ctx.recover, "cfg", None), "mode", "lora") != "lora":
+            notes["recovery_note"] = "official LLM-Pruner recovery is LoRA (--recover-mode lora)"
+        ctx.log(f"llm_pruner: {cfg.importance} importance, {sizes.how}; kept KV groups "
+                f"{sorted(set(sizes.attn.values()))}, MLP {sorted(set(sizes.mlp.values()))}")
+        return PruneResult(model=model, plan=total_plan.to_dict(), export="auto", notes=notes)
+
+    def _scores(self, model: nn.Module, ctx: PruneContext, attn: list[int], mlp: list[int], hd: int,
+                tokens: torch.Tensor | None, timing: dict[str, float]) -> dict[tuple[str, int], torch.Tensor]:
+        """One score per unit of every pruned group of the model as it is now (fresh gradients)."""
+        cfg = self.config
+        arch = ctx.arch
         groups: dict[tuple[str, int], StructureGroup] = {}
         for i in attn:
             groups[("attn", i)] = structure_group(arch, "kv_group", i)
         for i in mlp:
             groups[("mlp", i)] = structure_group(arch, "mlp", i)
-        notes: dict = {"importance": cfg.importance, "grouping": cfg.member_reduction,
-                       "global_pruning": cfg.global_pruning}
-
         grads: dict[nn.Parameter, torch.Tensor] = {}
         fisher: dict[nn.Parameter, torch.Tensor] = {}
-        timing: dict[str, float] = {}
-        if cfg.importance in TAYLOR:
-            if ctx.calibration is None:
-                raise Unsupported("LLM-Pruner's Taylor importance needs calibration text; pass --calib")
-            tokens = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)
+        if tokens is not None:
             params = _unique(m.param for g in groups.values() for m in scored_members(g))
             t0 = time.perf_counter()
             grads, fisher = taylor_gradients(
                 model, params, tokens, first_order=cfg.importance in _NEEDS_FIRST,
                 fisher=cfg.importance in _NEEDS_FISHER, batch_size=cfg.calib_batch_size,
                 ctx=ctx)
-            timing["gradients"] = time.perf_counter() - t0
-            notes["calibration"] = {"samples": cfg.calib_samples, "seq_len": cfg.calib_seq_len,
-                                    "backward_passes": (math.ceil(cfg.calib_samples / cfg.calib_batch_size)
-                                                        if cfg.importance in _NEEDS_FIRST else 0)
-                                    + (cfg.calib_samples if cfg.importance in _NEEDS_FISHER else 0)}
+            timing["gradients"] = timing.get("gradients", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         scores: dict[tuple[str, int], torch.Tensor] = {}
         for key, g in groups.items():
@@ -476,31 +593,24 @@ class LLMPruner(Pruner):
             for m in g.members:  # free this layer's gradients as soon as it is scored
                 grads.pop(m.param, None)
                 fisher.pop(m.param, None)
-        timing["scores"] = time.perf_counter() - t0
-        notes["timing_s"] = {k: round(v, 4) for k, v in timing.items()}
+        timing["scores"] = timing.get("scores", 0.0) + time.perf_counter() - t0
+        return scores
 
-        if cfg.global_pruning:
-            sizes = self._global_sizes(arch, target, scores)
-        plan = _plan_from_ranks(arch, sizes, {i: scores[("attn", i)] for i in attn},
-                                {i: scores[("mlp", i)] for i in mlp})
-        apply_plan(model, plan, arch)
-        notes.update(self._summary(sizes, attn, mlp))
-        if ctx.recover is not None and getattr(getattr(ctx.recover, "cfg", None), "mode", "lora") != "lora":
-            notes["recovery_note"] = "official LLM-Pruner recovery is LoRA (--recover-mode lora)"
-        ctx.log(f"llm_pruner: {cfg.importance} importance, {sizes.how}; kept KV groups "
-                f"{sorted(set(sizes.attn.values()))}, MLP {sorted(set(sizes.mlp.values()))}")
-        return PruneResult(model=model, plan=plan.to_dict(), export="auto", notes=notes)
-
-    def _global_sizes(self, arch: ArchAdapter, target: Target, scores: dict[tuple[str, int], torch.Tensor]) -> _Sizes:
+    def _global_sizes(self, arch: ArchAdapter, target: Target, scores: dict[tuple[str, int], torch.Tensor], *,
+                      ratio: float | None = None, initial_units: int | None = None, goal: float | None = None,
+                      check: bool = True) -> _Sizes:
         """Official global ranking: raw scores of every unit in every pruned layer, lowest removed first.
 
         Each layer's best unit is never a candidate (a layer keeps at least one KV group and one MLP
-        channel). With ``pruning_ratio`` the official count ``n − int(n·(1 − r))`` is removed;
-        otherwise units go in that order until the target is met.
-        """
+        channel). With a ratio the official count ``len(imp) − int(initial·(1 − r))`` is removed
+        (``initial``: the units of the dense pruned layers; ``r``: this step's scheduled ratio);
+        otherwise units go in that order until ``goal`` (default: the target's) is met. ``goal`` with a
+        ratio: the target the result is checked against (the last step); ``check=False`` skips the
+        check of the target-sized path (intermediate steps)."""
         dense_fp = footprint(arch.model, arch=arch)
-        dense = dense_fp.of(target.metric)
-        goal = target.goal(dense)
+        dense = dense_fp.of(target.metric)  # the model as it is now
+        goal_given = goal is not None
+        goal = target.goal(dense) if goal is None else goal
         total = sum(int(s.numel()) for s in scores.values())
         cands: list[tuple[float, int, int, float]] = []  # (score, key index, unit, cost of removing it)
         keys = list(scores)
@@ -510,16 +620,18 @@ class LLMPruner(Pruner):
             cost = self._costs(arch, target, key[1])[0 if key[0] == "attn" else 1]
             cands.extend((float(s[u]), k, u, cost) for u in range(s.numel()) if u != best)
         cands.sort(key=lambda c: (c[0], c[1], c[2]))
-        r = self.config.pruning_ratio
+        r = self.config.pruning_ratio if ratio is None else ratio
         if r is not None:
-            n_pruned = min(len(cands), total - int(total * (1 - r)))
+            initial = total if initial_units is None else initial_units
+            n_pruned = max(0, min(len(cands), total - int(initial * (1 - r))))
             how = f"official global pruning_ratio {r}"
+            check = ratio is None or goal_given
         else:
             value, n_pruned = dense, 0
             while value > goal and n_pruned < len(cands):
                 value -= cands[n_pruned][3]
                 n_pruned += 1
-            if value > goal * (1 + 1e-9):
+            if check and value > goal * (1 + 1e-9):
                 raise TargetError(f"target {target} ({goal:.6g}) is below the smallest shape of the pruned layer "
                                   "ranges (one KV group and one MLP channel per layer); widen the ranges")
             how = "global ranking of raw scores until the target is met"
@@ -531,10 +643,16 @@ class LLMPruner(Pruner):
             n = int(scores[key].numel()) - removed[key]
             (sizes.attn if key[0] == "attn" else sizes.mlp)[key[1]] = n
         sizes.predicted = self._value(arch, target, dense, sizes)
-        if sizes.predicted > goal * (1 + 1e-9):
+        if check and sizes.predicted > goal * (1 + 1e-9):
             raise TargetError(f"global pruning_ratio {r} leaves {target.metric} {sizes.predicted:.6g}, above the "
                               f"target {target} ({goal:.6g}); raise pruning_ratio or drop it")
         return sizes
+
+
+def footprint_key(target: Target) -> str:
+    """The name of the target's metric in a step record."""
+    return {"params": "params", "flops": "flops_per_token", "kv": "kv_bytes_per_token"}.get(target.metric,
+                                                                                           target.metric)
 
 
 # ====================================================================== helpers

@@ -2,7 +2,9 @@
 
 Both prune the same structures as TransAct — attention units (whole KV groups by default, or the same
 number of query heads in every group) and MLP channels, uniform widths in every layer, hidden size
-kept — so a table row of a real method can be read against them at equal size.
+kept — so a table row of a real method can be read against them at equal size. The widths come from
+the same solver with the same settings (``gqa``, ``attn_ratio``, ``attn_round``, ``mlp_round_to``), so
+a floor run with TransAct's settings lands on TransAct's widths.
 
 * ``random``    — units chosen uniformly at random (seeded).
 * ``magnitude`` — units with the largest weight L2 norm over all their coupled parameters
@@ -36,6 +38,8 @@ from compress import (
 class NaiveConfig(PrunerConfig):
     gqa: Literal["groups", "heads"] = Field("groups", description="remove whole KV groups, or heads per group")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio")
+    attn_round: Literal["down", "nearest", "up"] = Field(
+        "down", description="round the balanced attention width down / to nearest / up (default as transact)")
     mlp_round_to: int = Field(1, ge=1, description="MLP width multiple")
 
 
@@ -45,7 +49,7 @@ class _NaiveWidth(Pruner):
     def _widths(self, model, target: Target, ctx_arch):
         unit = "kv_group" if self.config.gqa == "groups" else "head"
         return solve_uniform(ctx_arch, target, attn_unit=unit, attn_ratio=self.config.attn_ratio,
-                             mlp_round_to=self.config.mlp_round_to)
+                             mlp_round_to=self.config.mlp_round_to, attn_round=self.config.attn_round)
 
     def plan_shapes(self, model, target: Target) -> dict:
         arch = adapter_for(model)

@@ -363,13 +363,105 @@ def test_plan_shapes_match_prune_in_local_mode():
     assert footprint(meta).params == footprint(model).params
 
 
+# ============================================================================ iterative steps
+def _one_shot_reference(model, ctx, cfg, target):
+    """The one-shot plan computed independently: one backward over the run's draw, the top units of every
+    pruned layer at the solved local widths."""
+    ref = copy.deepcopy(model)
+    arch = adapter_for(ref)
+    pruner = LLMPruner(cfg)
+    attn, mlp = pruner.layer_ranges(arch.num_layers)
+    sizes = pruner._sizes(arch, target, attn, mlp)
+    tokens = ctx.calibration.batches(cfg["calib_samples"], cfg["calib_seq_len"])
+    groups = {("attn", i): structure_group(arch, "kv_group", i) for i in attn}
+    groups.update({("mlp", i): structure_group(arch, "mlp", i) for i in mlp})
+    grads, _ = taylor_gradients(ref, [m.param for g in groups.values() for m in scored_members(g)], tokens)
+    hd = arch.geometry(0).head_dim
+    plan = {}
+    for (kind, i), g in groups.items():
+        sc = group_scores(g, "element1", grads, grouping="sum", channels_per_unit=hd if kind == "attn" else 1)
+        k = sizes.attn[i] if kind == "attn" else sizes.mlp[i]
+        if k < sc.numel():
+            key = "kv_heads" if kind == "attn" else "mlp"
+            plan.setdefault(str(i), {})[key] = sorted(sorted(range(sc.numel()), key=lambda u: (-float(sc[u]), u))[:k])
+    return plan, sizes
+
+
+@needs_assets
+def test_iterative_steps_one_is_the_one_shot_plan():
+    cfg = {"calib_samples": 4, "calib_seq_len": 32}
+    target = Target.parse("60%")
+    model = tiny_model("llama-mha")
+    ctx = _ctx(model)
+    expect, _ = _one_shot_reference(model, ctx, cfg, target)
+    res = LLMPruner({**cfg, "iterative_steps": 1}).prune(model, target, ctx)
+    assert {i: {k: v for k, v in lp.items() if k in ("kv_heads", "mlp")} for i, lp in res.plan["layers"].items()} \
+        == expect
+    assert "steps" not in res.notes and [d.samples for d in ctx.drawn] == [4]
+    again = tiny_model("llama-mha")
+    assert LLMPruner(cfg).prune(again, target, _ctx(again)).plan == res.plan  # the default is one step
+
+
+@needs_assets
+def test_iterative_steps_follow_the_linear_schedule_and_reach_the_target():
+    """Two steps: the first removes half of what is removed (rounded to whole KV groups the official way),
+    the second reaches the one-shot widths; fresh gradients on the pruned model change the choice."""
+    cfg = {"calib_samples": 4, "calib_seq_len": 32}
+    target = Target.parse("50%")
+    one = tiny_model("llama-mha")  # 3 layers (all pruned), 4 heads × 16, MLP 96
+    dense = footprint(one)
+    res1 = LLMPruner(cfg).prune(one, target, _ctx(one))
+    two = tiny_model("llama-mha")
+    ctx = _ctx(two)
+    res2 = LLMPruner({**cfg, "iterative_steps": 2}).prune(two, target, ctx)
+    a_f, m_f = res1.notes["kv_groups_kept"], res1.notes["mlp_kept"]
+    steps = res2.notes["steps"]
+    assert [s["step"] for s in steps] == [1, 2]
+    removed_ch = -(-(4 - a_f) * 16 // 2)  # ceil of half the removed attention channels
+    assert steps[0]["kv_groups_kept"] == 4 - removed_ch // 16
+    assert steps[0]["mlp_kept"] == 96 - -(-(96 - m_f) // 2)
+    assert (steps[1]["kv_groups_kept"], steps[1]["mlp_kept"]) == (a_f, m_f)
+    assert adapter_for(two).geometries() == adapter_for(one).geometries()
+    assert footprint(two).params == footprint(one).params <= target.goal(dense.params)
+    assert res2.plan != res1.plan  # rescored after the first cut
+    assert [d.samples for d in ctx.drawn] == [8]  # a fresh draw of calib_samples for every step
+    # the composed plan, in the dense numbering, reproduces the iteratively pruned model
+    from compress import Plan, apply_plan
+
+    ref = tiny_model("llama-mha")
+    apply_plan(ref, Plan.from_dict(res2.plan))
+    for (n1, p1), (n2, p2) in zip(two.named_parameters(), ref.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_iterative_ratio_schedule_is_torch_prunings_linear_scheduler():
+    """With pruning_ratio r, step k of S prunes to r·k/S of the initial channels (official MetaPruner)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    pruner = LLMPruner({"pruning_ratio": 0.5, "iterative_steps": 4})
+    summary = pruner.plan_shapes(model, Target.parse("100%"))
+    ratios = [(k / 4.0) * 0.5 for k in range(1, 5)]
+    assert [s["pruning_ratio"] for s in summary["steps"]] == ratios
+    assert [s["kv_groups_kept"] for s in summary["steps"]] == [official_kept_units(3, 64, r) for r in ratios] \
+        == [3, 3, 2, 2]
+    assert [s["mlp_kept"] for s in summary["steps"]] == [1344, 1152, 960, 768]
+    assert summary["kv_groups_kept"] == 2 and summary["mlp_kept"] == 768
+    with pytest.raises(ValidationError):
+        LLMPrunerConfig(iterative_steps=0)
+
+
 @needs_assets
 @pytest.mark.parametrize("config", [
     {},
     {"importance": "element2", "global_pruning": True},
     {"importance": "vector", "grouping": "max"},
     {"importance": "l1"},
-], ids=["element1-local", "element2-global", "vector-max", "l1"])
+    {"iterative_steps": 2, "global_pruning": True},
+], ids=["element1-local", "element2-global", "vector-max", "l1", "iterative-global"])
 def test_check_pruner(tmp_path, config):
     report = check_pruner(LLMPruner, tmp_dir=tmp_path, config=config, targets=("60%", "flops:70%"))
     assert len(report) == 6

@@ -11,6 +11,14 @@ Attention units:
 * ``kv_group`` — a KV head with its query heads (shrinks the KV cache; needed for ``kv:`` targets);
 * ``head``     — one query head in every KV group (``heads_per_group`` kept per group; KV unchanged).
   For MHA models the two are the same.
+
+Attention rounding (``attn_round``): the balanced keep ratio rarely gives a whole number of attention
+units, and on models with few KV groups the choice matters (SmolLM2-135M has 3: at 60 % of the
+parameters it is 1 group + 839 MLP channels rounded down, 2 groups + 668 rounded up). ``down`` (the
+default) keeps ``floor`` of the balanced attention width, ``nearest`` rounds it half up, ``up`` takes
+``ceil``; the MLP then takes whatever budget is left, so the result stays at or below the goal. When
+the rounded attention does not fit under the goal even with the smallest MLP, the solver falls back to
+the largest attention width that fits and says so in :attr:`Widths.note`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from compress.model.plan import LayerPlan, Plan
 from compress.target import Target
 
 AttnUnit = Literal["kv_group", "head"]
+AttnRound = Literal["down", "nearest", "up"]
+ATTN_ROUNDING: tuple[str, ...] = ("down", "nearest", "up")
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,11 @@ class Widths:
     goal: float
     dense: float
     metric: str
+    attn_round: str = "down"  # the policy the attention width was rounded with ("explicit": fixed widths)
+    note: str = ""  # e.g. why the policy's attention width could not be kept
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "attn_unit": self.attn_unit,
             "attn_units": self.attn_units,
             "attn_units_dense": self.attn_units_dense,
@@ -55,7 +67,11 @@ class Widths:
             "goal": self.goal,
             "dense": self.dense,
             "metric": self.metric,
+            "attn_round": self.attn_round,
         }
+        if self.note:
+            d["note"] = self.note
+        return d
 
 
 def unit_costs(arch: ArchAdapter, layer: int, attn_unit: AttnUnit, seq_len: int,
@@ -98,6 +114,7 @@ def solve_uniform(
     prune_attention: bool = True,
     prune_mlp: bool = True,
     fixed: tuple[int, int] | None = None,
+    attn_round: AttnRound = "down",
 ) -> Widths:
     """Uniform widths for ``layers`` (default: all) so the model lands at or below ``target``.
 
@@ -105,9 +122,14 @@ def solve_uniform(
     configuration) and only predicts the resulting value; the caller checks it against the goal.
 
     The attention keep ratio is ``attn_ratio`` times the MLP keep ratio (1.0 = balanced, which the
-    TransAct paper found best). The largest ratio that meets the goal is found by bisection; the MLP
-    then takes whatever budget the attention granularity left over.
+    TransAct paper found best). The largest ratio whose floored widths meet the goal is found by
+    bisection; the attention width at that ratio, ``r · attn_ratio · units``, is rounded by
+    ``attn_round`` (``down``: floor, today's and the default; ``nearest``: half up; ``up``: ceil), and
+    the MLP then takes whatever budget the attention granularity left over. A rounded-up width that
+    does not fit even with the smallest MLP falls back to the largest width that fits (``Widths.note``).
     """
+    if attn_round not in ATTN_ROUNDING:
+        raise TargetError(f"attn_round must be one of {', '.join(ATTN_ROUNDING)}, got {attn_round!r}")
     layers = list(range(arch.num_layers)) if layers is None else list(layers)
     if not layers:
         raise TargetError("no layers to prune; widen the layer range")
@@ -146,7 +168,7 @@ def solve_uniform(
             raise TargetError(f"explicit widths ({a} attention units, {m} MLP channels) are outside "
                               f"1..{units_dense} and 1..{mlp_dense}")
         return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
-                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric)
+                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round="explicit")
     a_min, m_min = widths(0.0)
     if value(a_min, m_min) > goal:
         raise TargetError(
@@ -161,13 +183,47 @@ def solve_uniform(
         else:
             hi = mid
     a, m = widths(lo)
+    m_balanced = m
     if prune_mlp and cm > 0:  # spend what the attention granularity left on MLP channels
         extra = int((goal - value(a, m)) // (cm * mlp_round_to)) * mlp_round_to
         m = min(mlp_dense, m + max(0, extra))
         while m > mlp_round_to and value(a, m) > goal:
             m -= mlp_round_to
+    note = ""
+    if attn_round != "down" and prune_attention:
+        # the unrounded balanced attention width at the solved ratio, then the policy's rounding
+        x = min(1.0, lo * attn_ratio) * units_dense
+        want = math.floor(x + 0.5 + 1e-9) if attn_round == "nearest" else math.ceil(x - 1e-9)
+        want = max(min_attn_units, min(units_dense, want))
+        for a_try in range(want, a, -1):  # from the policy's width down to the floored one
+            m_try = _fill_mlp(value, a_try, m_balanced, mlp_dense, mlp_round_to, goal) if prune_mlp and cm > 0 \
+                else m_balanced
+            if m_try is not None and value(a_try, m_try) <= goal:
+                if a_try < want:
+                    note = (f"attn_round={attn_round}: {want} attention units do not fit under the target "
+                            f"with any MLP width; kept {a_try}, the most that fit")
+                a, m = a_try, m_try
+                break
+        else:
+            if want > a:
+                note = (f"attn_round={attn_round}: {want} attention units do not fit under the target "
+                        f"with any MLP width; kept {a}, the most that fit")
     return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
-                  predicted=value(a, m), goal=goal, dense=dense, metric=target.metric)
+                  predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round=attn_round,
+                  note=note)
+
+
+def _fill_mlp(value, a: int, m_start: int, mlp_dense: int, round_to: int, goal: float) -> int | None:
+    """The most MLP channels (a multiple of ``round_to``, or all of them) that keep ``value(a, m)`` at or
+    below ``goal`` with ``a`` attention units; None when not even ``round_to`` channels fit."""
+    if value(a, mlp_dense) <= goal:
+        return mlp_dense
+    m = min(mlp_dense, max(round_to, (m_start // round_to) * round_to))
+    while m > round_to and value(a, m) > goal:
+        m -= round_to
+    while m + round_to < mlp_dense and value(a, m + round_to) <= goal:
+        m += round_to
+    return m if value(a, m) <= goal else None
 
 
 def plan_from_scores(

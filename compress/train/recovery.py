@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.calib.sources import CalibrationSource
-from compress.errors import UsageError
+from compress.errors import UsageError, one_line_validation
 from compress.train.distributed import load_full_state, meta_skeleton
 
 T = TypeVar("T")
@@ -55,9 +55,11 @@ class RecoveryConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="micro-batch per device")
     grad_accum: int = Field(1, gt=0)
     lr: float | None = Field(None, gt=0, description="None: 5e-5 for full, 1e-4 for lora")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (official TransAct: 0.95)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = Field("cosine", description="a transformers SchedulerType name (cosine, linear, constant, ...)")
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -221,6 +223,8 @@ def recover(
             gradient_accumulation_steps=cfg.grad_accum,
             learning_rate=cfg.lr,
             weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
             warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
             lr_scheduler_type=cfg.lr_scheduler,
             max_grad_norm=cfg.max_grad_norm,
@@ -339,7 +343,9 @@ class Recovery:
     """A recovery recipe bound to its data, for methods that train between pruning steps.
 
     ``Recovery(source, cfg)(model, tokens=N)`` runs :func:`recover` with the budget replaced by
-    ``N`` (e.g. TransAct splits its budget over the shots) and, with ``lr``, the learning rate.
+    ``N`` (e.g. TransAct splits its budget over the shots) and, with ``lr``, the learning rate;
+    ``settings`` overrides any other :class:`RecoveryConfig` field for that call only (e.g. TransAct's
+    official ``{"adam_beta2": 0.95}`` between shots), validated like the recipe's.
     Successive calls continue one data stream: ``consumed`` counts the tokens trained on so far
     (all processes together), and the next call starts after them. Set it to resume a stream.
     """
@@ -351,13 +357,22 @@ class Recovery:
     consumed: int = 0
 
     def __call__(self, model: nn.Module, *, tokens: int | None = None, lr: float | None = None,
-                 callbacks: Sequence[Any] | None = None) -> RecoveryResult:
+                 callbacks: Sequence[Any] | None = None, settings: dict[str, Any] | None = None) -> RecoveryResult:
         update: dict[str, Any] = {}
         if tokens is not None:
             update["tokens"] = tokens
         if lr is not None:
             update["lr"] = lr
         cfg = self.cfg.model_copy(update=update) if update else self.cfg
+        if settings:
+            from pydantic import ValidationError
+
+            try:
+                cfg = RecoveryConfig.model_validate({**cfg.model_dump(), **dict(settings)})
+            except ValidationError as e:
+                fields = ", ".join(RecoveryConfig.model_fields)
+                raise UsageError(f"bad recovery settings: {one_line_validation(e, 'recovery')} "
+                                 f"(valid keys: {fields})") from None
         if cfg.tokens <= 0:
             raise UsageError(f"recovery token budget must be positive, got {cfg.tokens}")
         result = recover(model, self.source, cfg, output_dir=self.output_dir, callbacks=callbacks,

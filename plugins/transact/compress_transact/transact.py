@@ -11,8 +11,15 @@ Faithful to the official code (XiaoMi/transact-pruning ``pruning/scorer.py::Acts
   channels of each layer are kept (selection per layer; the kept widths are the same in every layer).
 * **Schedule**: ``shots`` pruning steps; before each, scores are recomputed on the calibration set and
   both widths move towards the target by ``cur - (cur - target) // remaining_shots`` (the official
-  interpolation). Optional training after each shot, with the official token split
-  (``avg · (1/2 + (i-1)/(K-1))`` for shot i of K) and learning-rate ramp (``lr · 2i / K``).
+  interpolation). The attention width is then rounded UP to whole heads (``ceil(next_mha_dim /
+  head_dim)``; with ``gqa=groups`` to whole KV groups, ``head_dim · group_size`` channels) and the next
+  shot continues from that ROUNDED width, as the official trainer does (it reads the kept
+  ``mha_inter_size`` back from the pruned model): LLaMA-2-7B ``-a 768 -k 8`` keeps 29, 26, 23, 20, 17,
+  14, 10, 6 heads. The MLP width is interpolated unrounded. Optional training after each shot, with
+  the official token split (``avg · (1/2 + (i-1)/(K-1))`` for shot i of K) and learning-rate ramp
+  (``lr · 2i / K``); ``recover_beta1`` / ``recover_beta2`` / ``recover_weight_decay`` /
+  ``recover_warmup_ratio`` / ``recover_lr_scheduler`` set the optimizer of that training (official:
+  AdamW β = (0.9, 0.95), weight decay 0, 10 % warm-up, cosine; unset = the run's recovery settings).
 * The hidden size and ``head_dim`` are never pruned (RoPE untouched).
 * With ``shots > 1`` the model, the composed plan and the RNG state are checkpointed after every
   finished shot (``ctx.checkpoint``); ``compress run --resume`` continues after the last one and ends
@@ -28,11 +35,18 @@ Deviations (documented, each with a reason):
 * **Target arithmetic**: the official tool takes the final widths (``-a`` attention width, ``-f`` MLP
   width). Ours solves them from any target (params, FLOPs/token, KV bytes/token) with a balanced keep
   ratio (the paper finds balanced MHA/MLP compression best) — ``attn_ratio`` shifts the balance —
-  landing at or below the target. ``attn_heads`` / ``mlp_dim`` set the widths explicitly instead.
+  landing at or below the target. ``attn_round`` (``down`` | ``nearest`` | ``up``, default ``down``)
+  rounds the balanced attention width to whole units, the MLP taking the rest of the budget; ``up``
+  measured better than ``down`` at 80, 60 and 50 % of SmolLM2-135M
+  (``benchmarks/results/attn_rounding_smollm2.md``; e.g. 60 %: PPL 220 vs 900 at 2048 context) and
+  becomes the default once the committed records are re-run with it.
+  ``attn_heads`` / ``mlp_dim`` set the widths explicitly instead.
 * **Calibration**: official 128 × 4096 RedPajama tokens; our default is 128 × 2048 (capped at the model's
   context) from the run's calibration source.
-* Head ``ceil(next_mha_dim / head_dim)`` rounding applies to intermediate shots; the last shot uses the
-  solved widths exactly so the target is met.
+* The last shot lands on the solved widths exactly (the official interpolation reaches the target
+  width there, and ours is always a whole number of units), so the target is met.
+* Interleaved training uses HF's cosine schedule with linear warm-up per shot; the official runs use
+  DeepSpeed's ``WarmupCosineLR`` (same warm-up ratio and peak, its own warm-up shape and floor).
 """
 
 from __future__ import annotations
@@ -71,12 +85,21 @@ class TransActConfig(PrunerConfig):
     shots: int = Field(1, ge=1, description="pruning steps K (official README example: 8)")
     gqa: Literal["groups", "heads"] = Field("groups", description="drop whole KV groups, or heads inside groups")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio (1 = balanced)")
+    attn_round: Literal["down", "nearest", "up"] = Field(
+        "down", description="round the balanced attention width down / to nearest / up to whole units; "
+                          "the MLP takes the rest of the budget (up: measured best on SmolLM2)")
     attn_heads: int | None = Field(None, ge=1, description="explicit query heads per layer (official -a / head_dim)")
     mlp_dim: int | None = Field(None, ge=1, description="explicit MLP width (official -f)")
     mlp_round_to: int = Field(1, ge=1, description="MLP width multiple")
     alpha: float = Field(10.0, ge=0, description="head score = mean + (alpha/head_dim)·max")
     recover_tokens_per_shot: int = Field(0, ge=0, description="average training tokens after each shot")
     recover_lr: float = Field(5e-5, gt=0, description="base LR of interleaved training (ramped 2i/K)")
+    # optimizer of the interleaved training; None = the run's recovery setting (RecoveryConfig default)
+    recover_beta1: float | None = Field(None, ge=0, lt=1, description="AdamW beta1 between shots (official 0.9)")
+    recover_beta2: float | None = Field(None, ge=0, lt=1, description="AdamW beta2 between shots (official 0.95)")
+    recover_weight_decay: float | None = Field(None, ge=0, description="weight decay between shots (official 0)")
+    recover_warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warm-up share per shot (official 0.1)")
+    recover_lr_scheduler: str | None = Field(None, description="LR schedule per shot (official: cosine)")
 
     @model_validator(mode="after")
     def _explicit_pair(self) -> TransActConfig:
@@ -123,10 +146,15 @@ class TransActPruner(Pruner):
                                   f"{g.num_heads} for gqa={cfg.gqa}")
             fixed = (cfg.attn_heads // per_unit, int(cfg.mlp_dim or g.intermediate))
         return solve_uniform(arch, target, attn_unit=unit, attn_ratio=cfg.attn_ratio,  # type: ignore[arg-type]
-                             mlp_round_to=cfg.mlp_round_to, fixed=fixed)
+                             mlp_round_to=cfg.mlp_round_to, fixed=fixed, attn_round=cfg.attn_round)
 
     def schedule(self, arch: ArchAdapter, final: Widths) -> list[tuple[int, int]]:
-        """(attention units, MLP channels) after each shot: the official linear interpolation."""
+        """(attention units, MLP channels) after each shot: the official linear interpolation.
+
+        Attention: ``next = cur - (cur - target) // remaining`` in channels, rounded UP to whole units
+        (``ceil(next / unit)``; a unit is one head of ``head_dim`` channels for MHA, a KV group of
+        ``head_dim · group_size`` with ``gqa=groups``, one head in every group with ``gqa=heads``), and
+        the next shot starts from the rounded width. MLP: the same interpolation, unrounded."""
         g = arch.geometry(0)
         unit_ch = g.head_dim * (g.group_size if final.attn_unit == "kv_group" else g.num_kv_heads)
         cur_mha, tgt_mha = final.attn_units_dense * unit_ch, final.attn_units * unit_ch
@@ -135,19 +163,32 @@ class TransActPruner(Pruner):
         K = self.config.shots
         for shot in range(K):
             remaining = K - shot
-            cur_mha = cur_mha - (cur_mha - tgt_mha) // remaining
+            units = math.ceil((cur_mha - (cur_mha - tgt_mha) // remaining) / unit_ch)
             cur_mlp = cur_mlp - (cur_mlp - tgt_mlp) // remaining
-            units = math.ceil(cur_mha / unit_ch)
-            if shot == K - 1:
+            if shot == K - 1:  # remaining == 1 lands on the target already; kept explicit
                 units, cur_mlp = final.attn_units, final.mlp
+            cur_mha = units * unit_ch  # the kept width: the next shot interpolates from it
             out.append((units, cur_mlp))
+        return out
+
+    def shot_shapes(self, arch: ArchAdapter, final: Widths) -> list[dict]:
+        """Per shot: query heads, KV heads and MLP width of every layer after that shot."""
+        g = arch.geometry(0)
+        out = []
+        for shot, (units, mlp) in enumerate(self.schedule(arch, final), 1):
+            if final.attn_unit == "kv_group":
+                heads, kv = units * g.group_size, units
+            else:
+                heads, kv = units * g.num_kv_heads, g.num_kv_heads
+            out.append({"shot": shot, "heads": heads, "kv_heads": kv, "mlp": mlp})
         return out
 
     def plan_shapes(self, model, target: Target) -> dict:
         arch = adapter_for(model)
         final = self.final_widths(arch, target)
+        shots = self.shot_shapes(arch, final)
         apply_plan(model, shape_plan(arch, final), arch)
-        return self._summary(arch, final)
+        return {**self._summary(arch, final), "shots": shots}
 
     @staticmethod
     def _summary(arch: ArchAdapter, widths: Widths) -> dict:
@@ -234,10 +275,13 @@ class TransActPruner(Pruner):
                     f"({entry['kv_heads']} KV) × {entry['head_dim']}, MLP {entry['f']}")
             if recovery is not None:
                 tokens, lr = self._shot_budget(shot)
-                r = recovery(model, tokens=tokens, lr=lr)
+                optim = self._shot_optimizer()
+                r = recovery(model, tokens=tokens, lr=lr, **({"settings": optim} if optim else {}))
                 model = r.model
                 entry["recovery"] = {"tokens": r.tokens_seen, "steps": r.steps, "lr": lr,
                                      "final_loss": r.losses[-1][1] if r.losses else None}
+                if optim:
+                    entry["recovery"]["settings"] = optim
             history.append(entry)
             if cfg.shots > 1:  # iterative: an interrupted run resumes after the last finished shot
                 ctx.checkpoint(model, {"shot": shot, "shots": cfg.shots, "plan": total_plan.to_dict(),
@@ -256,6 +300,13 @@ class TransActPruner(Pruner):
         K, avg = self.config.shots, self.config.recover_tokens_per_shot
         share = 1.0 if K == 1 else 0.5 + (shot - 1) / (K - 1)
         return max(1, int(round(avg * share))), self.config.recover_lr * (2 * shot / K if K > 1 else 1.0)
+
+    def _shot_optimizer(self) -> dict:
+        """Recovery settings the shots override (only the ones set): RecoveryConfig field names."""
+        c = self.config
+        pairs = {"adam_beta1": c.recover_beta1, "adam_beta2": c.recover_beta2, "weight_decay": c.recover_weight_decay,
+                 "warmup_ratio": c.recover_warmup_ratio, "lr_scheduler": c.recover_lr_scheduler}
+        return {k: v for k, v in pairs.items() if v is not None}
 
     def _recovery(self, ctx: PruneContext):
         """The training between shots: the run's recovery recipe (``--recover-tokens`` settings and
