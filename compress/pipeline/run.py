@@ -14,6 +14,7 @@ in the dense numbering), whose hash and footprint go into the record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from compress.assets import display_path
 from compress.errors import NumericalError, TargetError, UsageError
 from compress.model.footprint import Footprint, footprint
 from compress.pipeline.preflight import DEFAULT_CALIB, Checked, meta_model, preflight
@@ -262,7 +264,7 @@ def run(spec: RunSpec, log=print) -> RunResult:
         import shutil
 
         shutil.rmtree(state_dir, ignore_errors=True)  # --overwrite: the interrupted run is discarded
-    log(f"loaded {_display_source(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters")
+    log(f"loaded {display_path(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters")
     result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
                              load_s=load_s, log=log)
     if out is not None:
@@ -282,12 +284,6 @@ def run(spec: RunSpec, log=print) -> RunResult:
     return result
 
 
-def _display_source(source: str) -> str:
-    """A model source as it may appear in output: a hub id or a file name, never a home path."""
-    p = Path(source).expanduser()
-    return p.name if p.exists() else source
-
-
 #: The held-out text of the quick quality check: WikiText-2 test (calibration reads validation).
 QUALITY_TEXT = "wikitext2"
 QUALITY_WINDOWS, QUALITY_SEQ_LEN = 8, 256
@@ -295,14 +291,27 @@ QUALITY_WINDOWS, QUALITY_SEQ_LEN = 8, 256
 QUALITY_WARN_RATIO = 2.0
 
 
+#: Characters of the quality text that are tokenised: far more than the windows need (8 × 256 tokens
+#: is ~10k characters of WikiText), so the first windows are those of the whole split.
+QUALITY_CHARS = 200_000
+
+
+@functools.lru_cache(maxsize=1)
+def _quality_text() -> str:
+    """The head of the quality text, read once per process (a run scores it before and after)."""
+    from compress.evaluate.perplexity import ppl_text
+
+    return ppl_text(QUALITY_TEXT)[:QUALITY_CHARS]
+
+
 def quick_quality(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     """Perplexity on the first :data:`QUALITY_WINDOWS` windows of :data:`QUALITY_SEQ_LEN` tokens of
     the WikiText-2 test split (capped at the model's context): seconds, and comparable before/after."""
-    from compress.evaluate.perplexity import perplexity, ppl_text
+    from compress.evaluate.perplexity import perplexity
 
     ctx_len = getattr(model.config, "max_position_embeddings", None) or QUALITY_SEQ_LEN
     seq_len = min(QUALITY_SEQ_LEN, int(ctx_len))
-    res = perplexity(model, tokenizer, ppl_text(QUALITY_TEXT), seq_len=seq_len, max_windows=QUALITY_WINDOWS,
+    res = perplexity(model, tokenizer, _quality_text(), seq_len=seq_len, max_windows=QUALITY_WINDOWS,
                      batch_size=QUALITY_WINDOWS, progress=False)
     return {"ppl": res["ppl"], "seq_len": seq_len, "windows": res["windows"], "tokens": res["predicted"]}
 
@@ -312,7 +321,6 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     """Prune a loaded (or user-given) model with its context, recover if asked, measure, record.
 
     The part of a run after loading, shared by :func:`run` and :func:`compress.pipeline.api.prune`."""
-    from compress.assets import display_path
     from compress.io.loading import source_metadata
     from compress.io.recipe import resolved_recipe
 
@@ -353,7 +361,7 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     calib = ctx.calibration
     record = empty_run_record()
     record.update({
-        "model": {"source": _display_source(source), **source_metadata(source)},
+        "model": {"source": display_path(source), **source_metadata(source)},
         "method": pruner.name,
         "plugin": {"distribution": origin.distribution if origin else None, "version": origin.version if origin else None},
         "settings": dict(spec.settings),
