@@ -205,7 +205,8 @@ def check_pruner(
             out = Path(tmp_dir) / f"{pruner_cls.__name__}-{kind}-{tgt.replace('%', 'pct').replace(':', '_')}"
             info = export_model(pruned, tok, out, kind=result.export, plan={"plan": result.plan}, overwrite=True)
             assert (out / PLAN_FILE).is_file(), f"{case}: no plan written"
-            reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+            # what a user of the folder runs: stock transformers, trust_remote_code for the compress format
+            reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=info["kind"] == "compress").eval()
             with torch.no_grad():
                 diff = (reloaded(ids).logits - logits).abs().max().item()
             assert diff <= atol, f"{case}: reloaded logits differ by {diff} ({info['kind']} format)"

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from compress.errors import UsageError
 from compress.io.export import PLAN_FILE, RECORD_FILE, export_model, stock_expressible, weights_sha256
+from compress.io.loading import load_model
 from compress.model.adapter import ArchAdapter
 from compress.model.plan import LayerPlan, Plan
 from compress.model.surgery import apply_plan
@@ -134,7 +135,8 @@ def test_compress_export_reloads(compress_exports, name):
         ok, why = stock_expressible(model)
         assert not ok and "not a multiple" in why
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "compress"
+    # the base family as model_type (a stock AutoTokenizer reads it without a prompt), our class by name
+    assert cfg["model_type"] == model.config.model_type and cfg["architectures"] == ["CompressForCausalLM"]
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_compress.CompressForCausalLM"
     for f in ("compress_plan.json", "compress_run.json", "README.md", "model.safetensors", "modeling_compress.py"):
         assert (out / f).is_file(), f
@@ -142,8 +144,8 @@ def test_compress_export_reloads(compress_exports, name):
     if name.startswith("hetero"):
         assert len({s["intermediate_size"] for s in specs}) == 3
         assert specs[1]["low_rank"] == {"self_attn.q_proj": 5}
-    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(reloaded).__name__ == "CompressForCausalLM"
+    reloaded = load_model(str(out)).model  # compress's loader: its own class, the folder's code never runs
+    assert type(reloaded).__name__ == "CompressForCausalLM" and reloaded.config.model_type == "compress"
     assert (_logits(reloaded) - case["logits"]).abs().max().item() <= ATOL
     if name.startswith("hetero"):
         assert isinstance(reloaded.model.layers[1].self_attn.q_proj, LowRankLinear)
@@ -153,7 +155,8 @@ def test_compress_export_reloads(compress_exports, name):
         b = model.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(a, b)
     card = (out / "README.md").read_text()
-    assert "AutoTokenizer.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)" in card
+    assert "AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\", trust_remote_code=True)" in card
+    assert "AutoTokenizer.from_pretrained(\"path/to/this/folder\")" in card
 
 
 def test_modeling_file_hash_and_imports(compress_exports):
@@ -179,11 +182,20 @@ _NO_COMPRESS = textwrap.dedent('''
             if name.split(".")[0] in ("compress", "compress_transact", "compress_baselines"):
                 raise ImportError(f"{name} must not be imported")
     sys.meta_path.insert(0, _Block())
+    import builtins
+    prompts = []
+    builtins.input = lambda *a: prompts.append(a) or "n"  # transformers' "run custom code? [y/N]"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     for folder in sys.argv[1:]:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # as the model card shows: no prompt
+        AutoTokenizer.from_pretrained(folder)  # as the model card shows: no flag, and no prompt
+        assert not prompts, prompts
+        try:  # without the flag: the stock class refuses the per-layer weights, never a wrong model
+            AutoModelForCausalLM.from_pretrained(folder)
+            raise SystemExit("loaded without trust_remote_code")
+        except (RuntimeError, ValueError) as e:
+            assert "mismatch" in str(e) or "size" in str(e), e
         ids = torch.load(folder + ".ids.pt")
         with torch.no_grad():
             torch.save(model(ids).logits, folder + ".remote-logits.pt")
@@ -278,7 +290,7 @@ def test_kill_9_during_export_leaves_complete_or_absent(tmp_path, assets):
         plan = json.loads((folder / PLAN_FILE).read_text())
         assert plan["weights_sha256"] == weights_sha256(folder), f"{folder.name} is partial (delay {delay:.2f}s)"
     for folder in (numbered[-1], *(p for p in finals if p.name == "same")):
-        AutoModelForCausalLM.from_pretrained(folder)
+        load_model(str(folder))
     # whatever was in flight is only under a hidden temporary name
     assert all(p.name.startswith((".m", ".same")) for p in out.iterdir() if p.name.startswith("."))
 
@@ -300,7 +312,7 @@ def test_generation_config_and_chat_template_travel(kind, tmp_path):
     export_model(model, tok, tmp_path / "o", kind=kind, plan={}, record={"method": "x", "target": "60%"})
     gen = GenerationConfig.from_pretrained(tmp_path / "o")
     assert gen.eos_token_id == [2, 7] and gen.do_sample is True and gen.temperature == 0.2 and gen.top_p == 0.9
-    again = AutoTokenizer.from_pretrained(tmp_path / "o", trust_remote_code=kind == "compress")
+    again = AutoTokenizer.from_pretrained(tmp_path / "o")  # no flag, no prompt, in both formats
     assert again.chat_template == tok.chat_template
 
 

@@ -4,9 +4,11 @@ Two formats:
 
 * ``stock``    — every layer has the same shapes and the family's own config class accepts them
   (transformers 5.x still checks ``hidden_size % num_attention_heads == 0``): a plain checkpoint.
-* ``compress`` — anything else: ``model_type: compress`` with one spec per layer, the modeling file
-  copied into the folder and ``auto_map`` set, so ``trust_remote_code=True`` loads it without this
-  package, and ``import compress`` loads it without remote code. Its sha256 is recorded in the config.
+* ``compress`` — anything else: ``architectures: [CompressForCausalLM]`` with one spec per layer (and
+  the base family as ``model_type``, so a stock ``AutoTokenizer`` loads the folder without a prompt),
+  the modeling file copied into the folder and ``auto_map`` set, so ``trust_remote_code=True`` loads it
+  without this package, and ``compress``'s loader (``compress.io.loading.load_model``, every command)
+  loads it with its own class, never running the folder's code. Its sha256 is recorded in the config.
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so an
 interrupted export leaves the output complete or absent, never partial.
@@ -101,9 +103,13 @@ def compress_config(model: nn.Module, arch: ArchAdapter | None = None) -> Compre
         base_type = cfg.model_type
         base = {k: v for k, v in cfg.to_dict().items() if k not in _DROP_KEYS}
     hidden = int(arch.embed_tokens.weight.shape[1])
-    # The base config must validate in its own class: one head always divides the hidden size;
-    # the real per-layer head counts live in ``layers``.
-    base.update(hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1, head_dim=arch.head_dim(0))
+    # The base config must validate in its own class: one head always divides the hidden size; the
+    # real per-layer head counts and MLP widths live in ``layers``. config.json names the base family
+    # (so a stock AutoTokenizer never prompts); a stock class built from it without trust_remote_code
+    # gets MLPs of width 1, so it refuses every layer's MLP weights (size mismatch) instead of loading a
+    # wrong model.
+    base.update(hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1, head_dim=arch.head_dim(0),
+                intermediate_size=1)
     out = CompressConfig(
         base_model_type=base_type,
         base_config=base,
@@ -287,7 +293,8 @@ def _default_card(record: dict, kind: str) -> str:
         lines += ["> **Warning: no recovery training was run after pruning**" + rose + ". Structured pruning "
                   "removes capacity; recover it before use with `compress recover THIS_FOLDER --tokens N "
                   "--out DIR` (or `compress run ... --recover-tokens N`).", ""]
-    lines += [f"- format: `{kind}`" + (" — load with `trust_remote_code=True`, or `import compress` first"
+    lines += [f"- format: `{kind}`" + (" — per-layer shapes: load the model with `trust_remote_code=True` (the "
+                                       "code is `modeling_compress.py` in this folder), or with `compress`"
                                        if kind == "compress" else " — loads with stock transformers"),
               "- `compress_plan.json` lists what each layer kept; `compress_run.json` is the full run record;",
               "  `compress_recipe.yaml` (when present) is the resolved recipe that re-runs it.", ""]
@@ -297,9 +304,7 @@ def _default_card(record: dict, kind: str) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{flag})',
-        # AutoTokenizer always reads config.json too, whose auto_map names the custom config: without
-        # the flag transformers asks on stdin whether to run it
-        f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{flag})',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",
     ]

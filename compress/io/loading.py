@@ -17,7 +17,7 @@ Safe loading:
 * a checkpoint whose weights do not cover the model (missing tensors would be randomly initialised),
   or that is corrupt, is refused;
 * ``trust_remote_code`` is off unless the user passes ``--trust-remote-code``;
-* a folder exported by compress in its own format (``model_type: compress``) is recognised by the
+* a folder exported by compress in its own format (``architectures: [CompressForCausalLM]``) is recognised by the
   sha256 of its ``modeling_compress.py``, recorded in ``config.json`` at export, and always loads with
   this package's classes, never with the folder's code; a modified modeling file is refused.
 """
@@ -136,7 +136,9 @@ def compress_format(folder: str | os.PathLike) -> bool:
     if not (folder / "config.json").is_file():
         return False
     cfg = _read_config_json(folder)
-    if cfg.get("model_type") != COMPRESS_MODEL_TYPE:
+    # config.json names the base family (so stock AutoTokenizer never prompts); folders written before
+    # that named the compress type itself
+    if cfg.get("architectures") != ["CompressForCausalLM"] and cfg.get("model_type") != COMPRESS_MODEL_TYPE:
         return False
     code = folder / MODELING_FILE.name
     if code.exists():
@@ -273,8 +275,8 @@ def load_config(source: str, *, trust_remote_code: bool = False):
             mt = d.get("model_type")
             return AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != "model_type"})
         _check_source(source)
-        if path.is_dir() and compress_format(path):
-            trust_remote_code = False  # our own class, registered above; the folder's code is never run
+        if path.is_dir() and compress_format(path):  # our own class; the folder's code is never run
+            return compress.modeling.CompressConfig.from_pretrained(str(path))
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except UsageError:
         raise
@@ -327,9 +329,10 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
                              "at a saved model folder")
         if path.is_dir():
             _check_weights(path)
-            if compress_format(path):
-                trust_remote_code = False  # our own class, registered above; the folder's code is never run
-    kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    # a compress-format folder loads with our own class; the folder's copy of its code is never run
+    own_class = not gguf and path.is_dir() and compress_format(path)
+    loader: Any = compress.modeling.CompressForCausalLM if own_class else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": dt} if own_class else {"dtype": dt, "trust_remote_code": trust_remote_code}
     if not gguf:
         kwargs["use_safetensors"] = True  # never torch.load a pickle
     if device_map:
@@ -350,13 +353,13 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
             except Exception:  # noqa: BLE001 - no tokenizer.json next to the gguf: read it from the gguf
                 tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), gguf_file=gguf.name)
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source,
-                                                               output_loading_info=True, **kwargs)
+            model, info = loader.from_pretrained(str(path) if path.exists() else source, output_loading_info=True,
+                                                 **kwargs)
             missing = sorted(info.get("missing_keys") or [])
             if missing:
                 raise UsageError(f"the weights of {source} lack {len(missing)} tensor(s) the config needs "
                                  f"(e.g. {missing[0]}); they would be random: re-save the model")
-            tokenizer = _load_tokenizer(str(path) if path.exists() else source, trust_remote_code)
+            tokenizer = _load_tokenizer(str(path) if path.exists() else source, trust_remote_code and not own_class)
     except UsageError:
         raise
     except SafetensorError as e:

@@ -61,7 +61,16 @@ def family_classes(model_type: str) -> dict:
 
 
 class CompressConfig(PretrainedConfig):
-    """Config of a layer-wise pruned model: the dense base config plus one spec per layer."""
+    """Config of a layer-wise pruned model: the dense base config plus one spec per layer.
+
+    ``config.json`` names the **base family** as its ``model_type`` (e.g. ``llama``), with
+    ``architectures: [CompressForCausalLM]`` and ``auto_map`` pointing at this file. A stock
+    ``AutoTokenizer.from_pretrained(folder)`` therefore reads a config type transformers knows and never
+    asks whether to run custom code; ``AutoModelForCausalLM.from_pretrained(folder,
+    trust_remote_code=True)`` follows ``auto_map`` here. (Without the flag transformers would build the
+    family's stock class and refuse the per-layer weights: a loud size-mismatch error, never a silently
+    wrong model.) In memory the type is ``compress``.
+    """
 
     model_type = COMPRESS_MODEL_TYPE
 
@@ -83,7 +92,20 @@ class CompressConfig(PretrainedConfig):
                 kwargs[key] = value
         if self.layers:
             kwargs["num_hidden_layers"] = len(self.layers)
+        kwargs.pop("model_type", None)  # the file's (the base family's); in memory it is ``compress``
         super().__init__(**kwargs)
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("architectures") == ["CompressForCausalLM"]:
+            config_dict = {**config_dict, "model_type": cls.model_type}  # the file names the base family
+        return config_dict, kwargs
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["model_type"] = self.base_model_type  # see the class docstring: no prompt for stock AutoTokenizer
+        return out
 
     def build_base_config(self) -> PretrainedConfig:
         """The dense base config object, with global overrides (e.g. a sliced hidden size) set live."""
