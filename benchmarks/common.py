@@ -97,6 +97,7 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
         "peak_rss_bytes": rec["peak_rss_bytes"],
         "notes": rec.get("notes"),
         "recovery": rec.get("recovery"),
+        "recovery_result": rec.get("recovery_result"),
         **wikitext_ppl(model, tok, full=full),
     }
     return row

@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         **run_kwargs, model=args.model, out=args.out, dtype=args.dtype, device=args.device, dry_run=args.dry_run,
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
         progress=not args.json and not args.no_progress, resume=args.resume,
-        layerwise=args.layerwise, offload_dir=args.offload_dir, evaluate=not args.no_eval,
+        layerwise=args.layerwise, offload_dir=args.offload_dir, evaluate=not args.no_eval, teacher=args.teacher,
     )
     if not spec.progress:
         from transformers.utils import logging as hf_logging
@@ -161,7 +161,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     spec = RecoverSpec(model=args.model, out=args.out, tokens=args.tokens, mode=args.mode, calib=args.calib,
                        seed=args.seed, settings=settings, dtype=args.dtype, overwrite=args.overwrite,
-                       trust_remote_code=args.trust_remote_code, progress=progress)
+                       trust_remote_code=args.trust_remote_code, progress=progress, teacher=args.teacher)
     con = _console()
     rec = recover_saved(spec, log=(lambda m: None) if args.json else (lambda m: con.print(m))).record
     if not rec.get("export"):  # not the main process: rank 0 prints the result
@@ -417,6 +417,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compress.io.recipe import RECOVER_MODES  # torch-free: the parser stays instant
     p = _Parser(prog="compress", description="Structured pruning of causal LMs, with measurements.")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"compress {_version()}")
@@ -455,8 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (iterative methods, e.g. TransAct shots)")
     r.add_argument("--recover-tokens", type=int, default=None, help="recovery training budget after pruning")
-    r.add_argument("--recover-mode", choices=("full", "lora"), default=None,
-                   help="recovery training of every weight (full, default) or LoRA adapters merged back")
+    r.add_argument("--recover-mode", choices=RECOVER_MODES, default=None,
+                   help="recovery training of every weight (full, default), LoRA adapters merged back (lora), or "
+                        "every weight distilled from the dense model (kd)")
+    r.add_argument("--teacher", metavar="MODEL", help="--recover-mode kd: the teacher (default: the dense model itself)")
     r.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
     r.add_argument("--no-eval", action="store_true",
                    help="skip the quality check (perplexity before -> after on a held-out slice, a few seconds)")
@@ -468,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("model", help="saved model folder (stock or compress format) or hub id")
     rc.add_argument("--tokens", type=int, required=True, help="training token budget, all processes together")
     rc.add_argument("--out", required=True, help="output folder (written atomically, by the main process only)")
-    rc.add_argument("--mode", choices=("full", "lora"), default="full", help="full parameters, or LoRA merged back")
+    rc.add_argument("--mode", choices=RECOVER_MODES, default="full",
+                    help="full parameters, LoRA merged back, or kd: full parameters distilled from --teacher")
+    rc.add_argument("--teacher", metavar="MODEL", help="--mode kd: the dense model the input was pruned from")
     rc.add_argument("--calib", "--data", dest="calib", help="training text: file, folder, jsonl[:field], alias, "
                     "hf:NAME (default wikitext2)")
     rc.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")

@@ -86,6 +86,34 @@ def test_two_processes_match_one_process(tmp_path, stories_dir, text):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # atomic, no debris
 
 
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate launcher not installed")
+def test_kd_two_processes_match_one_process(tmp_path, stories_dir, text):
+    """Distillation under `accelerate launch`: each process runs its own copy of the teacher on its
+    shard of the batch; 1 × 8 and 2 × 4 give the same KD loss curve and the same student."""
+    from compress.pipeline.run import RunSpec, run
+
+    student = tmp_path / "student"
+    run(RunSpec(method="magnitude", target="70%", model=str(stories_dir), out=str(student), evaluate=False,
+                progress=False), log=lambda m: None)
+    kd = ["--mode", "kd", "--teacher", str(stories_dir)]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _launch(["--cpu", "--num_processes", "1"], [*_recover_args(student, one, text, BATCH), *kd], tmp_path)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _launch(["--multi_gpu", "--num_processes", "2"], [*_recover_args(student, two, text, BATCH // 2), *kd],
+                 tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    rec1 = json.loads((one / "compress_run.json").read_text())
+    rec2 = json.loads((two / "compress_run.json").read_text())
+    assert rec1["recovery"]["mode"] == rec2["recovery"]["mode"] == "kd"
+    l1, l2 = rec1["recovery_result"]["losses"], rec2["recovery_result"]["losses"]
+    assert rec2["recovery_result"]["world_size"] == 2 and len(l1) == len(l2) == TOKENS // (SEQ * BATCH)
+    for (st, a), (_, b) in zip(l1, l2, strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (st, a, b)
+    assert l1[-1][1] < l1[0][1]
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
 def test_recover_compress_format_in_process(tmp_path, capsys, stories_dir, text):
     """A compress-format folder is recovered and written back in the compress format, its plan kept."""
     from compress.io.export import export_model

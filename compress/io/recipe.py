@@ -24,7 +24,7 @@ from typing import Any
 
 from compress.errors import UsageError
 
-__all__ = ["RECIPE_FILE", "RUN_KEYS", "Recipe", "dump_recipe", "load_recipe", "read_mapping", "resolved_recipe"]
+__all__ = ["RECIPE_FILE", "RECOVER_MODES", "RUN_KEYS", "Recipe", "dump_recipe", "load_recipe", "read_mapping", "resolved_recipe"]
 
 #: Name of the resolved recipe written into every output folder.
 RECIPE_FILE = "compress_recipe.yaml"
@@ -39,7 +39,9 @@ RUN_KEYS: dict[str, tuple[type, ...]] = {
     "recover_mode": (str,),
     "recover_settings": (dict,),
 }
-_RECOVER_MODES = ("full", "lora")
+#: Recovery training modes (``RecoveryConfig.mode``): every weight on the LM loss, LoRA adapters merged
+#: back, every weight distilled from the dense model.
+RECOVER_MODES: tuple[str, ...] = ("full", "lora", "kd")
 
 
 def read_mapping(path: str | Path, what: str = "recipe") -> dict[str, Any]:
@@ -98,8 +100,8 @@ class Recipe:
                 raise UsageError(f"{where}: {key} must be a {names}, got {value!r}")
             if key in ("seed", "recover_tokens") and value < 0:
                 raise UsageError(f"{where}: {key} must be >= 0, got {value}")
-            if key == "recover_mode" and value not in _RECOVER_MODES:
-                raise UsageError(f"{where}: recover_mode must be one of {', '.join(_RECOVER_MODES)}, got {value!r}")
+            if key == "recover_mode" and value not in RECOVER_MODES:
+                raise UsageError(f"{where}: recover_mode must be one of {', '.join(RECOVER_MODES)}, got {value!r}")
             run[key] = str(value) if key == "target" else value
         method = run.pop("method", None)
         return cls(source=source, method=method, run=run, settings=settings)

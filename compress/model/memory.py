@@ -35,6 +35,11 @@ weights (autograd's copies at b bytes for the whole model or one layer, and the 
 twice with the Fisher term); SliceGPT its own set of residual signals, the PCA (``3·H²·8``: ``Σ XᵀX``,
 its eigenvectors and one product, float64) and the float64 rotation of the widest weight; LoRAP the
 SVD of the largest attention matrix (fp32 copies of ``W``, ``U``, ``Vᵀ``).
+
+A run with distillation recovery (``--recover-mode kd``) keeps its teacher — a copy of the dense
+model taken before pruning, or the ``--teacher`` checkpoint — alive from the start: the term
+``kd_teacher_weights`` (``W``, or the teacher's own weights). The recovery training itself (gradients,
+AdamW's two moments) comes after pruning and is not part of this estimate.
 """
 
 from __future__ import annotations
@@ -137,9 +142,14 @@ class MemoryModel:
 
 
 def estimate_peak_memory(pruner: Any, model: nn.Module, target: Any, *, layerwise: bool = False,
-                         arch: ArchAdapter | None = None) -> MemoryEstimate:
-    """Weights of the dense ``model`` + ``pruner.working_memory`` (call before planning shapes)."""
+                         arch: ArchAdapter | None = None, recovery: Any = None,
+                         teacher_bytes: int | None = None) -> MemoryEstimate:
+    """Weights of the dense ``model`` + ``pruner.working_memory`` (call before planning shapes), + the
+    distillation teacher's weights when ``recovery`` (a ``RecoveryConfig``) is in mode ``kd``
+    (``teacher_bytes``: a ``--teacher`` checkpoint's; default the dense model's)."""
     mem = MemoryModel(model, layerwise=layerwise, arch=arch)
     terms = {k: int(v) for k, v in pruner.working_memory(model, target, mem).items() if v}
+    if recovery is not None and getattr(recovery, "mode", None) == "kd":
+        terms["kd_teacher_weights"] = int(mem.weights if teacher_bytes is None else teacher_bytes)
     sequential = bool(getattr(getattr(pruner, "capabilities", None), "sequential", False))
     return MemoryEstimate(weights=mem.weights, terms=terms, layerwise=layerwise or sequential)

@@ -17,7 +17,7 @@ import torch
 from compress.errors import UsageError
 from compress.model.footprint import footprint
 from compress.pipeline.preflight import DEFAULT_CALIB, recovery_config
-from compress.pipeline.run import RunResult, RunSpec, check_finite_weights, prune_in_memory
+from compress.pipeline.run import RunResult, RunSpec, check_finite_weights, kd_teacher, prune_in_memory
 from compress.plugins import get_registry
 from compress.pruner import PruneContext
 from compress.target import Target
@@ -43,6 +43,7 @@ def prune(
     recover_tokens: int = 0,
     recover_mode: str = "full",
     recover_settings: dict[str, Any] | None = None,
+    teacher: torch.nn.Module | None = None,
     progress: bool = False,
     log: Any = None,
     **settings: Any,
@@ -57,7 +58,9 @@ def prune(
     ``calib``: a calibration spec (file, folder, alias such as ``"wikitext2"``, ``hf:NAME``) or a
     :class:`compress.calib.sources.CalibrationSource`; default ``wikitext2`` (shipped with the
     package). ``settings``: the method's settings (``compress methods`` lists them), e.g.
-    ``calib_samples=32``. Bad arguments raise a one-line :class:`~compress.errors.UsageError` before
+    ``calib_samples=32``. ``recover_tokens`` / ``recover_mode`` (``full``, ``lora``, ``kd``) /
+    ``recover_settings``: recovery training after pruning; ``kd`` distills from ``teacher``, by default
+    a copy of ``model`` taken before pruning. Bad arguments raise a one-line :class:`~compress.errors.UsageError` before
     the model is touched.
     """
     from compress.calib.sources import CalibrationSource
@@ -76,7 +79,7 @@ def prune(
                    recover_mode=recover_mode, recover_settings=dict(recover_settings or {}), progress=progress,
                    evaluate=evaluate, layerwise=layerwise)
     tgt: Target = spec.target  # type: ignore[assignment]
-    recovery = recovery_config(spec.recover_tokens, recover_mode, seed, recover_settings) if spec.recover_tokens else None
+    recovery = recovery_config(spec.recover_tokens, recover_mode, seed, recover_settings)
     arch = registry.adapter_for(model)  # refuses an unsupported family in one line
     with registry.reported(pruner.name, "check"):
         pruner.check(model, tgt)
@@ -94,12 +97,22 @@ def prune(
     else:
         raise UsageError(f"calib must be a spec string or a CalibrationSource, got {type(calib).__name__}")
     check_finite_weights(model, "of the input model")
+    say = log if log is not None else (lambda m: None)
+    if teacher is not None:
+        if recovery is None or recovery.mode != "kd":
+            raise UsageError("teacher is the distillation teacher of recover_mode='kd'; pass recover_mode='kd' "
+                             "or drop teacher")
+        if not isinstance(teacher, torch.nn.Module) or not hasattr(teacher, "config"):
+            raise UsageError(f"teacher must be a Hugging Face causal LM, got {type(teacher).__name__}")
+        from compress.train.recovery import check_teacher
+
+        check_teacher(model.config, teacher.config, recovery)
     rec_obj = None
     if recovery is not None:
         from compress.train.recovery import Recovery
 
-        rec_obj = Recovery(source, recovery, progress=progress)
-    say = log if log is not None else (lambda m: None)
+        rec_obj = Recovery(source, recovery, progress=progress,
+                           teacher=teacher if teacher is not None else kd_teacher(recovery, model, None, log=say))
     ctx = PruneContext(arch=arch, tokenizer=tokenizer, calibration=source, seed=seed, device=spec.device,
                        recover=rec_obj, log=say, progress=progress, layerwise=layerwise)
     return prune_in_memory(pruner, tgt, model, tokenizer, ctx, dense=dense, spec=spec,

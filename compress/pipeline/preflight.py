@@ -6,7 +6,7 @@ starts) and ``compress recover`` call :func:`preflight`, in this order:
 1. the method exists and its settings validate (unknown keys named);
 2. the target (already a :class:`~compress.target.Target`: parsed once, where it entered);
 3. the output folder (absent, or ``--overwrite``; its parent writable), the device, ``--offload-dir``;
-4. the recovery settings;
+4. the recovery settings (and a distillation teacher's config: family, vocabulary);
 5. the model: the path or id, its config (config only, on the meta device), its architecture
    against the registered adapters;
 6. the method's own ``check()`` on the config-only model, and the target's reachability from the
@@ -65,13 +65,21 @@ def meta_model(source: str, *, dtype: str | None = None, trust_remote_code: bool
 
 
 def recovery_config(tokens: int, mode: str, seed: int, settings: dict[str, Any] | None) -> Any:
-    """The :class:`compress.train.recovery.RecoveryConfig` of a run (one-line error for bad settings)."""
+    """The :class:`compress.train.recovery.RecoveryConfig` of a run (one-line error for bad settings),
+    or None when the run asks for no training at all.
+
+    A run has a recovery recipe when it gives a budget (``tokens``) or a non-default mode or settings:
+    with ``tokens == 0`` the recipe only shapes the training an iterative method runs between its steps
+    (TransAct's shots with ``recover_tokens_per_shot``, e.g. ``--recover-mode kd`` to distill there),
+    and nothing is trained after pruning."""
     from pydantic import ValidationError
 
     from compress.train.recovery import RecoveryConfig
 
+    if not tokens and mode == "full" and not settings:
+        return None
     try:
-        return RecoveryConfig(**{**(settings or {}), "tokens": tokens, "mode": mode, "seed": seed})
+        return RecoveryConfig(**{**(settings or {}), "tokens": tokens or 1, "mode": mode, "seed": seed})
     except ValidationError as e:
         fields = ", ".join(sorted(set(RecoveryConfig.model_fields) - {"tokens", "mode", "seed"}))
         raise UsageError(f"bad recovery settings: {one_line_validation(e, 'recovery')} (valid keys: {fields})") from None
@@ -87,6 +95,7 @@ class Checked:
     shapes: Shapes | None
     out: Path | None
     recovery: Any  # RecoveryConfig | None
+    teacher: str | None  # mode kd: a teacher checkpoint (None: the dense model of the run itself)
     calibration: Any  # CalibrationSource without a tokenizer yet | None
     layerwise_forced: bool | None
 
@@ -105,6 +114,8 @@ def preflight(
     recover_tokens: int = 0,
     recover_mode: str = "full",
     recover_settings: dict[str, Any] | None = None,
+    teacher: str | None = None,
+    teacher_required: bool = False,
     seed: int = 0,
     calib: str | None = None,
     layerwise: bool | None = None,
@@ -116,7 +127,9 @@ def preflight(
     """Refuse a run that cannot succeed, before any weight is loaded (one-line errors, in the order of
     the module docstring). ``shapes`` reuses a config-only model already built for ``model`` (the
     bench checks many cells of one model); ``read_calibration=False`` skips reading the text (a
-    dry run never calibrates)."""
+    dry run never calibrates). ``teacher``: the distillation teacher of ``recover_mode="kd"``, checked
+    config-only against the model; ``teacher_required``: there is no dense model to fall back to
+    (``compress recover``)."""
     from compress.io.export import check_output_dir
     from compress.io.loading import default_model, parse_device
 
@@ -131,11 +144,23 @@ def preflight(
             raise UsageError("--offload-dir caches layer-wise activations; drop --no-layerwise or --offload-dir")
         if Path(offload_dir).expanduser().is_file():
             raise UsageError(f"--offload-dir {offload_dir} is a file; give a folder")
-    recovery = recovery_config(recover_tokens, recover_mode, seed, recover_settings) if recover_tokens else None
+    recovery = recovery_config(recover_tokens, recover_mode, seed, recover_settings)
+    kd = recovery is not None and recovery.mode == "kd"
+    if teacher is not None and not kd:
+        raise UsageError("--teacher is the distillation teacher of --recover-mode kd; add --recover-mode kd "
+                         "or drop --teacher")
+    if kd and teacher is None and teacher_required:
+        raise UsageError("recovery mode kd needs a teacher here: pass --teacher with the dense model this one was "
+                         "pruned from")
 
     source = model or default_model()
     if shapes is None:
         shapes = meta_model(source, dtype=dtype, trust_remote_code=trust_remote_code, registry=registry)
+    if kd and teacher is not None:
+        from compress.io.loading import load_config
+        from compress.train.recovery import check_teacher
+
+        check_teacher(shapes.config, load_config(teacher, trust_remote_code=trust_remote_code), recovery)
     if pruner is not None and target is not None:
         with registry.reported(pruner.name, "check"):
             pruner.check(shapes.model, target)
@@ -148,4 +173,4 @@ def preflight(
 
         calibration = CalibrationSource.from_spec(calib or DEFAULT_CALIB, None, seed=seed)
     return Checked(pruner=pruner, target=target, source=source, shapes=shapes, out=checked_out, recovery=recovery,
-                   calibration=calibration, layerwise_forced=True if offload_dir is not None else layerwise)
+                   teacher=teacher, calibration=calibration, layerwise_forced=True if offload_dir is not None else layerwise)

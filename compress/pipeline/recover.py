@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from compress.assets import display_path
 from compress.train.distributed import is_main_process, on_main_process
 from compress.train.recovery import recover
 
@@ -31,6 +32,7 @@ class RecoverSpec:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
+    teacher: str | None = None  # mode kd: the dense model the saved one was pruned from
 
 
 def _previous_run(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -66,12 +68,13 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     from compress.model.footprint import footprint
     from compress.pipeline.preflight import preflight
     from compress.pipeline.record import empty_run_record, jsonable, versions
-    from compress.pipeline.run import RunResult, check_finite_weights
+    from compress.pipeline.run import RunResult, check_finite_weights, kd_teacher
     from compress.plugins import get_registry
 
     checked = preflight(method=None, model=spec.model, out=spec.out, overwrite=spec.overwrite, dtype=spec.dtype,
                         trust_remote_code=spec.trust_remote_code, recover_tokens=spec.tokens, recover_mode=spec.mode,
-                        recover_settings=spec.settings, seed=spec.seed, calib=spec.calib)
+                        recover_settings=spec.settings, seed=spec.seed, calib=spec.calib, teacher=spec.teacher,
+                        teacher_required=True)
     cfg, out = checked.recovery, checked.out
     t0 = time.perf_counter()
     loaded = load_model(spec.model, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
@@ -82,7 +85,10 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     source = checked.calibration.with_tokenizer(tok)
     load_s = time.perf_counter() - t0
 
-    res = recover(model, source, cfg, progress=spec.progress)
+    teacher = kd_teacher(cfg, model, spec.teacher, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                         log=log if is_main_process() else (lambda m: None))
+    res = recover(model, source, cfg, progress=spec.progress, teacher=teacher)
+    del teacher
     model = res.model.to("cpu")
     check_finite_weights(model, "after recovery training")
     after = footprint(model, arch=get_registry().adapter_for(model))
@@ -96,7 +102,8 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
         "target": (prev_run or {}).get("target"),
         "seed": spec.seed,
         "calib": spec.calib,
-        "recovery": {"tokens": spec.tokens, "mode": spec.mode, "settings": dict(spec.settings)},
+        "recovery": {"tokens": spec.tokens, "mode": spec.mode, "settings": dict(spec.settings),
+                     **({"teacher": display_path(spec.teacher)} if spec.teacher else {})},
         "recovery_result": {**res.summary(), "losses": res.losses, "config": cfg.model_dump(mode="json")},
         "calibration": source.describe(),
         "dense": before.to_dict(),

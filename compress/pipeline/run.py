@@ -58,6 +58,7 @@ class RunSpec:
     recover_tokens: int = 0
     recover_mode: str = "full"
     recover_settings: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None  # recover_mode kd: the teacher checkpoint; None: a copy of the dense model
     trust_remote_code: bool = False
     seq_len_flops: int = 2048
     progress: bool = True
@@ -139,7 +140,7 @@ def run_key(spec: RunSpec, pruner: Pruner, source: str) -> str:
         "model": str(p.resolve()) if p.exists() else source, "method": pruner.name,
         "config": pruner.config.model_dump(mode="json"), "target": str(spec.target), "seed": spec.seed,
         "calib": spec.calib or DEFAULT_CALIB, "dtype": spec.dtype, "device": spec.device,
-        "recover": [spec.recover_tokens, spec.recover_mode, spec.recover_settings],
+        "recover": [spec.recover_tokens, spec.recover_mode, spec.recover_settings, spec.teacher],
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -177,8 +178,8 @@ def _preflight(spec: RunSpec, *, dry: bool = False) -> Checked:
         method=spec.method, settings=spec.settings, target=spec.target, model=spec.model,
         out=None if dry else spec.out, overwrite=spec.overwrite, device=spec.device, dtype=spec.dtype,
         trust_remote_code=spec.trust_remote_code, recover_tokens=spec.recover_tokens,
-        recover_mode=spec.recover_mode, recover_settings=spec.recover_settings, seed=spec.seed, calib=spec.calib,
-        layerwise=spec.layerwise, offload_dir=spec.offload_dir, read_calibration=not dry,
+        recover_mode=spec.recover_mode, recover_settings=spec.recover_settings, teacher=spec.teacher, seed=spec.seed,
+        calib=spec.calib, layerwise=spec.layerwise, offload_dir=spec.offload_dir, read_calibration=not dry,
     )
 
 
@@ -194,7 +195,14 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
     registry = get_registry()
     model, dense = shapes.model, shapes.dense
     layerwise = resolve_layerwise(checked.layerwise_forced, model)
-    memory = estimate_peak_memory(pruner, model, target, layerwise=layerwise, arch=shapes.arch)
+    teacher_bytes = None
+    if checked.teacher is not None and checked.recovery is not None and checked.recovery.mode == "kd":
+        from compress.model.footprint import model_bytes
+
+        teacher_bytes = model_bytes(meta_model(checked.teacher, dtype=spec.dtype,
+                                               trust_remote_code=spec.trust_remote_code).model)
+    memory = estimate_peak_memory(pruner, model, target, layerwise=layerwise, arch=shapes.arch,
+                                  recovery=checked.recovery, teacher_bytes=teacher_bytes)
     with registry.reported(pruner.name, "plan_shapes"):
         planned = pruner.plan_shapes(model, target)
     arch = registry.adapter_for(model)
@@ -255,7 +263,9 @@ def run(spec: RunSpec, log=print) -> RunResult:
     if checked.recovery is not None:
         from compress.train.recovery import Recovery
 
-        rec_obj = Recovery(calib, checked.recovery, progress=spec.progress)
+        rec_obj = Recovery(calib, checked.recovery, progress=spec.progress,
+                           teacher=kd_teacher(checked.recovery, model, spec.teacher, dtype=spec.dtype,
+                                              trust_remote_code=spec.trust_remote_code, log=log))
     ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
                        recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
                        layerwise=layerwise,
@@ -282,6 +292,28 @@ def run(spec: RunSpec, log=print) -> RunResult:
         # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
         on_main_process(export, launched=rec_obj is not None)
     return result
+
+
+def kd_teacher(recovery: Any, model: torch.nn.Module, teacher: str | None, *, dtype: str | None = "auto",
+               trust_remote_code: bool = False, log=print) -> torch.nn.Module | None:
+    """The distillation teacher of a ``kd`` recovery: the checkpoint ``teacher`` when given, otherwise a
+    copy of the dense ``model`` taken now, before pruning changes it (its weights' memory once more:
+    ``--dry-run`` counts it). None for the other recovery modes."""
+    if recovery is None or recovery.mode != "kd":
+        return None
+    if teacher is None:
+        import copy
+
+        log("distillation teacher: a copy of the dense model")
+        return copy.deepcopy(model).eval()
+    from compress.io.loading import load_model
+
+    loaded = load_model(teacher, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    from compress.train.recovery import check_teacher
+
+    check_teacher(model.config, loaded.model.config, recovery)
+    log(f"distillation teacher: {display_path(loaded.source)}")
+    return loaded.model.eval()
 
 
 #: The held-out text of the quick quality check: WikiText-2 test (calibration reads validation).
@@ -343,7 +375,7 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     log(f"pruned in {prune_s:.1f}s: {achieved.params:,} parameters ({achieved.params / dense.params:.1%})")
     recovery_info = None
     rec_obj = ctx.recover
-    if rec_obj is not None and not result.notes.get("recovered_inside"):
+    if rec_obj is not None and spec.recover_tokens > 0 and not result.notes.get("recovered_inside"):
         log(f"recovery training: {spec.recover_tokens:,} tokens ({spec.recover_mode})")
         r = rec_obj(model)
         model = r.model
@@ -382,7 +414,9 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
         "ratios": achieved.ratios(dense),
         "quality": quality,
         "recovery": {"tokens": spec.recover_tokens, "mode": spec.recover_mode,
-                     "settings": dict(spec.recover_settings)},
+                     "settings": dict(spec.recover_settings),
+                     **({"teacher": display_path(spec.teacher) if spec.teacher else "dense model"}
+                        if spec.recover_mode == "kd" else {})},
         "recovery_result": recovery_info,
         "notes": result.notes,
         "timing_s": {"load": round(load_s, 3), "prune": round(prune_s, 3)},

@@ -1,4 +1,5 @@
-"""Recovery training after pruning: full-parameter continued pre-training or LoRA, on a token budget.
+"""Recovery training after pruning, on a token budget: full-parameter continued pre-training, LoRA, or
+distillation from the dense model (``mode="kd"``).
 
 Training goes through the Hugging Face ``Trainer`` (no hand-written loop), so the same call runs on
 one CPU, one GPU, or several processes under ``accelerate launch`` (DDP, or FSDP/DeepSpeed through
@@ -10,6 +11,15 @@ so the budget is met or slightly exceeded; :attr:`RecoveryResult.tokens_seen` sa
 
 LoRA adapters are merged back into the base weights at the end (``merge_and_unload``): the
 returned model has plain modules and the architecture of the input, ready for export.
+
+Distillation (``mode="kd"``, every weight trained, as Minitron recovers its pruned widths) replaces the
+LM loss by the KL divergence of the student's next-token distribution from the teacher's at a
+temperature ``τ``, ``τ² · KL(p_teacher^τ ‖ p_student^τ)`` averaged over every position, optionally
+mixed with the LM loss (``kd_lm_weight``) and, when student and teacher share the hidden size, a
+hidden-state term (``kd_hidden_weight``: the mean squared error of the last hidden states, each
+normalised by the teacher's RMS, so the weight is scale-free). The teacher — the dense model of the
+same run, or another checkpoint of the same family and vocabulary — runs in ``eval()`` mode without
+gradients, on the device the Trainer trains on.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from torch import nn
 
 from compress.calib.sources import CalibrationSource
 from compress.errors import UsageError, one_line_validation
+from compress.io.recipe import RECOVER_MODES
 from compress.train.distributed import load_full_state, meta_skeleton
 
 T = TypeVar("T")
@@ -41,7 +52,9 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
 
 #: Default learning rates when ``lr`` is not given: 5e-5 for full continued pre-training (TransAct's
 #: setting), 1e-4 for LoRA (LLM-Pruner's setting).
-DEFAULT_LR: dict[str, float] = {"full": 5e-5, "lora": 1e-4}
+DEFAULT_LR: dict[str, float] = {"full": 5e-5, "lora": 1e-4, "kd": 5e-5}
+
+RecoverMode = Literal[RECOVER_MODES]  # type: ignore[valid-type]  # the recipe vocabulary, one place
 
 
 class RecoveryConfig(BaseModel):
@@ -50,11 +63,12 @@ class RecoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tokens: int = Field(gt=0, description="training token budget (all processes together)")
-    mode: Literal["full", "lora"] = "full"
+    mode: RecoverMode = Field("full", description="full: every weight, LM loss; lora: adapters merged back; "
+                              "kd: every weight, distillation from the teacher (the dense model)")
     seq_len: int = Field(512, gt=0)
     batch_size: int = Field(4, gt=0, description="micro-batch per device")
     grad_accum: int = Field(1, gt=0)
-    lr: float | None = Field(None, gt=0, description="None: 5e-5 for full, 1e-4 for lora")
+    lr: float | None = Field(None, gt=0, description="None: 5e-5 for full and kd, 1e-4 for lora")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2 (official TransAct: 0.95)")
@@ -69,6 +83,9 @@ class RecoveryConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0)
     logging_steps: int | None = Field(None, gt=0, description="None: about 25 log points per run")
     train_shortcuts: bool = Field(False, description="full mode: also train SliceGPT's residual shortcut rotations")
+    kd_temperature: float = Field(1.0, gt=0, description="kd: softmax temperature of teacher and student")
+    kd_lm_weight: float = Field(0.0, ge=0, le=1, description="kd: weight of the LM loss; (1 - it) weighs the KL term")
+    kd_hidden_weight: float = Field(0.0, ge=0, description="kd: weight of the last-hidden-state term (same hidden size)")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> RecoveryConfig:
@@ -76,6 +93,10 @@ class RecoveryConfig(BaseModel):
             self.lr = DEFAULT_LR[self.mode]
         if self.lora_targets is not None and not self.lora_targets:
             raise ValueError("lora_targets is empty; leave it unset for the default projections")
+        kd_set = {k for k in ("kd_temperature", "kd_lm_weight", "kd_hidden_weight")
+                  if getattr(self, k) != type(self).model_fields[k].default}
+        if kd_set and self.mode != "kd":
+            raise ValueError(f"{', '.join(sorted(kd_set))} only apply to distillation; use mode kd (--recover-mode kd)")
         return self
 
     @property
@@ -172,6 +193,91 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
+def _family(config: Any) -> str | None:
+    """The model family a config describes (a compress-format config names its base family)."""
+    return getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+
+
+def check_teacher(student_config: Any, teacher_config: Any, cfg: RecoveryConfig | None = None,
+                  *, student_hidden: int | None = None, teacher_hidden: int | None = None) -> None:
+    """Refuse a distillation teacher the student cannot learn from, in one line (configs only, so the
+    check runs before any weight is loaded): another family, another vocabulary, or — with a
+    hidden-state term — another hidden size. ``*_hidden`` override the configs' ``hidden_size`` (a
+    sliced residual stream is narrower than its config's)."""
+    s_fam, t_fam = _family(student_config), _family(teacher_config)
+    if s_fam != t_fam:
+        raise UsageError(f"the distillation teacher is a {t_fam} model and the student a {s_fam} model; "
+                         "pass --teacher with the dense model this one was pruned from")
+    s_vocab, t_vocab = getattr(student_config, "vocab_size", None), getattr(teacher_config, "vocab_size", None)
+    if s_vocab != t_vocab:
+        raise UsageError(f"the distillation teacher has a vocabulary of {t_vocab} tokens and the student {s_vocab}; "
+                         "KD compares next-token distributions: pass --teacher with the same tokenizer")
+    if cfg is not None and cfg.kd_hidden_weight > 0:
+        sh = student_hidden or getattr(student_config, "hidden_size", None)
+        th = teacher_hidden or getattr(teacher_config, "hidden_size", None)
+        if sh != th:
+            raise UsageError(f"kd_hidden_weight compares hidden states, but the student's are {sh} wide and the "
+                             f"teacher's {th} (a sliced residual stream); set kd_hidden_weight=0")
+
+
+def distillation_loss(student: Any, teacher: Any, labels: torch.Tensor | None, cfg: RecoveryConfig) -> torch.Tensor:
+    """``(1 - w_lm) · τ² · KL(teacher ‖ student) + w_lm · LM + w_h · hidden`` for one batch (a mean over
+    its positions); ``student`` / ``teacher`` are model outputs (``logits``, ``hidden_states`` when the
+    hidden term is on). The KL is taken at every position: the teacher's whole next-token
+    distribution is the target, not only the observed next token."""
+    import torch.nn.functional as F
+
+    tau = cfg.kd_temperature
+    s_logp = F.log_softmax(student.logits.float() / tau, dim=-1)
+    t_logp = F.log_softmax(teacher.logits.float() / tau, dim=-1)
+    kl = F.kl_div(s_logp.flatten(0, -2), t_logp.flatten(0, -2), log_target=True, reduction="batchmean")
+    loss = (1.0 - cfg.kd_lm_weight) * kl * tau * tau
+    if cfg.kd_lm_weight > 0:
+        if labels is None:  # pragma: no cover - the block dataset always has labels
+            raise ValueError("kd_lm_weight > 0 needs labels")
+        logits = student.logits[:, :-1].float()
+        loss = loss + cfg.kd_lm_weight * F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten())
+    if cfg.kd_hidden_weight > 0:
+        s_h, t_h = student.hidden_states[-1].float(), teacher.hidden_states[-1].float()
+        scale = t_h.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-6)
+        loss = loss + cfg.kd_hidden_weight * ((s_h - t_h) / scale).pow(2).mean()
+    return loss
+
+
+def _kd_trainer_class() -> type:
+    """A ``Trainer`` whose loss is :func:`distillation_loss` against ``self.teacher`` (built lazily:
+    transformers is imported only when recovery runs)."""
+    from transformers import Trainer
+
+    class KDTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides by the accumulation steps
+
+        def __init__(self, *args: Any, teacher: nn.Module, kd: RecoveryConfig, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.kd = kd
+            self.teacher = teacher.to(self.args.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ARG002
+            hidden = self.kd.kd_hidden_weight > 0
+            feed = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                t_out = self.teacher(**feed, output_hidden_states=hidden, use_cache=False)
+            s_out = model(**feed, output_hidden_states=hidden, use_cache=False)
+            loss = distillation_loss(s_out, t_out, inputs.get("labels"), self.kd)
+            return (loss, s_out) if return_outputs else loss
+
+    return KDTrainer
+
+
+def _hidden_width(model: nn.Module) -> int | None:
+    """The width of the last hidden state (the final norm's), which a sliced model narrows."""
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -185,6 +291,7 @@ def recover(
     callbacks: Sequence[Any] | None = None,
     progress: bool = True,
     skip_tokens: int = 0,
+    teacher: nn.Module | None = None,
 ) -> RecoveryResult:
     """Train ``model`` on ``cfg.tokens`` tokens of ``source`` and return it (trained in place).
 
@@ -198,6 +305,8 @@ def recover(
     Trainer chose (the GPU when there is one). ``output_dir`` holds Trainer scratch files (nothing
     is saved); a temporary directory, removed afterwards, when None. ``callbacks`` are extra
     ``TrainerCallback`` objects. ``progress=False`` hides the progress bar and log lines.
+    ``teacher``: the distillation teacher of ``mode="kd"`` (required there; moved to the training
+    device, never trained).
     """
     t0 = time.perf_counter()
     from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
@@ -205,6 +314,11 @@ def recover(
 
     if not isinstance(cfg, RecoveryConfig):
         raise UsageError(f"cfg must be a RecoveryConfig, got {type(cfg).__name__}")
+    if cfg.mode == "kd":
+        if teacher is None:
+            raise UsageError("recovery mode kd distills from a teacher: pass the dense model (teacher=..., --teacher)")
+        check_teacher(model.config, teacher.config, cfg, student_hidden=_hidden_width(model),
+                      teacher_hidden=_hidden_width(teacher))
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -261,7 +375,7 @@ def recover(
         set_seed(cfg.seed)  # LoRA's A matrices are drawn at wrapping time
         if config is not None and use_cache is not None:
             config.use_cache = False
-        if cfg.mode == "full":
+        if cfg.mode in ("full", "kd"):
             frozen = set() if cfg.train_shortcuts else {id(p) for p in shortcut_parameters(model)}
             for p in model.parameters():
                 p.requires_grad_(id(p) not in frozen)
@@ -280,12 +394,14 @@ def recover(
                 train_model = get_peft_model(model, lcfg)
 
         trained = sum(p.numel() for p in train_model.parameters() if p.requires_grad)
-        trainer = Trainer(
+        trainer_cls, extra = (Trainer, {}) if cfg.mode != "kd" else (_kd_trainer_class(), {"teacher": teacher, "kd": cfg})
+        trainer = trainer_cls(
             model=train_model,
             args=args,
             train_dataset=_BlockDataset(blocks),
             data_collator=default_data_collator,
             callbacks=list(callbacks or []),
+            **extra,
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)
@@ -342,7 +458,7 @@ def recover(
 class Recovery:
     """A recovery recipe bound to its data, for methods that train between pruning steps.
 
-    ``Recovery(source, cfg)(model, tokens=N)`` runs :func:`recover` with the budget replaced by
+    ``Recovery(source, cfg, teacher=dense)(model, tokens=N)`` runs :func:`recover` with the budget replaced by
     ``N`` (e.g. TransAct splits its budget over the shots) and, with ``lr``, the learning rate;
     ``settings`` overrides any other :class:`RecoveryConfig` field for that call only (e.g. TransAct's
     official ``{"adam_beta2": 0.95}`` between shots), validated like the recipe's.
@@ -355,6 +471,7 @@ class Recovery:
     output_dir: str | None = None
     progress: bool = True
     consumed: int = 0
+    teacher: nn.Module | None = None  # mode kd: the dense model (kept on CPU between calls)
 
     def __call__(self, model: nn.Module, *, tokens: int | None = None, lr: float | None = None,
                  callbacks: Sequence[Any] | None = None, settings: dict[str, Any] | None = None) -> RecoveryResult:
@@ -376,7 +493,8 @@ class Recovery:
         if cfg.tokens <= 0:
             raise UsageError(f"recovery token budget must be positive, got {cfg.tokens}")
         result = recover(model, self.source, cfg, output_dir=self.output_dir, callbacks=callbacks,
-                         progress=self.progress, skip_tokens=self.consumed)
+                         progress=self.progress, skip_tokens=self.consumed,
+                         teacher=self.teacher if cfg.mode == "kd" else None)
         self.consumed += result.tokens_seen
         return result
 
