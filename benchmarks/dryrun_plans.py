@@ -93,8 +93,11 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "dryrun_plans.md"))
     args = p.parse_args()
     from compress.plugins import get_registry
+    from compress.pruner import Pruner
 
-    methods = args.methods.split(",") if args.methods else sorted(get_registry().pruners)
+    # every installed method that plans shapes (a third-party plugin may have no --dry-run)
+    methods = args.methods.split(",") if args.methods else sorted(
+        n for n, cls in get_registry().pruners.items() if cls.plan_shapes is not Pruner.plan_shapes)
     rows = plan_all(methods, args.dtype)
     out = Path(args.out)
     out.write_text(markdown(rows, args.dtype), encoding="utf-8")

@@ -72,11 +72,51 @@ def hetero_model(kind):
     return m.eval()
 
 
-def three_of_four_heads():
-    """Uniform, but 64 % 3 != 0: transformers' stock LlamaConfig rejects it."""
-    m = tiny_model("llama-mha")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def three_of_four_heads(attention_bias: bool = False, rope: dict | None = None):
+    """Uniform, but 64 % 3 != 0: transformers' stock LlamaConfig rejects it. Without biases the
+    stock Mistral class expresses it exactly; with q/k/v/o biases no stock class does."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.testing import tiny_config
+
+    cfg = tiny_config("llama-mha")
+    cfg.attention_bias = attention_bias
+    if rope is not None:
+        cfg.rope_parameters = dict(rope)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
     apply_plan(m, Plan(layers={i: LayerPlan(kv_heads=[0, 1, 3]) for i in range(3)}))
     return m
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE], ids=["rope-default", "rope-llama3"])
+def test_llama_with_heads_not_dividing_the_hidden_size_exports_as_stock_mistral(tmp_path, tok, rope):
+    """LLaMA-2-7B -> 4B keeps 18 heads of 4096 channels: LlamaConfig refuses it, MistralConfig (the same
+    function with sliding_window=None) does not; the folder loads with stock transformers, no remote
+    code, logit for logit and token for token (Llama-3's scaled rotary embedding included)."""
+    model = three_of_four_heads(rope=rope)
+    ids = torch.randint(3, 512, (2, 120), generator=torch.Generator().manual_seed(2))  # past the llama3 knee
+    ok, why = stock_expressible(model)
+    assert ok and "equivalent stock mistral" in why and "not a multiple" in why
+    info = export_model(model, tok, tmp_path / "out")
+    assert info["kind"] == "stock"
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "mistral" and cfg["architectures"] == ["MistralForCausalLM"]
+    assert cfg["sliding_window"] is None and "auto_map" not in cfg and cfg["head_dim"] == 16
+    assert (cfg["num_attention_heads"], cfg["hidden_size"]) == (3, 64)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "MistralForCausalLM"
+    assert (_logits(reloaded, ids) - _logits(model, ids)).abs().max().item() <= ATOL
+    assert cfg["rope_parameters"] == (rope or model.config.rope_parameters)
+    with torch.no_grad():
+        a = reloaded.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = model.generate(IDS[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    assert type(model).__name__ == "LlamaForCausalLM"  # the in-memory model is left as it was
 
 
 # ------------------------------------------------------------------------------------------ stock
@@ -118,7 +158,7 @@ def compress_exports(tmp_path_factory, assets):
     for name, make in (("hetero-llama-gqa", lambda: hetero_model("llama-gqa")),
                        ("hetero-llama-mha", lambda: hetero_model("llama-mha")),
                        ("hetero-qwen2", lambda: hetero_model("qwen2")),
-                       ("three-heads", three_of_four_heads)):
+                       ("three-heads", lambda: three_of_four_heads(attention_bias=True))):
         model = make()
         info = export_model(model, tok, root / name, plan={"plan": {"k": name}}, record={"method": "hand"})
         torch.save(IDS, root / f"{name}.ids.pt")

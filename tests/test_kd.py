@@ -124,6 +124,18 @@ def test_teacher_checks():
     with pytest.raises(UsageError, match="kd_hidden_weight compares hidden states"):
         check_teacher(llama, llama, hidden, student_hidden=48, teacher_hidden=64)
     check_teacher(llama, llama, hidden)  # same family, vocabulary and width: accepted
+    from transformers import MistralConfig
+
+    # a Llama result exported as the equivalent stock Mistral class distills from its Llama teacher
+    check_teacher(MistralConfig(vocab_size=512, hidden_size=64, num_attention_heads=3, head_dim=16), llama)
+    from types import SimpleNamespace
+
+    from compress.train.recovery import check_teacher_tokenizer
+
+    a, b = SimpleNamespace(get_vocab=lambda: {"a": 0, "b": 1}), SimpleNamespace(get_vocab=lambda: {"a": 1, "b": 0})
+    check_teacher_tokenizer(a, a)
+    with pytest.raises(UsageError, match="tokenizer differs"):
+        check_teacher_tokenizer(a, b)  # same size, other ids
     with pytest.raises(UsageError, match="distills from a teacher"):
         recover(tiny_model("llama-gqa"), None, RecoveryConfig(tokens=64, mode="kd"))
 

@@ -287,11 +287,16 @@ def test_compress_folder_loads_with_our_class_even_with_trust_remote_code(bad, m
     assert compress_format(folder)
     prompts = []
     monkeypatch.setattr("builtins.input", lambda *a: prompts.append(a) or "n")  # transformers' "run custom code?"
+
+    def remote_modules() -> set[str]:  # other tests load folders the way users do, with trust_remote_code
+        return {m for m in sys.modules if m.startswith("transformers_modules") and "modeling_compress" in m}
+
+    before = remote_modules()
     for trust in (False, True):
         lm = load_model(str(folder), trust_remote_code=trust)
         assert type(lm.model).__module__ == "compress.modeling.modeling_compress"  # not transformers_modules.*
     assert prompts == []
-    assert not [m for m in sys.modules if m.startswith("transformers_modules") and "modeling_compress" in m]
+    assert remote_modules() == before  # the folder's own copy of the code was never imported
     with pytest.raises(UsageError, match="does not match the sha256 recorded at export"):
         load_model(str(bad["tampered"]), trust_remote_code=True)
     with pytest.raises(UsageError, match="does not match the sha256 recorded at export"):

@@ -70,27 +70,104 @@ def layer_specs(model: nn.Module, arch: ArchAdapter | None = None) -> list[dict[
     return specs
 
 
-def stock_expressible(model: nn.Module, arch: ArchAdapter | None = None) -> tuple[bool, str]:
-    """Whether a stock config of the model's own family describes it exactly (and validates)."""
-    arch = arch or adapter_for(model)
+#: A stock class that computes a family's function exactly and accepts shapes that family's own config
+#: refuses. transformers 5.x ``LlamaConfig`` checks ``hidden_size % num_attention_heads == 0`` even with
+#: an explicit ``head_dim``; ``MistralConfig`` does not, and with ``sliding_window=None`` a Mistral layer
+#: is a Llama layer without biases (same parameter names, RMSNorm, SwiGLU MLP, rotary embedding with
+#: the same ``rope_parameters``, llama3 scaling included). Llama-only keys must be at their no-op values.
+_STOCK_ALTERNATIVES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    # family: (stock model_type, keys that must hold these values, keys set on the alternative)
+    "llama": ("mistral", {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}, {"sliding_window": None}),
+}
+
+
+def _uniform_config(model: nn.Module, arch: ArchAdapter) -> tuple[Any | None, str]:
+    """The stock config that describes ``model`` exactly (its own family's, else an equivalent stock
+    family's from :data:`_STOCK_ALTERNATIVES`), or None with the reason there is none."""
+    from transformers import AutoConfig
+
     cfg = model.config
     if cfg.model_type == CompressConfig.model_type:
-        return False, "the model already uses the compress format"
+        return None, "the model already uses the compress format"
     specs = layer_specs(model, arch)
     if any("low_rank" in s or "shortcut" in s or "hidden_in" in s for s in specs):
-        return False, "low-rank factors, shortcuts or per-layer residual widths"
+        return None, "low-rank factors, shortcuts or per-layer residual widths"
     if any(s != specs[0] for s in specs):
-        return False, "layers differ in width"
+        return None, "layers differ in width"
     s = specs[0]
     d = cfg.to_dict()
     d.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
              intermediate_size=s["intermediate_size"], head_dim=arch.head_dim(0),
              hidden_size=int(arch.embed_tokens.weight.shape[1]))
+    kwargs = {k: v for k, v in d.items() if k not in _DROP_KEYS}
     try:
-        type(cfg)(**{k: v for k, v in d.items() if k not in _DROP_KEYS})
-    except Exception as e:  # noqa: BLE001 - any validation failure means "not stock"
-        return False, f"the stock config rejects these shapes ({str(e).splitlines()[-1][:120]})"
-    return True, "uniform shapes accepted by the stock config"
+        return type(cfg)(**kwargs), "uniform shapes accepted by the stock config"
+    except Exception as e:  # noqa: BLE001 - any validation failure means "not this class"
+        own_error = str(e).strip().splitlines()[-1].strip()[:120] if str(e).strip() else type(e).__name__
+    alt = _STOCK_ALTERNATIVES.get(cfg.model_type)
+    if alt is not None:
+        alt_type, required, extra = alt
+        if all(kwargs.get(k, v) in (v, None) for k, v in required.items()):
+            try:
+                alt_cfg = AutoConfig.for_model(alt_type, **{k: v for k, v in kwargs.items() if k not in required},
+                                               **extra)
+            except Exception:  # noqa: BLE001
+                alt_cfg = None
+            if alt_cfg is not None:
+                return alt_cfg, (f"uniform shapes, written as the equivalent stock {alt_type} class "
+                                 f"({cfg.model_type}'s config rejects them: {own_error})")
+    return None, f"the stock config rejects these shapes ({own_error})"
+
+
+def stock_expressible(model: nn.Module, arch: ArchAdapter | None = None) -> tuple[bool, str]:
+    """Whether a stock config (the model's own family's, or an equivalent stock family's) describes it
+    exactly and validates; the reason says which."""
+    stock, why = _uniform_config(model, arch or adapter_for(model))
+    return stock is not None, why
+
+
+def _retarget(model: nn.Module, target: nn.Module, tied: bool) -> nn.Module:
+    """Put ``model``'s tensors into ``target`` (built on the meta device; no copy: tensors are shared),
+    with the non-persistent buffers (rotary ``inv_freq``) and the generation config of the source."""
+    missing, unexpected = target.load_state_dict(model.state_dict(), strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise RuntimeError(f"{type(target).__name__} does not match the pruned model: missing={missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
+    if tied:
+        target.lm_head.weight = target.model.embed_tokens.weight
+    src_buffers = dict(model.named_buffers())
+    for name, buf in list(target.named_buffers()):
+        if buf.is_meta and name in src_buffers:
+            mod_name, _, bname = name.rpartition(".")
+            target.get_submodule(mod_name)._buffers[bname] = src_buffers[name]
+    still_meta = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"tensors left on meta after conversion: {still_meta[:5]}")
+    if getattr(model, "generation_config", None) is not None:  # eos ids, sampling defaults of the source
+        import copy
+
+        target.generation_config = copy.deepcopy(model.generation_config)
+    return target.eval()
+
+
+def to_stock_model(model: nn.Module, arch: ArchAdapter | None = None) -> nn.Module:
+    """``model`` itself when its own config class describes it, else the same weights in the equivalent
+    stock class (e.g. a Llama whose head count does not divide its hidden size as ``MistralForCausalLM``:
+    the same function, tested logit for logit). Raises :class:`UsageError` when no stock class does."""
+    from transformers import AutoModelForCausalLM
+
+    arch = arch or adapter_for(model)
+    stock, why = _uniform_config(model, arch)
+    if stock is None:
+        raise UsageError(f"cannot export as stock: {why}; use the compress format")
+    if type(stock) is type(model.config):
+        return model
+    stock._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    stock.dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(stock)
+    return _retarget(model, target, arch.tied_embeddings)
 
 
 def compress_config(model: nn.Module, arch: ArchAdapter | None = None) -> CompressConfig:
@@ -132,28 +209,7 @@ def to_compress_model(model: nn.Module, arch: ArchAdapter | None = None) -> Comp
     cfg._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
     with torch.device("meta"):
         cm = CompressForCausalLM(cfg)
-    state = model.state_dict()
-    missing, unexpected = cm.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (k == "lm_head.weight" and arch.tied_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"compress model does not match the pruned model: missing={missing[:5]} "
-                           f"unexpected={unexpected[:5]}")
-    if arch.tied_embeddings:
-        cm.lm_head.weight = cm.model.embed_tokens.weight
-    # Non-persistent buffers (rotary inv_freq) were created on meta: take them from the source model.
-    src_buffers = dict(model.named_buffers())
-    for name, buf in list(cm.named_buffers()):
-        if buf.is_meta and name in src_buffers:
-            mod_name, _, bname = name.rpartition(".")
-            cm.get_submodule(mod_name)._buffers[bname] = src_buffers[name]
-    still_meta = [n for n, t in list(cm.named_parameters()) + list(cm.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise RuntimeError(f"tensors left on meta after conversion: {still_meta[:5]}")
-    if getattr(model, "generation_config", None) is not None:  # eos ids, sampling defaults of the source
-        import copy
-
-        cm.generation_config = copy.deepcopy(model.generation_config)
-    return cm.eval()
+    return _retarget(model, cm, arch.tied_embeddings)
 
 
 # ---------------------------------------------------------------------- writing
@@ -200,8 +256,9 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if chosen == "stock":
-            model.config.architectures = [type(model).__name__]
-            model.save_pretrained(tmp, safe_serialization=True)
+            stock_model = to_stock_model(model, arch)
+            stock_model.config.architectures = [type(stock_model).__name__]
+            stock_model.save_pretrained(tmp, safe_serialization=True)
         else:
             cm = to_compress_model(model, arch)
             cm.save_pretrained(tmp, safe_serialization=True)

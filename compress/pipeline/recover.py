@@ -86,6 +86,7 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     load_s = time.perf_counter() - t0
 
     teacher = kd_teacher(cfg, model, spec.teacher, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                         tokenizer=tok,
                          log=log if is_main_process() else (lambda m: None))
     res = recover(model, source, cfg, progress=spec.progress, teacher=teacher)
     del teacher

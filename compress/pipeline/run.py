@@ -265,7 +265,7 @@ def run(spec: RunSpec, log=print) -> RunResult:
 
         rec_obj = Recovery(calib, checked.recovery, progress=spec.progress,
                            teacher=kd_teacher(checked.recovery, model, spec.teacher, dtype=spec.dtype,
-                                              trust_remote_code=spec.trust_remote_code, log=log))
+                                              trust_remote_code=spec.trust_remote_code, tokenizer=tok, log=log))
     ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
                        recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
                        layerwise=layerwise,
@@ -295,7 +295,7 @@ def run(spec: RunSpec, log=print) -> RunResult:
 
 
 def kd_teacher(recovery: Any, model: torch.nn.Module, teacher: str | None, *, dtype: str | None = "auto",
-               trust_remote_code: bool = False, log=print) -> torch.nn.Module | None:
+               trust_remote_code: bool = False, tokenizer: Any = None, log=print) -> torch.nn.Module | None:
     """The distillation teacher of a ``kd`` recovery: the checkpoint ``teacher`` when given, otherwise a
     copy of the dense ``model`` taken now, before pruning changes it (its weights' memory once more:
     ``--dry-run`` counts it). None for the other recovery modes."""
@@ -309,9 +309,10 @@ def kd_teacher(recovery: Any, model: torch.nn.Module, teacher: str | None, *, dt
     from compress.io.loading import load_model
 
     loaded = load_model(teacher, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    from compress.train.recovery import check_teacher
+    from compress.train.recovery import check_teacher, check_teacher_tokenizer
 
     check_teacher(model.config, loaded.model.config, recovery)
+    check_teacher_tokenizer(tokenizer, loaded.tokenizer)
     log(f"distillation teacher: {display_path(loaded.source)}")
     return loaded.model.eval()
 

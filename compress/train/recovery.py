@@ -193,9 +193,26 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
+#: Families whose layers compute the same function: compress writes a Llama whose head count does not
+#: divide its hidden size as the stock Mistral class (compress.io.export), so such a student distills
+#: from its Llama teacher.
+_SAME_FAMILY = {"mistral": "llama"}
+
+
 def _family(config: Any) -> str | None:
     """The model family a config describes (a compress-format config names its base family)."""
-    return getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    fam = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    return _SAME_FAMILY.get(fam, fam)
+
+
+def check_teacher_tokenizer(student_tok: Any, teacher_tok: Any) -> None:
+    """Refuse a teacher whose tokenizer maps text to other ids (same vocabulary size is not enough:
+    e.g. Llama-2 and Mistral-7B both have 32,000 tokens)."""
+    if student_tok is None or teacher_tok is None:
+        return
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise UsageError("the distillation teacher's tokenizer differs from the model's (other token ids); pass "
+                         "--teacher with the dense model this one was pruned from")
 
 
 def check_teacher(student_config: Any, teacher_config: Any, cfg: RecoveryConfig | None = None,
