@@ -1,4 +1,4 @@
-"""``compress`` command line: run | recover | methods | plugins | inspect | eval | bench | report.
+"""``compress`` command line: run | recover | export | methods | plugins | inspect | eval | bench | report.
 
 Exit codes: 0 success, 1 run failure, 2 usage error. Errors are one line (``error: ...``) with a
 hint; ``-v`` shows the traceback.
@@ -222,6 +222,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     con = Console()
     con.print(t)
     con.print(f"architectures: {', '.join(architectures)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A saved stock-format folder as one GGUF file (compress.io.gguf_export)."""
+    from compress.io.gguf_export import write_gguf
+
+    info = write_gguf(args.model, args.out, args.gguf, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+    else:
+        note = (f"; {len(info['f16_fallback_tensors'])} tensors with rows not a multiple of 32 wide kept as F16"
+                if info["f16_fallback_tensors"] else "")
+        print(f"wrote {info['path']}: {info['type'].upper()}, {info['bytes']:,} bytes, architecture "
+              f"{info['architecture']}, {info['tokenizer']} tokenizer{note}")
     return 0
 
 
@@ -490,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--json", action="store_true", help="print the record as JSON")
     rc.add_argument("--no-progress", action="store_true", help="no progress bars")
     rc.set_defaults(fn=cmd_recover)
+
+    ex = sub.add_parser("export", help="write a saved stock-format model as a GGUF file (llama.cpp, ollama)")
+    ex.add_argument("model", help="folder written by compress run / recover (stock format)")
+    ex.add_argument("--gguf", required=True, metavar="TYPE", help="f16, bf16, q8_0 or f32")
+    ex.add_argument("--out", required=True, help="the .gguf file to write (atomically)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.add_argument("--json", action="store_true", help="print what was written as JSON")
+    ex.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("methods", help="list pruning methods and their capabilities")
     m.add_argument("--json", action="store_true", help="print every method's capabilities as JSON")

@@ -326,7 +326,7 @@ def _default_card(record: dict, kind: str) -> str:
               f"tags: [pruned, structured-pruning, compress, {method}]", "---"]
     source = model.get("base_model") or Path(str(model.get("source") or "?")).name
     lines = [*front, f"# {source} · {method} → {target}", "",
-             f"Structurally pruned from `{source}` with [compress](https://pypi.org/project/compress/) method "
+             f"Structurally pruned from `{source}` with compress (structured pruning of causal LMs), method "
              f"`{method}` (target {target}, seed {record.get('seed', '?')}).", ""]
     d, a = record.get("dense") or {}, record.get("achieved") or {}
     q = record.get("quality")
