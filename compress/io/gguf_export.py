@@ -152,7 +152,9 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[kind][0])
     rope = cfg.get("rope_parameters") or {}
 
-    tmp = Path(tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)[1])
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)  # the writer opens the file itself
+    tmp = Path(tmp_name)
     fallback: list[str] = []
     try:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
