@@ -224,3 +224,18 @@ def test_kd_between_transact_shots(stories_dir, monkeypatch):
     assert len(calls) == 4 and rec["recovery_result"] is None  # every step distilled, nothing after
     assert rec["recovery"] == {"tokens": 0, "mode": "kd", "settings": {"seq_len": 64, "batch_size": 4},
                                "teacher": "dense model"}
+
+
+def test_api_takes_a_teacher_module_and_refuses_it_without_kd(stories_teacher):
+    import compress
+    from compress.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    r = compress.prune(copy.deepcopy(stories_teacher), tok, method="magnitude", target="80%", calib="tinystories",
+                       evaluate=False, recover_tokens=256, recover_mode="kd", recover_settings={"seq_len": 64},
+                       teacher=stories_teacher)
+    assert r.record["recovery"]["teacher"] == "in-memory LlamaForCausalLM"
+    assert r.record["recovery_result"]["steps"] == 1
+    with pytest.raises(UsageError, match="teacher is the distillation teacher of recover_mode='kd'"):
+        compress.prune(copy.deepcopy(stories_teacher), tok, method="magnitude", target="80%", evaluate=False,
+                       teacher=stories_teacher)

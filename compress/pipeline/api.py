@@ -107,6 +107,7 @@ def prune(
         from compress.train.recovery import check_teacher
 
         check_teacher(model.config, teacher.config, recovery)
+        spec.teacher = f"in-memory {type(teacher).__name__}"  # what the run record names as the teacher
     rec_obj = None
     if recovery is not None:
         from compress.train.recovery import Recovery
