@@ -47,8 +47,6 @@ ARMS = [
 
 
 def build_models(work: Path) -> list[dict]:
-    import torch
-
     from compress.io.export import export_model
     from compress.io.gguf_export import write_gguf
     from compress.io.loading import load_model
@@ -75,7 +73,6 @@ def build_models(work: Path) -> list[dict]:
                     "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
                     "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size})
         del model
-        torch.set_num_threads(torch.get_num_threads())
     return out
 
 

@@ -75,7 +75,7 @@ def layer_specs(model: nn.Module, arch: ArchAdapter | None = None) -> list[dict[
 #: an explicit ``head_dim``; ``MistralConfig`` does not, and with ``sliding_window=None`` a Mistral layer
 #: is a Llama layer without biases (same parameter names, RMSNorm, SwiGLU MLP, rotary embedding with
 #: the same ``rope_parameters``, llama3 scaling included). Llama-only keys must be at their no-op values.
-_STOCK_ALTERNATIVES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+STOCK_ALTERNATIVES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # family: (stock model_type, keys that must hold these values, keys set on the alternative)
     "llama": ("mistral", {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}, {"sliding_window": None}),
 }
@@ -83,7 +83,7 @@ _STOCK_ALTERNATIVES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 
 def _uniform_config(model: nn.Module, arch: ArchAdapter) -> tuple[Any | None, str]:
     """The stock config that describes ``model`` exactly (its own family's, else an equivalent stock
-    family's from :data:`_STOCK_ALTERNATIVES`), or None with the reason there is none."""
+    family's from :data:`STOCK_ALTERNATIVES`), or None with the reason there is none."""
     from transformers import AutoConfig
 
     cfg = model.config
@@ -104,7 +104,7 @@ def _uniform_config(model: nn.Module, arch: ArchAdapter) -> tuple[Any | None, st
         return type(cfg)(**kwargs), "uniform shapes accepted by the stock config"
     except Exception as e:  # noqa: BLE001 - any validation failure means "not this class"
         own_error = str(e).strip().splitlines()[-1].strip()[:120] if str(e).strip() else type(e).__name__
-    alt = _STOCK_ALTERNATIVES.get(cfg.model_type)
+    alt = STOCK_ALTERNATIVES.get(cfg.model_type)
     if alt is not None:
         alt_type, required, extra = alt
         if all(kwargs.get(k, v) in (v, None) for k, v in required.items()):
@@ -151,23 +151,19 @@ def _retarget(model: nn.Module, target: nn.Module, tied: bool) -> nn.Module:
     return target.eval()
 
 
-def to_stock_model(model: nn.Module, arch: ArchAdapter | None = None) -> nn.Module:
-    """``model`` itself when its own config class describes it, else the same weights in the equivalent
-    stock class (e.g. a Llama whose head count does not divide its hidden size as ``MistralForCausalLM``:
-    the same function, tested logit for logit). Raises :class:`UsageError` when no stock class does."""
+def _as_stock(model: nn.Module, stock: Any, tied: bool) -> nn.Module:
+    """``model`` itself when ``stock`` (from :func:`_uniform_config`) is its own config class, else the
+    same weights in the equivalent stock class (e.g. a Llama whose head count does not divide its
+    hidden size as ``MistralForCausalLM``: the same function, tested logit for logit)."""
     from transformers import AutoModelForCausalLM
 
-    arch = arch or adapter_for(model)
-    stock, why = _uniform_config(model, arch)
-    if stock is None:
-        raise UsageError(f"cannot export as stock: {why}; use the compress format")
     if type(stock) is type(model.config):
         return model
     stock._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
     stock.dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(stock)
-    return _retarget(model, target, arch.tied_embeddings)
+    return _retarget(model, target, tied)
 
 
 def compress_config(model: nn.Module, arch: ArchAdapter | None = None) -> CompressConfig:
@@ -248,7 +244,8 @@ def export_model(
     """
     out = check_output_dir(out, overwrite)
     arch = adapter_for(model)
-    ok, reason = stock_expressible(model, arch)
+    stock, reason = _uniform_config(model, arch)
+    ok = stock is not None
     if kind == "stock" and not ok:
         raise UsageError(f"cannot export as stock: {reason}; use the compress format")
     chosen = "stock" if (kind in ("auto", "stock") and ok) else "compress"
@@ -256,7 +253,7 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         if chosen == "stock":
-            stock_model = to_stock_model(model, arch)
+            stock_model = _as_stock(model, stock, arch.tied_embeddings)
             stock_model.config.architectures = [type(stock_model).__name__]
             stock_model.save_pretrained(tmp, safe_serialization=True)
         else:

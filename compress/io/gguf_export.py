@@ -58,8 +58,10 @@ def check_gguf_source(folder: Path) -> dict[str, Any]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise UsageError(f"{folder} is not a saved model folder (no config.json); give the --out of compress run")
+    from compress.io.loading import compress_format
+
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if cfg.get("architectures") == ["CompressForCausalLM"] or cfg.get("model_type") == "compress":
+    if compress_format(folder):
         raise UsageError(f"{folder} is in the compress format (per-layer shapes), which GGUF cannot express; "
                          "only stock-format results export to GGUF")
     mt = cfg.get("model_type")
@@ -172,8 +174,12 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
         writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps") or 1e-6))
         writer.add_file_type(getattr(gguf.LlamaFileType, GGUF_TYPES[kind][1]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # the tokenizer first: an unsupported one is refused before any tensor is converted
+        vocab_size = int(cfg["vocab_size"])
+        writer.add_vocab_size(vocab_size)
+        tokenizer_kind = _add_tokenizer(writer, folder, vocab_size)
         tied = bool(cfg.get("tie_word_embeddings"))
-        vocab_size = None
+        seen_embedding = False
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open has no iteration protocol
@@ -184,7 +190,10 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
                         raise UsageError(f"tensor {key} of {shard.name} has no GGUF name for {cfg['model_type']}")
                     data = f.get_tensor(key).to(torch.float32).numpy()
                     if key == "model.embed_tokens.weight":
-                        vocab_size = data.shape[0]
+                        if data.shape[0] != vocab_size:
+                            raise UsageError(f"{folder}: the embedding has {data.shape[0]} rows but config.json "
+                                             f"says vocab_size {vocab_size}; re-save the model")
+                        seen_embedding = True
                     if permute and key.endswith("self_attn.q_proj.weight"):
                         data = _permute_rotary(data, n_head)
                     elif permute and key.endswith("self_attn.k_proj.weight"):
@@ -198,10 +207,8 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
                     else:
                         q = gguf.quantize(data, qtype)
                         writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
-        if vocab_size is None:
+        if not seen_embedding:
             raise UsageError(f"{folder} has no model.embed_tokens.weight")
-        writer.add_vocab_size(vocab_size)
-        tokenizer_kind = _add_tokenizer(writer, folder, vocab_size)
         if fallback:
             writer.add_array("compress.fallback_tensors", fallback)
         writer.write_header_to_file()

@@ -309,9 +309,9 @@ def kd_teacher(recovery: Any, model: torch.nn.Module, teacher: str | None, *, dt
     from compress.io.loading import load_model
 
     loaded = load_model(teacher, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    from compress.train.recovery import check_teacher, check_teacher_tokenizer
+    from compress.train.recovery import check_teacher_tokenizer
 
-    check_teacher(model.config, loaded.model.config, recovery)
+    # family and vocabulary were checked config-only by the preflight; recover() re-checks the widths
     check_teacher_tokenizer(tokenizer, loaded.tokenizer)
     log(f"distillation teacher: {display_path(loaded.source)}")
     return loaded.model.eval()

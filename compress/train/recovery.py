@@ -40,6 +40,7 @@ from torch import nn
 
 from compress.calib.sources import CalibrationSource
 from compress.errors import UsageError, one_line_validation
+from compress.io.export import STOCK_ALTERNATIVES
 from compress.io.recipe import RECOVER_MODES
 from compress.train.distributed import load_full_state, meta_skeleton
 
@@ -193,10 +194,10 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-#: Families whose layers compute the same function: compress writes a Llama whose head count does not
-#: divide its hidden size as the stock Mistral class (compress.io.export), so such a student distills
-#: from its Llama teacher.
-_SAME_FAMILY = {"mistral": "llama"}
+#: Families whose layers compute the same function: compress writes e.g. a Llama whose head count does
+#: not divide its hidden size as the stock Mistral class (compress.io.export.STOCK_ALTERNATIVES), so
+#: such a student distills from its Llama teacher.
+_SAME_FAMILY = {alt: family for family, (alt, _, _) in STOCK_ALTERNATIVES.items()}
 
 
 def _family(config: Any) -> str | None:
