@@ -23,6 +23,7 @@ Results: ``benchmarks/results/deploy_llamacpp.{jsonl,md}`` with the llama.cpp ve
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -36,11 +37,16 @@ import common  # noqa: E402
 
 TRANSACT = {"calib_samples": 32, "calib_seq_len": 512}
 #: (label, method, target, settings)
+#: TransAct with its default MLP widths (mlp_round_to=auto: multiples of sizing.MLP_KERNEL_MULTIPLE) and
+#: with exact widths (mlp_round_to=1, the default before the width sweep of mlp_widths_llamacpp.py)
 ARMS = [
     ("dense", None, "100%", {}),
     ("transact 80%", "transact", "80%", TRANSACT),
+    ("transact 60%", "transact", "60%", TRANSACT),
     ("transact 50%", "transact", "50%", TRANSACT),
-    ("transact 50%, mlp_round_to=64", "transact", "50%", {**TRANSACT, "mlp_round_to": 64}),
+    ("transact 80%, exact widths", "transact", "80%", {**TRANSACT, "mlp_round_to": 1}),
+    ("transact 60%, exact widths", "transact", "60%", {**TRANSACT, "mlp_round_to": 1}),
+    ("transact 50%, exact widths", "transact", "50%", {**TRANSACT, "mlp_round_to": 1}),
     ("depth 80%", "depth", "80%", {}),
     ("depth 50%", "depth", "50%", {}),
 ]
@@ -55,7 +61,10 @@ def build_models(work: Path) -> list[dict]:
 
     out = []
     for label, method, target, settings in ARMS:
-        folder = work / label.replace(" ", "_").replace("%", "").replace(",", "").replace("=", "")
+        # the folder is keyed by what it was built from (and the code's defaults at that time are part of it:
+        # delete --work after changing a default)
+        key = hashlib.sha256(json.dumps([method, target, settings], sort_keys=True).encode()).hexdigest()[:8]
+        folder = work / f"{label.split(',')[0].replace(' ', '_').replace('%', '')}-{key}"
         gguf = folder.with_suffix(".f16.gguf")
         if not gguf.exists():
             if method is None:

@@ -33,6 +33,13 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _dumps_json(obj: Any, **kwargs: Any) -> str:
+    """Every ``--json`` output: standard JSON (NaN/inf as null; compress.io.safe_io.dumps_json)."""
+    from compress.io.safe_io import dumps_json
+
+    return dumps_json(obj, **kwargs)
+
+
 def _console():
     from rich.console import Console
 
@@ -68,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
         progress=not args.json and not args.no_progress, resume=args.resume,
         layerwise=args.layerwise, offload_dir=args.offload_dir, evaluate=not args.no_eval, teacher=args.teacher,
+        stream_weights=args.stream_weights,
+        recipe=args.recipe,
     )
     if not spec.progress:
         from transformers.utils import logging as hf_logging
@@ -76,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = (lambda m: None) if args.json else _phase_logger(Console())
     rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
     if args.json:
-        print(json.dumps(rec, indent=1, sort_keys=True))
+        print(_dumps_json(rec, indent=1, sort_keys=True))
         return 0
     _print_summary(rec)
     return 0
@@ -167,7 +176,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if not rec.get("export"):  # not the main process: rank 0 prints the result
         return 0
     if args.json:
-        print(json.dumps(rec, indent=1, sort_keys=True))
+        print(_dumps_json(rec, indent=1, sort_keys=True))
     else:
         r, e = rec["recovery_result"], rec["export"]
         print(f"recovered {rec['model']['source']}: {r['steps']} steps, {r['tokens_seen']:,} tokens, {r['world_size']} "
@@ -180,7 +189,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     rows = current()["methods"]  # cached: no plugin (and no torch) is imported when nothing changed
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(_dumps_json(rows, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -209,7 +218,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     catalog = current()  # cached: no plugin (and no torch) is imported when nothing changed
     rows, architectures = catalog["plugins"], catalog["architectures"]
     if args.json:
-        print(json.dumps({"plugins": rows, "architectures": architectures}, indent=1))
+        print(_dumps_json({"plugins": rows, "architectures": architectures}, indent=1))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -225,13 +234,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_families(args: argparse.Namespace) -> int:
+    """Method × family matrix: yes, settings (only with some settings; the method's check says which) or no."""
+    from compress.plugins import get_registry
+
+    reg = get_registry()
+    fams = sorted(t for t in reg.architectures if t != "compress")  # compress is the export format, not a family
+    rows = {n: {f: c.capabilities.support(reg.architectures[f]) for f in fams} for n, c in sorted(reg.pruners.items())}
+    if args.json:
+        print(_dumps_json({"families": fams, "methods": rows}, indent=1))
+        return 0
+    for n, row in rows.items():
+        print(f"{n}: " + ", ".join(f"{f} {v}" for f, v in row.items()))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A saved stock-format folder as one GGUF file (compress.io.gguf_export)."""
     from compress.io.gguf_export import write_gguf
 
     info = write_gguf(args.model, args.out, args.gguf, overwrite=args.overwrite)
     if args.json:
-        print(json.dumps(info, indent=1, sort_keys=True))
+        print(_dumps_json(info, indent=1, sort_keys=True))
     else:
         note = (f"; {len(info['f16_fallback_tensors'])} tensors with rows not a multiple of 32 wide kept as F16"
                 if info["f16_fallback_tensors"] else "")
@@ -269,7 +293,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "methods": applicable,
     }
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(_dumps_json(out, indent=1))
         return 0
     from rich.console import Console
 
@@ -310,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t for t in (args.tasks or "").split(",") if t]
     res = evaluate_model(loaded.model, loaded.tokenizer, ppl=ppl or None, tasks=tasks or None,
                          limit=_limit(args.limit), max_windows=args.max_windows)
-    print(json.dumps(res, indent=1, default=str))
+    print(_dumps_json(res, indent=1, default=str))
     return 0
 
 
@@ -353,7 +377,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.no_report:
         from compress.bench.report import load_runs, write_report
 
-        files = write_report(load_runs([out]), out / "report", title=f"compress bench: {suite.name}")
+        files = write_report(load_runs([out], strict=False), out / "report", title=f"compress bench: {suite.name}")
         print(f"report: {files['markdown']}", file=sys.stderr)
     return summary.exit_code
 
@@ -386,9 +410,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     first = Path(args.runs[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "report"
     title = args.title or "compress bench: " + ", ".join(sorted({str(r.get("suite")) for r in records}))
-    files = write_report(records, out, title=title, reported=reported)
+    files = write_report(records, out, title=title, reported=reported, inputs=args.runs)
     if args.json:
-        print(json.dumps({k: str(v) for k, v in files.items()}, indent=1))
+        print(_dumps_json({k: str(v) for k, v in files.items()}, indent=1))
     else:
         print((out / "report.md").read_text(encoding="utf-8"))
         print("\n".join(f"wrote {v}" for v in files.values()), file=sys.stderr)
@@ -432,7 +456,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.io.recipe import RECOVER_MODES  # torch-free: the parser stays instant
+    from compress.io import limits as lim  # torch-free, like the recipe module: the parser stays instant
+    from compress.io.recipe import RECOVER_MODES
     p = _Parser(prog="compress", description="Structured pruning of causal LMs, with measurements.")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"compress {_version()}")
@@ -452,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--method", help="pruning method (see `compress methods`; default: the recipe's method)")
     r.add_argument("--target", help="what remains: 2B, 350M, 60%%, flops:50%%, kv:25%% (default: the recipe's)")
     r.add_argument("--out", help="output folder (written atomically)")
-    r.add_argument("--seed", type=int, default=None, help="default: the recipe's, else 0")
+    r.add_argument("--seed", type=lim.seed, default=None, help="default: the recipe's, else 0 (0..2**32-1)")
     r.add_argument("--calib", help="calibration text: file, folder, jsonl[:field], wikitext2, tinystories, hf:NAME")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method setting (repeatable)")
     # --config is the pre-recipe name of the same option, kept so existing commands keep working.
@@ -465,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate one decoder layer at a time: weights stay in CPU RAM, each layer visits --device "
                         "in turn (default: on above 4 GiB of weights)")
     r.add_argument("--offload-dir", metavar="DIR", help="layer-wise: cache calibration activations in files under DIR")
+    r.add_argument("--stream-weights", action="store_true",
+                   help="layer-wise: read each decoder layer from the safetensors files only when it is visited "
+                        "(peak RAM ~ one dense layer + the pruned model, not the dense model)")
     r.add_argument("--dry-run", action="store_true", help="plan shapes on the meta device; load no weights")
     r.add_argument("--no-save", action="store_true", help="prune and measure without writing a model")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -491,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--teacher", metavar="MODEL", help="--mode kd: the dense model the input was pruned from")
     rc.add_argument("--calib", "--data", dest="calib", help="training text: file, folder, jsonl[:field], alias, "
                     "hf:NAME (default wikitext2)")
+    # the numbers are bounded by RecoveryConfig (compress.io.limits), e.g. --seq-len >= 2, --tokens <= 2**30
     rc.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
     rc.add_argument("--batch-size", type=int, default=None, help="sequences per device per step (default 4)")
     rc.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (default 1)")
@@ -498,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--logging-steps", type=int, default=None, help="log the loss every N steps")
     rc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="other recovery setting, e.g. warmup_ratio=0 or lora_r=16 (repeatable)")
-    rc.add_argument("--seed", type=int, default=0, help="training data order and init seed (default 0)")
+    rc.add_argument("--seed", type=lim.seed, default=0, help="training data order and init seed (default 0)")
     rc.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     rc.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     rc.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the INPUT model")
@@ -522,9 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plugins and architectures as JSON")
     pl.set_defaults(fn=cmd_plugins)
 
+    fa = sub.add_parser("families", help="which method prunes which model family (yes / settings / no)")
+    fa.add_argument("--json", action="store_true", help="print the method × family matrix as JSON")
+    fa.set_defaults(fn=cmd_families)
+
     i = sub.add_parser("inspect", help="architecture, params, FLOPs/token, KV bytes/token (no weights loaded)")
     i.add_argument("model", nargs="?", help="HF folder, hub id, .gguf file or config.json")
-    i.add_argument("--seq-len", type=int, default=2048, help="context length for FLOPs/token")
+    i.add_argument("--seq-len", type=lim.count(1, lim.MAX_SEQ_LEN), default=2048,
+                   help="context length for FLOPs/token")
     i.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the model's config")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
     i.set_defaults(fn=cmd_inspect)
@@ -533,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", help="saved model folder, hub id or .gguf (default: the default model)")
     e.add_argument("--ppl", action="append", metavar="SET[:LEN,LEN]", help="e.g. wikitext2:2048,128 (repeatable)")
     e.add_argument("--tasks", help="comma list, e.g. piqa,arc_easy,hellaswag")
-    e.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction")
-    e.add_argument("--max-windows", type=int, default=None, help="only the first N perplexity windows")
+    e.add_argument("--limit", type=lim.limit, default=None, help="examples per task (int >= 1) or fraction (0..1)")
+    e.add_argument("--max-windows", type=lim.count(1, lim.MAX_SETTING_INT), default=None,
+                   help="only the first N perplexity windows")
     e.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     e.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
     e.add_argument("--trust-remote-code", action="store_true", help="allow custom code of the model")
@@ -552,9 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", help="only these targets (comma list, e.g. 80%%,50%%; the dense row stays)")
     b.add_argument("--verify", metavar="RECORDS", help="re-run the selected cells and compare them exactly with "
                    "these committed records (records.jsonl or its folder); exit 1 on a mismatch")
-    b.add_argument("--max-windows", type=int, default=None, help="override eval.max_windows (changes cell ids)")
-    b.add_argument("--max-tokens", type=int, default=None, help="override eval.max_tokens (changes cell ids)")
-    b.add_argument("--limit", type=float, default=None, help="override eval.limit (changes cell ids)")
+    b.add_argument("--max-windows", type=lim.count(1, lim.MAX_SETTING_INT), default=None,
+                   help="override eval.max_windows (changes cell ids)")
+    b.add_argument("--max-tokens", type=lim.count(2, lim.MAX_SETTING_INT), default=None,
+                   help="override eval.max_tokens (changes cell ids)")
+    b.add_argument("--limit", type=lim.limit, default=None, help="override eval.limit (changes cell ids)")
     b.add_argument("--list", action="store_true", help="list the cells and their status; run nothing")
     b.add_argument("--no-report", action="store_true", help="do not write <out>/report at the end")
     b.set_defaults(fn=cmd_bench)
@@ -607,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {msg.removeprefix('error: ')}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -618,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
-        print(f"error: {type(e).__name__}: {first} (run with -v for the traceback)", file=sys.stderr)
+        name = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"  # struct.error
+        print(f"error: {name}: {first} (run with -v for the traceback)", file=sys.stderr)
         return 1
 
 

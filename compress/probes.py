@@ -1,6 +1,7 @@
 """Process probes: what a run costs in time and memory (not in shapes: that is compress.model.footprint).
 
-* :func:`latency` — prefill and decode tokens/s of a model on its device;
+* :func:`compare_latency` — prefill and decode tokens/s of models timed interleaved in one process
+  (median, IQR, paired speed-ups); :func:`latency` — of one model;
 * :func:`track_peak_rss` — peak resident set size of the process while inside (sampled, plus the
   kernel's high-water mark where it can be reset);
 * :func:`track_live_tensors` — peak bytes of live torch tensors while inside, independent of the
@@ -48,6 +49,117 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_prefill(model: nn.Module, ids: torch.Tensor, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _time_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Seconds for ``new_tokens`` greedy one-token steps after an untimed prefill of ``ids``."""
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    del out
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        step = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = step.past_key_values, step.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _spread(xs: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile); with one value all three are it."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return med, q1, q3
+
+
+def compare_latency(
+    models: dict[str, nn.Module],
+    tokenizer_or_vocab_size: Any = None,
+    *,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    prefill_batch_size: int = 8,
+    decode_batch_size: int = 1,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    reference: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Prefill and decode throughput of several models measured in ONE process, interleaved.
+
+    Every round times each model once (prefill: one forward over ``[prefill_batch_size, prompt_len]``
+    random ids, cache on; decode: ``new_tokens`` greedy steps of one token through ``past_key_values``
+    after an untimed prefill at ``decode_batch_size``), the order rotating from round to round, so a
+    change of machine load hits every model alike; the first ``warmup`` rounds are not kept. Per model:
+    the median tokens/s, the inter-quartile range and every kept run. With ``reference`` (a key of
+    ``models``, e.g. the dense model), every other model also gets its speed-up per round — the ratio
+    of its tokens/s to the reference's in the same round — with median, IQR and ``tie`` (the IQR of the
+    ratio contains 1: the difference is inside the spread). Tokens/s count every sequence of a batch.
+    """
+    if not models:
+        raise ValueError("no model to time")
+    if min(prompt_len, new_tokens, prefill_batch_size, decode_batch_size, repeats) < 1 or warmup < 0:
+        raise ValueError("prompt_len, new_tokens, batch sizes and repeats must be >= 1, warmup >= 0")
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the timed models ({', '.join(models)})")
+    names = list(models)
+    devices, ids_pre, ids_dec = {}, {}, {}
+    for n in names:
+        param = next(models[n].parameters())
+        if param.is_meta:
+            raise ValueError(f"cannot time {n!r} on the meta device; load its weights first")
+        devices[n] = param.device
+        vocab = _vocab_size(models[n], tokenizer_or_vocab_size)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (max(prefill_batch_size, decode_batch_size), prompt_len), generator=g)
+        ids_pre[n] = ids[:prefill_batch_size].to(param.device)
+        ids_dec[n] = ids[:decode_batch_size].to(param.device)
+    runs: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
+    modes = {n: models[n].training for n in names}
+    try:
+        for n in names:
+            models[n].eval()
+        with torch.no_grad():
+            for r in range(warmup + repeats):
+                k = r % len(names)
+                for n in names[k:] + names[:k]:
+                    tp = _time_prefill(models[n], ids_pre[n], devices[n])
+                    td = _time_decode(models[n], ids_dec[n], new_tokens, devices[n])
+                    if r >= warmup:
+                        runs[n]["prefill"].append(prefill_batch_size * prompt_len / tp)
+                        runs[n]["decode"].append(decode_batch_size * new_tokens / td)
+    finally:
+        for n in names:
+            models[n].train(modes[n])
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        res: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens,
+                               "prefill_batch_size": prefill_batch_size, "batch_size": decode_batch_size,
+                               "repeats": repeats, "warmup": warmup, "interleaved_with": sorted(set(names) - {n})}
+        for phase in ("prefill", "decode"):
+            med, q1, q3 = _spread(runs[n][phase])
+            res[f"{phase}_tokens_per_s"] = med
+            res[f"{phase}_iqr"] = [q1, q3]
+            res[f"{phase}_runs"] = runs[n][phase]
+        res["prefill_s"] = prefill_batch_size * prompt_len / res["prefill_tokens_per_s"]
+        res["decode_s_per_token"] = decode_batch_size / res["decode_tokens_per_s"]
+        if reference is not None and n != reference:
+            res["speedup"] = {}
+            for phase in ("prefill", "decode"):
+                ratios = [a / b for a, b in zip(runs[n][phase], runs[reference][phase], strict=True)]
+                med, q1, q3 = _spread(ratios)
+                res["speedup"][phase] = {"median": med, "iqr": [q1, q3], "tie": q1 <= 1.0 <= q3, "over": reference}
+        out[n] = res
+    return out
+
+
 def latency(
     model: nn.Module,
     tokenizer_or_vocab_size: Any = None,
@@ -58,67 +170,11 @@ def latency(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
-) -> dict[str, float | int]:
-    """Prefill and decode throughput on random token ids (seeded), median over ``repeats``.
-
-    Prefill: one forward over ``[batch_size, prompt_len]`` with the cache on. Decode: after an
-    untimed prefill, ``new_tokens`` greedy steps of one token each through ``past_key_values``; only
-    the steps are timed. Tokens/s count every sequence of the batch. ``tokenizer_or_vocab_size`` is a
-    tokenizer, a vocabulary size, or None (the model's embedding rows); ids are drawn below it.
-    """
-    if prompt_len < 1 or new_tokens < 1 or batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("prompt_len, new_tokens, batch_size and repeats must be >= 1, warmup >= 0")
-    param = next(model.parameters())
-    if param.is_meta:
-        raise ValueError("cannot time a model on the meta device; load its weights first")
-    device = param.device
-    vocab = _vocab_size(model, tokenizer_or_vocab_size)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
-
-    was_training = model.training
-    model.eval()
-    prefill_times: list[float] = []
-    decode_times: list[float] = []
-    try:
-        with torch.no_grad():
-            for r in range(warmup + repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = model(input_ids=ids, use_cache=True)
-                _sync(device)
-                t_prefill = time.perf_counter() - t0
-
-                past = out.past_key_values
-                nxt = out.logits[:, -1:].argmax(-1)
-                del out
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(new_tokens):
-                    step = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                    past = step.past_key_values
-                    nxt = step.logits[:, -1:].argmax(-1)
-                _sync(device)
-                t_decode = time.perf_counter() - t0
-                del past, step
-                if r >= warmup:
-                    prefill_times.append(t_prefill)
-                    decode_times.append(t_decode)
-    finally:
-        model.train(was_training)
-
-    tp = statistics.median(prefill_times)
-    td = statistics.median(decode_times)
-    return {
-        "prefill_tokens_per_s": batch_size * prompt_len / tp,
-        "decode_tokens_per_s": batch_size * new_tokens / td,
-        "prefill_s": tp,
-        "decode_s_per_token": td / new_tokens,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "batch_size": batch_size,
-        "repeats": repeats,
-    }
+) -> dict[str, Any]:
+    """Prefill and decode throughput of one model at one batch size (:func:`compare_latency` alone)."""
+    return compare_latency({"model": model}, tokenizer_or_vocab_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                           prefill_batch_size=batch_size, decode_batch_size=batch_size, repeats=repeats,
+                           warmup=warmup, seed=seed)["model"]
 
 
 # --------------------------------------------------------------------------------------- memory

@@ -14,25 +14,38 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.calib.sources import blocks_sha256
 from compress.errors import Unsupported
-from compress.model.adapter import ArchAdapter
+from compress.io.limits import MAX_BATCH, MAX_CALIB_SAMPLES, MAX_CALIB_TOKENS, MAX_SEQ_LEN
+from compress.io.settings import BoundedSettings
+from compress.model.adapter import FEATURES, ArchAdapter, adapter_for
 from compress.target import Target
 
 ExportKind = Literal["stock", "compress", "auto"]
 
 
-class PrunerConfig(BaseModel):
-    """Base class of every method's options. Unknown keys are an error, never silently ignored."""
+class PrunerConfig(BoundedSettings):
+    """Base class of every method's options (:class:`BoundedSettings`): the calibration settings keep
+    their bounds whatever a method redeclares, and ``calib_samples × calib_seq_len`` is within
+    :data:`~compress.io.limits.MAX_CALIB_TOKENS` (the drawn blocks are one tensor)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _int_bounds: ClassVar[dict[str, int]] = {
+        "calib_samples": MAX_CALIB_SAMPLES, "calib_seq_len": MAX_SEQ_LEN, "calib_batch_size": MAX_BATCH}
 
-    calib_samples: int = Field(128, ge=1, description="calibration sequences")
-    calib_seq_len: int = Field(2048, ge=2, description="tokens per calibration sequence")
-    calib_batch_size: int = Field(4, ge=1, description="sequences per calibration forward")
+    calib_samples: int = Field(128, ge=1, le=MAX_CALIB_SAMPLES, description="calibration sequences")
+    calib_seq_len: int = Field(2048, ge=2, le=MAX_SEQ_LEN, description="tokens per calibration sequence")
+    calib_batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="sequences per calibration forward")
+
+    @model_validator(mode="after")
+    def _calib_budget(self) -> PrunerConfig:
+        tokens = self.calib_samples * self.calib_seq_len
+        if tokens > MAX_CALIB_TOKENS:
+            raise ValueError(f"calib_samples × calib_seq_len = {tokens:,} tokens is above {MAX_CALIB_TOKENS:,}; "
+                             "use fewer or shorter calibration sequences")
+        return self
 
 
 @dataclass(frozen=True)
@@ -47,15 +60,41 @@ class Capabilities:
     sequential: bool = False
     summary: str = ""
     reference: str = ""
+    #: Features of the family's layout the method needs (:data:`compress.model.adapter.FEATURES`); the
+    #: base :meth:`Pruner.check` refuses a family whose adapter lacks one, before any weight is loaded.
+    requires: tuple[str, ...] = ()
+    #: Features without which the method runs only with some settings (its ``check`` names them).
+    conditional: tuple[str, ...] = ()
+    #: The method to suggest where this one is refused for a family (a registered method name).
+    alternative: str = ""
+    #: The method works on a model whose decoder layers are read from the files only when the
+    #: layer-wise engine visits them (``--stream-weights``, :mod:`compress.io.streaming`): it reaches
+    #: layer weights only through :meth:`PruneContext.layers` and prunes each layer in its step (or
+    #: hands it back, :meth:`compress.LayerStep.release`). Outside the decoder layers the weights are in memory.
+    streams_weights: bool = False
+
+    def supports(self, adapter: type[ArchAdapter] | ArchAdapter) -> bool:
+        """Whether a family (its adapter class or instance) has every feature this method needs."""
+        return set(self.requires) <= set(adapter.features)
+
+    def support(self, adapter: type[ArchAdapter] | ArchAdapter) -> Literal["yes", "settings", "no"]:
+        """``yes``, ``settings`` (only with some settings: a missing :attr:`conditional` feature) or ``no``."""
+        if not self.supports(adapter):
+            return "no"
+        return "yes" if set(self.conditional) <= set(adapter.features) else "settings"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "requires": list(self.requires),
+            "conditional": list(self.conditional),
+            "alternative": self.alternative,
             "structures": list(self.structures),
             "needs_calibration": self.needs_calibration,
             "needs_gradients": self.needs_gradients,
             "targets": list(self.targets),
             "export": self.export,
             "sequential": self.sequential,
+            "streams_weights": self.streams_weights,
             "summary": self.summary,
             "reference": self.reference,
         }
@@ -108,7 +147,16 @@ class PruneContext:
     # files under ``offload_dir`` when it is set.
     layerwise: bool = False
     offload_dir: Path | None = None
+    # Weight streaming (--stream-weights; compress.io.streaming.WeightStream): the decoder layers are on
+    # the meta device until the layer-wise engine visits them (a method with
+    # ``Capabilities.streams_weights``); None: the weights are in memory.
+    stream: Any = None
     drawn: list[DrawnBlocks] = field(default_factory=list)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the decoder layers' weights are read from the files as the engine visits them."""
+        return self.stream is not None
 
     # ------------------------------------------------------------------ calibration data
     def context_length(self) -> int | None:
@@ -155,18 +203,19 @@ class PruneContext:
 
         return run_calibration(model, batches, batch_size=batch_size, progress=self._bar(),
                                description=description, layerwise=self.layerwise, logits=logits,
-                               **self._placement())
+                               **self._placement(), **({"stream": self.stream} if self.stream is not None else {}))
 
     def layers(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int,
                description: str = "layers") -> Any:
         """The layer-wise engine over ``batches`` (a :class:`compress.LayerwiseRunner`): iterate it
         to get each decoder layer with its cached inputs, change the layer, and the engine computes
         the next layer's inputs with the changed one. Layer ``i`` is on the compute device while it
-        is visited (layer-wise runs) or everything stays where the model is."""
+        is visited (layer-wise runs) or everything stays where the model is. With streamed weights
+        (:attr:`streaming`) the engine reads layer ``i`` from the files just before its step."""
         from compress.calib.layerwise import LayerwiseRunner
 
         return LayerwiseRunner(model, batches, arch=self.arch, batch_size=batch_size, progress=self._bar(),
-                               description=description, **self._placement())
+                               description=description, stream=self.stream, **self._placement())
 
     def gradients(self, model: nn.Module, params: list[nn.Parameter], tokens: torch.Tensor, *,
                   batch_size: int | None = None, first_order: bool = True,
@@ -243,6 +292,15 @@ class Pruner:
                 f"method {self.name!r} cannot meet a {target.metric!r} target; "
                 f"it supports {', '.join(self.capabilities.targets)}"
             )
+        cap = self.capabilities
+        if cap.requires:
+            arch = adapter_for(model)
+            missing = [f for f in cap.requires if f not in arch.features]
+            if missing:
+                mt = getattr(arch.config, "model_type", type(model).__name__)
+                alt = f"; use {cap.alternative} instead" if cap.alternative else ""
+                raise Unsupported(f"method {self.name!r} cannot prune {mt} models: it needs {FEATURES[missing[0]]}"
+                                  f"{alt} (`compress methods --json` lists each method's families)")
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:
         """Shape-only planning for ``--dry-run``: cut ``model`` (usually on the meta device) to the

@@ -27,6 +27,7 @@ from compress.train.recovery import DEFAULT_LORA_TARGETS, RecoveryConfig, recove
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "FAMILY_KINDS",
     "TINY_KINDS",
     "CalibrationSource",
     "RecoveryConfig",
@@ -50,10 +51,13 @@ __all__ = [
 ]
 
 TINY_KINDS = ("llama-mha", "llama-gqa", "qwen2")
+#: Further families (tests/test_families.py): Mistral with a sliding window, Qwen3 with q/k norms, Phi-3
+#: with fused qkv and gate_up projections. Not in :data:`TINY_KINDS`, whose tests assume a Llama layout.
+FAMILY_KINDS = ("mistral", "qwen3", "phi3")
 
 
 def tiny_config(kind: str = "llama-gqa"):
-    """Config of a tiny random model. ``kind`` is one of :data:`TINY_KINDS`."""
+    """Config of a tiny random model. ``kind`` is one of :data:`TINY_KINDS` or :data:`FAMILY_KINDS`."""
     common = dict(
         vocab_size=512,
         hidden_size=64,
@@ -85,7 +89,29 @@ def tiny_config(kind: str = "llama-gqa"):
             **common, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, tie_word_embeddings=True,
         )
-    raise ValueError(f"unknown tiny model kind {kind!r}; use one of {TINY_KINDS}")
+    if kind == "mistral":
+        from transformers import MistralConfig
+
+        # the window (4096 in Mistral-7B v0.1) is wider than the tiny context: full attention in effect
+        return MistralConfig(
+            **common, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+            head_dim=8, tie_word_embeddings=False, sliding_window=4096,
+        )
+    if kind == "qwen3":
+        from transformers import Qwen3Config
+
+        return Qwen3Config(  # q_norm / k_norm over head_dim (Qwen3's own layout); head_dim × heads != hidden
+            **common, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=24, tie_word_embeddings=True,
+        )
+    if kind == "phi3":
+        from transformers import Phi3Config
+
+        return Phi3Config(  # fused qkv_proj [q; k; v] and gate_up_proj [gate; up]
+            **common, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+            tie_word_embeddings=False, original_max_position_embeddings=256,
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}; use one of {TINY_KINDS + FAMILY_KINDS}")
 
 
 def tiny_model(kind: str = "llama-gqa", seed: int = 0):

@@ -37,7 +37,7 @@ targets: ["50%", "1M"]
 eval:
   ppl: {tinystories: [128]}
   max_windows: 2
-  latency: {prompt_len: 16, new_tokens: 4, repeats: 1, warmup: 0}
+  latency: {prompt_len: 16, new_tokens: 4, prefill_batch_size: 2, repeats: 5, warmup: 0}
 threads: 1
 """
 
@@ -154,12 +154,20 @@ def test_records_schema_and_failure_isolation(tiny_run):
         ppl = r["ppl"]["tinystories"]["128"]
         assert ppl["windows"] == 2 and ppl["partial"] is True and ppl["ppl"] > 1
         assert r["latency"]["prefill_tokens_per_s"] > 0 and r["latency"]["decode_tokens_per_s"] > 0
+        assert len(r["latency"]["decode_runs"]) == 5 and r["latency"]["prefill_batch_size"] == 2
         assert isinstance(r["peak_rss_bytes"], int) and r["peak_rss_bytes"] > 0
         assert r["threads"] == 1
         assert {"python", "torch", "transformers", "lm_eval", "torch_pruning"} <= set(r["versions"])
         assert r["plugin"]["distribution"] and r["tasks"] == {} and r["accuracy_avg"] is None
         assert (out / "logs" / f"{r['cell_id']}.log").is_file()
     dense, rnd = ok
+    # the pruned cell timed the dense model in its own process, interleaved: paired speed-ups with spread
+    assert "latency_dense" not in dense and "speedup" not in dense["latency"]
+    assert rnd["latency_dense"]["interleaved_with"] == ["pruned"] and len(rnd["latency_dense"]["prefill_runs"]) == 5
+    for phase in ("prefill", "decode"):
+        sp = rnd["latency"]["speedup"][phase]
+        assert sp["over"] == "dense" and sp["iqr"][0] <= sp["median"] <= sp["iqr"][1]
+        assert sp["tie"] == (sp["iqr"][0] <= 1 <= sp["iqr"][1])
     assert dense["ratios"] == {"params": 1.0, "flops": 1.0, "kv": 1.0} and dense["plugin"]["distribution"] == "compress"
     assert rnd["plugin"]["distribution"] == "compress-baselines" and rnd["config"]["gqa"] == "groups"
     assert 0.45 < rnd["ratios"]["params"] <= 0.5 and isinstance(rnd["prune_wall_s"], float)
@@ -271,6 +279,7 @@ def test_smoke_suite_cell_end_to_end(tmp_path, capsys):
     assert r["latency"]["prompt_len"] == 64 and r["prune_wall_s"] > 0
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| transact | 50% | none |" in md
+    assert "decode × dense" in md and "interleaved with the dense model" in md
 
 
 # ------------------------------------------------------------------------------ report

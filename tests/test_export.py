@@ -260,17 +260,22 @@ def test_existing_output_refused_and_untouched(tmp_path, tok):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
-        export_model(uniform_model(), tok, out)
+    for overwrite in (False, True):  # a folder compress did not write is never replaced
+        with pytest.raises(UsageError, match="already exists and was not written by compress"):
+            export_model(uniform_model(), tok, out, overwrite=overwrite)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / RECORD_FILE).write_text("{}")  # one compress wrote: refused without --overwrite only
+    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+        export_model(uniform_model(), tok, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([RECORD_FILE, "keep.txt"])
 
 
 def test_overwrite_replaces_whole_folder(tmp_path, tok):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     model = uniform_model()
+    export_model(model, tok, out)
+    (out / "stale.txt").write_text("old")
     export_model(model, tok, out, overwrite=True)
     assert not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .old-/.tmp- folders left behind
@@ -287,13 +292,14 @@ def test_failure_mid_export_leaves_nothing(tmp_path, tok, monkeypatch, fmt):
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_model(model, tok, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    # and the failure does not poison a later export: overwrite path too
+    # and the failure does not poison a later export: overwrite path too (of a folder compress wrote)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "previous.txt").write_text("x")
+    (tmp_path / "out" / RECORD_FILE).write_text("{}")
     with pytest.raises(RuntimeError, match="disk on fire"):
         export_model(model, tok, tmp_path / "out", overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([RECORD_FILE, "previous.txt"])
 
 
 _EXPORT_LOOP = textwrap.dedent('''

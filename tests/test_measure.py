@@ -22,7 +22,7 @@ from compress.model.footprint import (
     model_bytes,
     param_breakdown,
 )
-from compress.probes import latency, peak_rss_bytes, track_live_tensors, track_peak_rss
+from compress.probes import compare_latency, latency, peak_rss_bytes, track_live_tensors, track_peak_rss
 from compress.testing import TINY_KINDS, tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------- helpers
@@ -313,6 +313,53 @@ def test_latency_positive_finite() -> None:
             assert r[k] > 0 and math.isfinite(r[k]), k
         assert r["new_tokens"] == 3 and r["batch_size"] == 2
     assert not model.training
+
+
+def test_compare_latency_interleaves_and_pairs_rounds(monkeypatch) -> None:
+    """Rounds rotate the order; the speed-up is the median of per-round ratios, *tie* when its IQR
+    contains 1 (scripted timings, so the statistics are checked exactly)."""
+    import compress.probes as probes
+
+    a, b, c = tiny_model("llama-gqa"), tiny_model("llama-gqa"), tiny_model("llama-gqa")
+    order: list[str] = []
+    names = {id(a): "a", id(b): "b", id(c): "c"}
+    # b is exactly twice as fast as a; c is as fast as a but noisy around it
+    secs = {"a": [1.0] * 6, "b": [0.5] * 6, "c": [1.1, 0.8, 1.2, 0.9, 1.0, 1.05]}
+    seen = {"a": 0, "b": 0, "c": 0}
+
+    def fake(model, *args):
+        n = names[id(model)]
+        order.append(n)
+        t = secs[n][seen[n] // 2 % 6]  # prefill and decode of one round share the scripted value
+        seen[n] += 1
+        return t
+
+    monkeypatch.setattr(probes, "_time_prefill", fake)
+    monkeypatch.setattr(probes, "_time_decode", fake)
+    got = compare_latency({"a": a, "b": b, "c": c}, 512, prompt_len=4, new_tokens=2, prefill_batch_size=3,
+                          repeats=5, warmup=1, reference="a")
+    firsts = [order[i] for i in range(0, len(order), 6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]  # the first model of each round rotates
+    assert got["a"]["prefill_runs"] == [12.0] * 5 and got["b"]["decode_runs"] == [4.0] * 5
+    assert "speedup" not in got["a"]
+    sb = got["b"]["speedup"]["decode"]
+    assert sb["median"] == 2.0 and sb["iqr"] == [2.0, 2.0] and sb["tie"] is False
+    sc = got["c"]["speedup"]["prefill"]  # ratios 1/0.8, 1/1.2, 1/0.9, 1/1.0, 1/1.05 around 1
+    assert sc["iqr"][0] < 1 < sc["iqr"][1] and sc["tie"] is True
+    assert got["b"]["prefill_iqr"] == [24.0, 24.0] and got["b"]["interleaved_with"] == ["a", "c"]
+    with pytest.raises(ValueError, match="reference"):
+        compare_latency({"a": a}, 512, reference="dense")
+
+
+def test_compare_latency_real_models() -> None:
+    model = tiny_model("llama-gqa")
+    got = compare_latency({"x": model, "y": tiny_model("llama-mha")}, 512, prompt_len=8, new_tokens=3,
+                          prefill_batch_size=4, repeats=5, reference="x")
+    for n in ("x", "y"):
+        assert len(got[n]["decode_runs"]) == 5 and all(v > 0 and math.isfinite(v) for v in got[n]["decode_runs"])
+        lo, hi = got[n]["prefill_iqr"]
+        assert lo <= got[n]["prefill_tokens_per_s"] <= hi
+    assert got["y"]["speedup"]["decode"]["median"] > 0 and not model.training
 
 
 def test_latency_rejects_meta_and_bad_args() -> None:

@@ -80,3 +80,25 @@ def test_config_rejects_unknown_keys(name):
 
     with pytest.raises(ValidationError):
         cls({"definitely_not_a_setting": 1})
+
+
+def test_floors_size_the_same_shapes_as_transact_with_kernel_multiples():
+    """The floors share TransAct's solver and its default ``mlp_round_to=auto``: on SmolLM2's shapes
+    (MLP 1536) every target lands on a multiple of 32, the same widths as TransAct."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    reg = get_registry()
+    for target in ("80%", "60%", "50%"):
+        got = {}
+        for name in ("transact", "magnitude", "random"):
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))  # the plan edits the config
+            shapes = reg.make(name).plan_shapes(model, Target.parse(target))
+            got[name] = (shapes["attn_units"], shapes["mlp"], shapes["mlp_round_to"])
+        assert len(set(got.values())) == 1, got
+        assert got["transact"][1] % 32 == 0 and got["transact"][2] == 32

@@ -25,6 +25,25 @@ def test_methods_table_matches_registry():
     assert _table_methods() == registered
 
 
+def test_method_family_matrix_matches_registry():
+    """The README's method × family table is what `compress families` computes from the registry."""
+    reg = get_registry()
+    section = README.read_text().split("### Method × family", 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    families = [c.strip() for c in lines[0].strip("|").split("|")][1:]
+    assert sorted(families) == sorted(t for t in reg.architectures if t != "compress")
+    shown = {"✓": "yes", "settings": "settings", "—": "no"}
+    table = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0].strip("`")] = dict(zip(families, (shown[c] for c in cells[1:]), strict=True))
+    ours = {row["name"] for row in reg.methods_table() if row["distribution"] in OURS}
+    assert set(table) == ours
+    for name in ours:
+        cap = reg.pruners[name].capabilities
+        assert table[name] == {f: cap.support(reg.architectures[f]) for f in families}, name
+
+
 def test_readme_commands_are_the_ci_commands():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     text = README.read_text()

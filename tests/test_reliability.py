@@ -81,6 +81,30 @@ def _edit_weights(folder: Path, fn) -> None:
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _tiny_gguf(path: Path) -> bytes:
+    """A small, valid GGUF file (one tensor); its bytes."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _lying_config(src: Path, dst: Path, change: dict) -> Path:
+    """A copy of the model at ``src`` whose config.json says ``change`` (the weights stay as they are)."""
+    folder = _copy_model(src, dst)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(change)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 _CUSTOM_CODE = "import pathlib\npathlib.Path(__file__).with_name('CODE_WAS_RUN').write_text('yes')\n"
 
 
@@ -123,6 +147,31 @@ def bad(tmp_path_factory, stories_dir) -> dict[str, Path]:
     shutil.copytree(m["compress"], m["tampered"])
     with open(m["tampered"] / "modeling_compress.py", "a") as f:
         f.write("\nimport os  # injected\n")
+    # a compress export whose run record is not the JSON object compress writes
+    m["record_list"] = root / "record-list"
+    shutil.copytree(m["compress"], m["record_list"])
+    (m["record_list"] / "compress_run.json").write_text("[1, 2]\n")
+    m["record_binary"] = root / "record-binary"
+    shutil.copytree(m["compress"], m["record_binary"])
+    (m["record_binary"] / "compress_run.json").write_bytes(b"\x00\xff\xfe{")
+    # GGUF files cut short: inside the header (transformers' reader: struct.error), inside the tensor data
+    whole = _tiny_gguf(root / "whole.gguf")
+    m["gguf_header_cut"] = root / "header-cut.gguf"
+    m["gguf_header_cut"].write_bytes(whole[:40])
+    m["gguf_data_cut"] = root / "data-cut.gguf"
+    m["gguf_data_cut"].write_bytes(whole[:-64])
+    m["gguf_garbage"] = root / "garbage.gguf"
+    m["gguf_garbage"].write_bytes(b"not a gguf file at all, just text\n" * 4)
+    # issue #24 class 4: configs that lie about the weights next to them (stories260k: 5 layers, hidden 64,
+    # 8 heads / 4 KV heads)
+    for name, change in (("cfg_fewer_layers", {"num_hidden_layers": 3}), ("cfg_huge_layers", {"num_hidden_layers": 10**9}),
+                         ("cfg_zero_layers", {"num_hidden_layers": 0}), ("cfg_negative_heads", {"num_attention_heads": -8}),
+                         ("cfg_hidden_mismatch", {"hidden_size": 32}), ("cfg_bad_heads", {"num_attention_heads": 7}),
+                         ("cfg_layers_text", {"num_hidden_layers": "5"})):
+        m[name] = _lying_config(stories_dir, root / name, change)
+    m["cfg_nan"] = _copy_model(stories_dir, root / "cfg_nan")
+    text = (m["cfg_nan"] / "config.json").read_text()
+    (m["cfg_nan"] / "config.json").write_text(text.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": NaN'))
     m["unreadable"] = _copy_model(stories_dir, root / "unreadable")
     os.chmod(m["unreadable"], 0)
     yield m
@@ -168,7 +217,44 @@ BAD_INPUT = [
     ("set-unknown-key", ["run", *_M, "--set", "unknown_key=1"], "unknown key 'unknown_key'"),
     ("set-wrong-type", ["run", *_T, "--set", "shots=abc"], "shots"),
     ("set-not-key-value", ["run", *_T, "--set", "noequals"], "is not key=value"),
-    ("out-exists", ["run", *_M, "--out", "{work}/exists"], "already exists; pass --overwrite"),
+    ("out-exists", ["run", *_M, "--out", "{work}/exists"], "already exists and was not written by compress"),
+    # issue #24: --out never overlaps an input, and --overwrite never replaces a folder compress did not write
+    ("out-exists-not-compress-overwrite", ["run", *_M, "--out", "{work}/exists", "--overwrite"],
+     "was not written by compress (no compress_run.json), so it is never replaced"),
+    ("out-exists-written-by-compress", ["run", *_M, "--out", "{compress}"], "already exists; pass --overwrite"),
+    ("out-is-the-model", ["run", *_M, "--model", "{nan}", "--out", "{nan}", "--overwrite"],
+     "is the model folder itself"),
+    ("out-inside-the-model", ["run", *_M, "--model", "{nan}", "--out", "{nan}/pruned"], "is inside the model folder"),
+    ("out-contains-calib", ["run", *_T, *_S, "--calib", "{work}/short.txt", "--out", "{work}", "--overwrite"],
+     "contains --calib"),
+    ("out-contains-teacher", ["run", *_M, "--recover-mode", "kd", "--recover-tokens", "64", "--teacher",
+                              "{work}/exists", "--out", "{work}", "--overwrite"], "contains --teacher"),
+    ("out-contains-recipe", ["run", "--recipe", "{work}/recipe.yaml", "--out", "{work}", "--overwrite"],
+     "contains the recipe file"),
+    ("recover-out-is-the-model", ["recover", "{compress}", "--tokens", "64", "--out", "{compress}", "--overwrite"],
+     "is the model folder itself"),
+    ("recover-out-exists-not-compress", ["recover", "{compress}", "--tokens", "64", "--out", "{work}/exists",
+                                         "--overwrite"], "was not written by compress"),
+    ("recover-record-not-an-object", ["recover", "{record_list}", "--tokens", "64", "--out", "{work}/out"],
+     "compress_run.json holds a JSON list, not the object compress writes"),
+    ("recover-record-not-text", ["recover", "{record_binary}", "--tokens", "64", "--out", "{work}/out"],
+     "compress_run.json is not text (not UTF-8)"),
+    ("export-out-inside-the-model", ["export", "{compress}", "--gguf", "f16", "--out", "{compress}/m.gguf"],
+     "is inside the model folder"),
+    ("export-overwrite-not-a-gguf", ["export", "{compress}", "--gguf", "f16", "--out", "{work}/notes.gguf",
+                                     "--overwrite"], "is not a GGUF file, so it is never replaced"),
+    ("gguf-header-truncated", ["inspect", "{gguf_header_cut}"], "is not a readable GGUF file (it ends inside"),
+    ("gguf-data-truncated", ["run", *_M, "--model", "{gguf_data_cut}"], "its tensor data ends at byte"),
+    ("gguf-garbage", ["run", *_M, "--model", "{gguf_garbage}"], "no GGUF magic bytes"),
+    ("report-records-not-utf8", ["report", "{work}/binary.jsonl"], "binary.jsonl:2: not UTF-8 text"),
+    ("report-records-not-json-lines", ["report", "{work}/notjson.jsonl"], "notjson.jsonl:1: not a JSON line"),
+    ("report-record-not-an-object", ["report", "{work}/list.jsonl"], "list.jsonl:2: this line holds a JSON list"),
+    ("report-record-missing-keys", ["report", "{work}/partial.jsonl"], "partial.jsonl:1: the record lacks 'method'"),
+    ("report-record-wrong-types", ["report", "{work}/types.jsonl"], "types.jsonl:1: 'ppl' is a list, not an object"),
+    ("report-out-is-a-records-file", ["report", "{work}/good.jsonl", "--out", "{work}/good.jsonl"],
+     "is a file, not a folder"),
+    ("resume-checkpoint-garbage", ["run", *_T, "--set", "shots=3", "--out", "{work}/garbled", "--resume"],
+     "is unreadable or malformed"),
     ("out-not-writable", ["run", *_M, "--out", "/proc/1/compress-out"], "cannot write to /proc/1"),
     ("out-under-a-file", ["run", *_M, "--out", "{work}/short.txt/out"], "is a file, not a folder"),
     ("dtype-unknown", ["run", *_M, "--dtype", "float8"], "unknown dtype 'float8'"),
@@ -179,6 +265,56 @@ BAD_INPUT = [
      "had other settings"),
     ("resume-without-out", ["run", *_T, "--no-save", "--resume"], "give the same --out"),
     ("unknown-option", ["run", *_M, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # issue #24 class 4: configs that lie (checked against bounds and the weight headers before anything is built)
+    ("config-fewer-layers-than-weights", ["run", *_M, "--model", "{cfg_fewer_layers}"],
+     "says num_hidden_layers=3 but its weights hold 5 layers"),
+    ("config-huge-layer-count", ["run", *_M, "--dry-run", "--model", "{cfg_huge_layers}"],
+     "num_hidden_layers (decoder layers) is 1,000,000,000, above the limit of 1,024"),
+    ("config-huge-layer-count-inspect", ["inspect", "{cfg_huge_layers}"], "above the limit of 1,024"),
+    ("config-zero-layers", ["inspect", "{cfg_zero_layers}"], "num_hidden_layers (decoder layers) is 0, it must be"),
+    ("config-negative-heads", ["run", *_M, "--model", "{cfg_negative_heads}"], "num_attention_heads (query heads) is -8"),
+    ("config-layers-not-int", ["run", *_M, "--dry-run", "--model", "{cfg_layers_text}"],
+     "num_hidden_layers (decoder layers) must be a positive integer, got '5'"),
+    ("config-shape-mismatch", ["run", *_M, "--model", "{cfg_hidden_mismatch}"],
+     "model.embed_tokens.weight is 512×64 in the weights but 512×32 by the config (hidden_size=32)"),
+    ("config-bad-head-count", ["run", *_M, "--model", "{cfg_bad_heads}"],
+     "num_attention_heads=7 is not a multiple of num_key_value_heads=4"),
+    ("config-non-finite", ["inspect", "{cfg_nan}"], "holds NaN, which is not JSON"),
+    ("eval-config-fewer-layers", ["eval", "{cfg_fewer_layers}", "--max-windows", "1"], "but its weights hold 5 layers"),
+    # class 5: unbounded inputs (special files, expansion, nesting, sizes)
+    ("calib-dev-zero", ["run", *_T, *_S, "--calib", "/dev/zero"], "/dev/zero is a character device, not a regular file"),
+    ("calib-fifo", ["run", *_T, *_S, "--calib", "{work}/fifo.txt"], "is a FIFO (named pipe), not a regular file"),
+    ("recipe-fifo", ["run", *_T, "--recipe", "{work}/fifo.txt"], "is a FIFO (named pipe), not a regular file"),
+    ("recipe-yaml-alias-bomb", ["run", "--target", "60%", "--recipe", "{work}/bomb.yaml"],
+     "anchors and aliases are refused"),
+    ("recipe-nested-deep-yaml", ["run", "--target", "60%", "--recipe", "{work}/deep.yaml"],
+     "is nested more than 32 levels deep"),
+    ("recipe-nested-deep-json", ["run", "--target", "60%", "--recipe", "{work}/deep.json"],
+     "is nested more than 32 levels deep"),
+    ("set-calib-samples-huge", ["run", *_T, "--set", "calib_samples=1e12"],
+     "calib_samples: Value error, 1,000,000,000,000 is above the limit of 1,048,576"),
+    ("set-calib-budget-huge", ["run", *_T, "--set", "calib_samples=1000000", "--set", "calib_seq_len=4096"],
+     "calib_samples × calib_seq_len = 4,096,000,000 tokens is above"),
+    ("recover-tokens-huge", ["recover", "{compress}", "--tokens", "1000000000000", "--out", "{work}/out"],
+     "tokens: Input should be less than or equal to 1073741824"),
+    ("run-recover-tokens-huge", ["run", *_M, "--recover-tokens", "1000000000000"],
+     "tokens: Input should be less than or equal to 1073741824"),
+    # class 7: values that slipped through
+    ("set-bool-for-int", ["run", *_T, "--set", "shots=true"], "shots: Value error, must be a number, not the boolean"),
+    ("set-float-infinity", ["run", *_T, "--set", "alpha=Infinity"], "alpha: Input should be a finite number"),
+    ("set-float-nan", ["run", *_T, "--set", "alpha=NaN"], "alpha: Input should be a finite number"),
+    ("seed-too-large", ["run", *_M, "--seed", str(2**70)], "is outside 0..4294967295"),
+    ("recipe-seed-too-large", ["run", "--recipe", "{work}/bigseed.yaml"], "seed must be in 0..4294967295"),
+    ("recipe-duplicate-key", ["run", "--target", "60%", "--recipe", "{work}/dup.yaml"], "has the key 'shots' twice"),
+    ("recipe-json-nan", ["run", "--target", "60%", "--recipe", "{work}/nan.json"], "holds NaN, which is not JSON"),
+    ("eval-limit-zero", ["eval", "{compress}", "--tasks", "piqa", "--limit", "0"], "argument --limit: limit 0 must be"),
+    ("eval-limit-negative", ["eval", "{compress}", "--tasks", "piqa", "--limit", "-1"], "limit -1 must be positive"),
+    ("recover-seq-len-1", ["recover", "{compress}", "--tokens", "64", "--seq-len", "1", "--out", "{work}/out"],
+     "seq_len: Input should be greater than or equal to 2"),
+    ("recover-set-seq-len-1", ["recover", "{compress}", "--tokens", "64", "--set", "seq_len=1", "--out", "{work}/out"],
+     "seq_len: Input should be greater than or equal to 2"),
+    ("recover-lr-infinite", ["recover", "{compress}", "--tokens", "64", "--lr", "inf", "--out", "{work}/out"],
+     "lr: Input should be a finite number"),
 ]
 
 
@@ -195,6 +331,27 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, stories_dir
     (work / "settings.json").write_text("{shots: 2,,}")
     (work / "empty.txt").write_text("")
     (work / "short.txt").write_text("Once upon a time.")
+    os.mkfifo(work / "fifo.txt")  # a calibration "file" that would block open() forever
+    lol = '["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]'
+    (work / "bomb.yaml").write_text("method: transact\na: &a " + lol + "\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)))
+    (work / "deep.yaml").write_text("method: transact\nshots: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (work / "deep.json").write_text('{"method": "transact", "shots": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (work / "dup.yaml").write_text("method: transact\nshots: 2\nshots: 3\n")
+    (work / "nan.json").write_text('{"method": "transact", "alpha": NaN}')
+    (work / "bigseed.yaml").write_text(f"method: magnitude\ntarget: 60%\nseed: {2**70}\n")
+    (work / "recipe.yaml").write_text("method: magnitude\ntarget: 60%\n")
+    (work / "notes.gguf").write_text("my notes, not a GGUF file")
+    good = '{"cell_id": "a", "status": "ok", "method": "m", "model": {"id": "x"}}\n'
+    (work / "good.jsonl").write_text(good)
+    (work / "binary.jsonl").write_bytes(good.encode() + b"\x89PNG\r\n\x1a\n\x00\xff\xfe\n")
+    (work / "notjson.jsonl").write_text("hello\nworld\n")
+    (work / "list.jsonl").write_text(good + "[1, 2]\n")
+    (work / "partial.jsonl").write_text('{"cell_id": "a", "status": "ok"}\n')
+    (work / "types.jsonl").write_text(good.replace("}}", '}, "ppl": [1, 2]}'))
+    garbled = state_dir_for(work / "garbled")  # a checkpoint file that is not a safetensors file
+    garbled.mkdir()
+    (garbled / CHECKPOINT_FILE).write_bytes(b"\x00" * 64)
     # what an interrupted run leaves behind: a checkpoint in the hidden state folder next to its --out
     save_checkpoint(state_dir_for(work / "interrupted"), "key-of-another-run", tiny_model("llama-mha"),
                     {"shot": 1, "shots": 3})
@@ -215,6 +372,12 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, stories_dir
 
 def test_bad_input_table_size():
     assert len(BAD_INPUT) >= 22
+    ids = {_case_id(c) for c in BAD_INPUT}
+    # issue #24 classes 4 (configs that lie), 5 (unbounded inputs), 7 (values that slipped through)
+    assert {"config-fewer-layers-than-weights", "config-huge-layer-count", "config-zero-layers", "config-shape-mismatch",
+            "config-bad-head-count", "calib-dev-zero", "calib-fifo", "recipe-yaml-alias-bomb", "recipe-nested-deep-yaml",
+            "set-calib-samples-huge", "recover-tokens-huge", "set-bool-for-int", "set-float-infinity", "seed-too-large",
+            "recipe-duplicate-key", "eval-limit-zero", "recover-seq-len-1"} <= ids
 
 
 def test_missing_tensors_refused_not_random(tmp_path, stories_dir):
@@ -222,6 +385,268 @@ def test_missing_tensors_refused_not_random(tmp_path, stories_dir):
     _edit_weights(folder, lambda sd: sd.pop("model.layers.2.mlp.up_proj.weight"))
     with pytest.raises(UsageError, match=r"lack 1 tensor\(s\).*model\.layers\.2\.mlp\.up_proj\.weight"):
         load_model(str(folder))
+
+
+# ============================================================================== outputs apart from inputs
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ``root``: a file's bytes, a symlink's target, ``dir`` for a folder."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = f"-> {os.readlink(path)}" if path.is_symlink() else "dir" if path.is_dir() else path.read_bytes()
+    return out
+
+
+_SUITE = """name: guard
+models:
+  - id: m
+    path: {model}
+methods: [magnitude]
+targets: ["60%"]
+eval: {{ppl: {{}}, tasks: []}}
+"""
+
+
+@pytest.fixture
+def own_model(tmp_path, stories_dir) -> Path:
+    """A copy of the tiny model at ``tmp/parent/model`` with unrelated files of the user's beside it, a
+    symlink ``tmp/link`` to it, calibration text, a bench suite of it and committed records of that suite."""
+    parent = tmp_path / "parent"
+    model = _copy_model(stories_dir, parent / "model")
+    (parent / "notes.txt").write_text("the user's, nothing to do with compress")
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "calib.txt").write_text("Once upon a time there was a little dog. " * 40)
+    (tmp_path / "link").symlink_to(model)
+    (tmp_path / "weights.gguf").symlink_to(model / "model.safetensors")
+    (tmp_path / "suite.yaml").write_text(_SUITE.format(model=model))
+    from compress.bench import load_suite
+
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    with open(committed / "records.jsonl", "w") as f:
+        for cell in load_suite(tmp_path / "suite.yaml").cells():
+            f.write(json.dumps({"cell_id": cell.id, "status": "ok", "method": cell.method, "model": cell.model}) + "\n")
+    return model
+
+
+_KD = ["--recover-mode", "kd", "--recover-tokens", "64"]
+
+#: (id, argv with {m} the model folder and {t} the test's folder, message): each with --overwrite.
+OVERLAP = [
+    ("run-out-is-the-model", ["run", *_M, "--model", "{m}", "--out", "{m}"], "is the model folder itself"),
+    ("run-out-is-its-parent", ["run", *_M, "--model", "{m}", "--out", "{t}/parent"], "contains the model folder"),
+    ("run-out-is-an-ancestor", ["run", *_M, "--model", "{m}", "--out", "{t}"], "contains the model folder"),
+    ("run-out-inside-the-model", ["run", *_M, "--model", "{m}", "--out", "{m}/pruned"], "is inside the model folder"),
+    ("run-out-symlink-to-the-model", ["run", *_M, "--model", "{m}", "--out", "{t}/link"],
+     "link (= {m}) is the model folder itself"),
+    ("run-model-through-symlink", ["run", *_M, "--model", "{t}/link", "--out", "{t}/parent"],
+     "contains the model folder"),
+    ("run-out-is-the-teachers-parent", ["run", *_M, *_KD, "--teacher", "{m}", "--out", "{t}/parent"],
+     "contains --teacher"),
+    ("run-out-is-the-calib-files-folder", ["run", *_T, *_S, "--model", "{m}", "--calib", "{t}/texts/calib.txt",
+                                           "--out", "{t}/texts"], "contains --calib"),
+    ("recover-out-is-the-model", ["recover", "{m}", "--tokens", "64", "--out", "{m}"], "is the model folder itself"),
+    ("recover-out-is-its-parent", ["recover", "{m}", "--tokens", "64", "--out", "{t}/parent"],
+     "contains the model folder"),
+    ("recover-out-symlink-to-the-model", ["recover", "{m}", "--tokens", "64", "--out", "{t}/link"],
+     "is the model folder itself"),
+    ("recover-out-is-the-calib-files-folder", ["recover", "{m}", "--tokens", "64", "--calib",
+                                               "{t}/texts/calib.txt", "--out", "{t}/texts"], "contains --calib"),
+    ("export-out-inside-the-model", ["export", "{m}", "--gguf", "f16", "--out", "{m}/model.gguf"],
+     "is inside the model folder"),
+    ("export-out-symlink-to-the-weights", ["export", "{m}", "--gguf", "f16", "--out", "{t}/weights.gguf"],
+     "is inside the model folder"),
+    ("bench-out-is-the-models-parent", ["bench", "{t}/suite.yaml", "--out", "{t}/parent"],
+     "contains a model of the suite"),
+    ("bench-out-holds-the-verify-records", ["bench", "{t}/suite.yaml", "--verify", "{t}/committed", "--out",
+                                            "{t}/committed"], "contains the --verify records"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "message"), OVERLAP, ids=[c[0] for c in OVERLAP])
+def test_overwrite_never_touches_an_input(tmp_path, capsys, own_model, case, argv, message):
+    """Issue #24: ``--out`` equal to an input, a folder holding one (its parent, an ancestor), a folder
+    inside one, or a symlink to one is refused with ``--overwrite`` too, before any work: every file
+    stays byte-identical, nothing is added."""
+    before = _tree(tmp_path)
+    full = [a.format(m=own_model, t=tmp_path) for a in argv] + ["--overwrite"]
+    rc, stdout, err = _cli(capsys, full)
+    assert rc == 2, (stdout, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert message.format(m=own_model) in lines[0], lines[0]
+    assert "choose a" in lines[0]  # the fix: another --out
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_compress_wrote(tmp_path, capsys, stories_dir):
+    """--overwrite replaces a folder that compress wrote (its run record is there), whole; a folder
+    without one is refused, its files untouched, with or without --overwrite."""
+    out = tmp_path / "out"
+    run = ["run", *_M, "--model", str(stories_dir), "--no-eval", "--no-progress", "--out"]
+    argv = [*run, str(out)]
+    rc, _, err = _cli(capsys, argv)
+    assert rc == 0, err
+    (out / "stale.txt").write_text("from before")
+    rc, _, err = _cli(capsys, argv)
+    assert rc == 2 and "already exists; pass --overwrite" in err
+    rc, _, err = _cli(capsys, [*argv, "--overwrite"])
+    assert rc == 0, err
+    assert (out / "compress_run.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left beside it
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "sub").mkdir()
+    (mine / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    before = _tree(tmp_path)
+    for cmd in ([*run, str(mine), "--overwrite"],
+                ["recover", str(out), "--tokens", "64", "--out", str(mine), "--overwrite"]):
+        rc, _, err = _cli(capsys, cmd)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert "was not written by compress" in err and "remove it yourself" in err, err
+        assert _tree(tmp_path) == before
+    empty = tmp_path / "empty"  # an empty folder holds nothing to lose
+    empty.mkdir()
+    rc, _, err = _cli(capsys, [*run, str(empty), "--overwrite"])
+    assert rc == 0 and (empty / "compress_run.json").is_file(), err
+
+
+def test_gguf_overwrite_replaces_a_gguf_only(tmp_path, capsys, stories_dir):
+    """export --gguf --overwrite replaces a GGUF file, never another file that happens to have the name."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"GGUF" + b"\x00" * 60)  # a GGUF file (compress only checks the magic bytes)
+    rc, _, err = _cli(capsys, ["export", str(stories_dir), "--gguf", "f16", "--out", str(out)])
+    assert rc == 2 and "already exists; pass --overwrite" in err
+    rc, _, err = _cli(capsys, ["export", str(stories_dir), "--gguf", "f16", "--out", str(out), "--overwrite"])
+    assert rc == 0, err
+    from compress.io.loading import check_gguf_file
+
+    check_gguf_file(out)  # what was written reads back as a whole GGUF file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_recover_with_a_damaged_record_fails_before_any_work(tmp_path, capsys, bad, monkeypatch):
+    """A compress_run.json that is not a JSON object is refused before a weight is loaded, not by a crash
+    once the training is done (the new record is built from it)."""
+    import compress.io.loading
+    import compress.pipeline.recover
+
+    def never(*a, **k):
+        raise AssertionError("work started before the record was checked")
+
+    monkeypatch.setattr(compress.io.loading, "load_model", never)
+    monkeypatch.setattr(compress.pipeline.recover, "recover", never)
+    for folder, message in ((bad["record_list"], "holds a JSON list"), (bad["record_binary"], "is not text")):
+        rc, _, err = _cli(capsys, ["recover", str(folder), "--tokens", "100000000", "--out", str(tmp_path / "out")])
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{folder / 'compress_run.json'} {message}" in err and "delete it" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_gguf_is_one_usage_line_everywhere(bad, capsys):
+    """A GGUF file cut short in its header used to surface as ``error: error: unpack_from requires...``
+    (struct.error, exit 1) from transformers' reader; every command now says what the file is."""
+    for cmd in (["inspect"], ["eval"], ["run", *_M, "--dry-run", "--model"]):
+        for name in ("gguf_header_cut", "gguf_data_cut", "gguf_garbage"):
+            rc, _, err = _cli(capsys, [*cmd, str(bad[name])])
+            assert rc == 2 and err.count("\n") == 1, (cmd, name, err)
+            assert "is not a readable GGUF file" in err and "re-download" in err, err
+            assert "error: error:" not in err and "unpack_from" not in err
+
+
+def test_cli_never_doubles_the_error_prefix(capsys, monkeypatch):
+    """An unexpected ``struct.error`` reads ``error: struct.error: ...``, never ``error: error: ...``."""
+    import struct
+
+    import compress.cli
+
+    monkeypatch.setattr(compress.cli, "cmd_inspect", lambda args: struct.unpack_from("<Q", b""))
+    rc, _, err = _cli(capsys, ["inspect", "x"])
+    assert rc == 1 and err.startswith("error: struct.error: unpack_from") and "error: error:" not in err, err
+
+
+def test_malformed_checkpoint_on_resume_is_not_blamed_on_the_plugin(tmp_path, capsys, stories_dir, monkeypatch,
+                                                                      count_scoring):
+    """A checkpoint whose method state was damaged (here: a key of TransAct's state removed; then a state
+    that is not an object) is refused as the checkpoint's fault with the --overwrite hint, not reported
+    as a bug of the plugin; --overwrite then starts over."""
+    from compress_transact.transact import TransActPruner
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    real = TransActPruner.collect
+
+    def interrupt_second(self, *a, **k):
+        if count_scoring:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TransActPruner, "collect", interrupt_second)
+    count_scoring.clear()
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, out))
+    assert rc == 130, err
+    monkeypatch.setattr(TransActPruner, "collect", real)
+    path = state_dir_for(out) / CHECKPOINT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+
+    def rewrite(state) -> None:
+        save_file(tensors, path, metadata={**meta, "compress_state": json.dumps(state)})
+
+    good = json.loads(meta["compress_state"])
+    for state, message in (({k: v for k, v in good.items() if k != "history"}, "resuming from the checkpoint"),
+                           ([1, 2], "is unreadable or malformed")):
+        rewrite(state)
+        rc, _, err = _cli(capsys, _transact_argv(stories_dir, out, "--resume"))
+        assert rc == 2 and err.count("\n") == 1, err
+        assert message in err and str(path) in err and "pass --overwrite to start over" in err, err
+        assert "plugin" not in err, err
+        assert not out.exists()
+    rc, _, err = _cli(capsys, _transact_argv(stories_dir, out, "--overwrite"))
+    assert rc == 0, err
+    assert out.is_dir() and not state_dir_for(out).exists()
+
+
+def test_bench_never_replaces_a_records_file_it_did_not_write(tmp_path, capsys, own_model):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "records.jsonl").write_text("my own notes, in a file named records.jsonl\n")
+    before = _tree(tmp_path)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        rc, _, err = _cli(capsys, ["bench", str(tmp_path / "suite.yaml"), "--out", str(out), *extra])
+        assert rc == 2 and "holds no benchmark records" in err and "remove it yourself" in err, err
+        assert _tree(tmp_path) == before
+
+
+def test_report_reads_damaged_records_strictly_and_bench_resumes_past_a_torn_line(tmp_path, capsys):
+    """``compress report`` names the file and line of a damaged record; a last line cut short mid-write
+    (no newline) is skipped, as the bench runner itself does when it resumes."""
+    from compress.bench import read_records
+
+    src = ROOT / "tests" / "fixtures" / "bench" / "records.jsonl"
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(src.read_bytes() + b'{"cell_id": "x", "sta')
+    assert read_records(torn, strict=True) == read_records(src, strict=True) == read_records(torn)
+    rc, _, err = _cli(capsys, ["report", str(torn), "--out", str(tmp_path / "rep")])
+    assert rc == 0, err
+    middle = tmp_path / "middle.jsonl"
+    lines = src.read_text().splitlines(keepends=True)
+    middle.write_text("".join([*lines[:2], '{"cell_id": "x", "sta\n', *lines[2:]]))
+    rc, _, err = _cli(capsys, ["report", str(middle), "--out", str(tmp_path / "rep2")])
+    assert rc == 2 and f"{middle}:3: not a JSON line" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "rep2").exists()
+    assert len(read_records(middle)) == len(lines)  # the bench runner: skips it and goes on
+    from compress.bench.record import append_record
+
+    new = {**read_records(src)[0], "cell_id": "after-the-crash"}
+    append_record(torn, new)  # a resumed bench closes the torn line instead of joining its record to it
+    assert read_records(torn)[-1] == new and len(read_records(torn)) == len(lines) + 1
+    rc, _, err = _cli(capsys, ["report", str(torn), "--out", str(tmp_path / "rep3")])
+    assert rc == 2 and f"{torn}:{len(lines) + 1}: not a JSON line" in err, err
 
 
 # ============================================================================== safe loading

@@ -106,7 +106,7 @@ class DepthConfig(PrunerConfig):
     calib_seq_len: int = Field(2048, ge=2, description="tokens per sequence (official: 256-token windows)")
     calib_batch_size: int = Field(4, ge=1, description="sequences per layer forward (memory only)")
     n_prune_layers: int | None = Field(
-        None, ge=0,
+        None, ge=0, le=1024,
         description="official n_prune_layers: remove exactly this many layers; None = solved from the target",
     )
 
@@ -161,11 +161,7 @@ def layer_costs(arch: ArchAdapter, seq_len: int = FLOPS_SEQ_LEN) -> list[dict[st
     """What removing each decoder layer saves: its parameters, FLOPs/token and KV bytes/token
     (the same conventions as :func:`compress.footprint`)."""
     fp = footprint(arch.model, seq_len=seq_len, arch=arch)
-    k_name, v_name = arch.attn_names[1], arch.attn_names[2]
-    widths = []
-    for i in range(arch.num_layers):
-        lin = arch.attn_linears(i)
-        widths.append(int(lin[k_name].out_features) + int(lin[v_name].out_features))
+    widths = [arch.kv_width(i) for i in range(arch.num_layers)]  # k + v rows (inside a fused qkv_proj too)
     itemsize = fp.kv_bytes_per_token // max(1, sum(widths))
     out = []
     for i in range(arch.num_layers):
@@ -283,6 +279,7 @@ class DepthPruner(Pruner):
         summary="remove whole decoder layers with the lowest Block Influence 1 − E[cos(x_in, x_out)] "
         "(ShortGPT); widths kept, stock export with fewer layers",
         reference="Men et al., 2024, arXiv 2403.03853 (ShortGPT); github.com/icip-cas/ShortGPT",
+        streams_weights=True,  # scoring hands each layer back; the kept ones are read again at the end
     )
     config: DepthConfig
 
@@ -334,6 +331,7 @@ class DepthPruner(Pruner):
                             yield y
 
                 step.set_outputs(outputs())  # the scored outputs are the next layer's inputs
+                step.release()  # streamed weights: back to the files (the kept layers are read again)
                 score = 1.0 - acc["sum"] / max(1, acc["tokens"])
                 if not math.isfinite(score):
                     raise NumericalError(f"layer {step.index}: non-finite hidden states while scoring Block "

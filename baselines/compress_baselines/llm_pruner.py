@@ -168,6 +168,9 @@ def official_kept_units(units: int, channels_per_unit: int, ratio: float) -> int
     return max(1, units - n_pruned // channels_per_unit)
 
 
+_LAYERS = 1024  # bound of layer indices and rounds: the most layers a config may have (compress)
+
+
 class LLMPrunerConfig(PrunerConfig):
     """LLM-Pruner settings; the defaults are the official block-wise ones."""
 
@@ -182,12 +185,12 @@ class LLMPrunerConfig(PrunerConfig):
     pruning_ratio: float | None = Field(
         None, gt=0, lt=1, description="official ratio over the pruned layers; wins over the target (then an upper bound)")
     global_pruning: bool = Field(False, description="rank raw group scores across all pruned layers (official)")
-    block_attention_layer_start: int | None = Field(None, ge=0, description="None: scaled official 4 (of 32)")
-    block_attention_layer_end: int | None = Field(None, ge=0, description="exclusive; None: scaled official 30 (of 32)")
-    block_mlp_layer_start: int | None = Field(None, ge=0, description="None: scaled official 4 (of 32)")
-    block_mlp_layer_end: int | None = Field(None, ge=0, description="exclusive; None: scaled official 30 (of 32)")
+    block_attention_layer_start: int | None = Field(None, ge=0, le=_LAYERS, description="None: scaled official 4 (of 32)")
+    block_attention_layer_end: int | None = Field(None, ge=0, le=_LAYERS, description="exclusive; None: scaled official 30 (of 32)")
+    block_mlp_layer_start: int | None = Field(None, ge=0, le=_LAYERS, description="None: scaled official 4 (of 32)")
+    block_mlp_layer_end: int | None = Field(None, ge=0, le=_LAYERS, description="exclusive; None: scaled official 30 (of 32)")
     iterative_steps: int = Field(
-        1, ge=1, description="official --iterative_steps: prune in this many rounds (linear ratio schedule), "
+        1, ge=1, le=_LAYERS, description="official --iterative_steps: prune in this many rounds (linear ratio schedule), "
                              "fresh Taylor gradients on the partially pruned model each round")
 
     @field_validator("importance", mode="before")
@@ -311,6 +314,8 @@ class LLMPruner(Pruner):
         summary="Taylor (element¹/element²/vector) importance of coupled head/KV-group and MLP-channel "
                 "groups, layer range 4..30/32 scaled, local or global; LoRA recovery",
         reference="Ma, Fang, Wang. LLM-Pruner, NeurIPS 2023 (horseee/LLM-Pruner hf_prune.py / llama3.py)",
+        conditional=("per_layer_shapes",),  # else every layer in both ranges, local pruning (check says so)
+        alternative="transact",
     )
     config: LLMPrunerConfig
 
@@ -339,6 +344,14 @@ class LLMPruner(Pruner):
         attn, mlp = self.layer_ranges(arch.num_layers)
         if target.metric == "kv" and not attn:
             raise Unsupported("a kv: target needs attention pruning; set a non-empty block_attention_layer range")
+        everything = list(range(arch.num_layers))
+        if "per_layer_shapes" not in arch.features and (attn != everything or mlp != everything
+                                                        or self.config.global_pruning):
+            n, mt = arch.num_layers, arch.config.model_type
+            raise Unsupported(
+                f"llm_pruner on {mt} must prune every layer to the same widths ({mt} layers cannot differ): set "
+                f"block_attention_layer_start=0 block_attention_layer_end={n} block_mlp_layer_start=0 "
+                f"block_mlp_layer_end={n} global_pruning=false, or use transact")
         layers = sorted(set(attn) | set(mlp))
         g0 = arch.geometry(layers[0])
         for i in layers:

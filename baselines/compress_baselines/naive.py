@@ -13,7 +13,7 @@ a floor run with TransAct's settings lands on TransAct's widths.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -40,7 +40,8 @@ class NaiveConfig(PrunerConfig):
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio")
     attn_round: Literal["down", "nearest", "up"] = Field(
         "down", description="round the balanced attention width down / to nearest / up (default as transact)")
-    mlp_round_to: int = Field(1, ge=1, description="MLP width multiple")
+    mlp_round_to: Annotated[int, Field(ge=1, le=1 << 20)] | Literal["auto"] = Field(
+        "auto", description="MLP width multiple; auto: 32 when the dense width is a multiple of 32 (>= 512), else 1")
 
 
 class _NaiveWidth(Pruner):

@@ -133,7 +133,7 @@ class SliceGPTConfig(PrunerConfig):
         None, ge=0.0, lt=1.0,
         description="official --sparsity: fraction of the hidden width removed (overrides the target's sizing)",
     )
-    round_to: int = Field(8, ge=1, description="d' is a multiple of this (official --round-interval)")
+    round_to: int = Field(8, ge=1, le=1 << 16, description="d' is a multiple of this (official --round-interval)")
     slice_head: bool = Field(False, description="also slice the last layer's output and the lm_head input "
                                                 "(official do_slice_head)")
     final_orientation: Literal["random", "pca"] = Field(
@@ -411,19 +411,29 @@ def untie(model: nn.Module, arch: ArchAdapter) -> None:
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, arch: ArchAdapter, center_embeddings: bool = False) -> None:
-    """Official ``fuse_modules`` for RMSNorm models: the same function with weightless norms."""
+def fuse_norms(model: nn.Module, arch: ArchAdapter, center_embeddings: bool = False, layers: bool = True) -> None:
+    """Official ``fuse_modules`` for RMSNorm models: the same function with weightless norms.
+
+    ``layers=False`` leaves the decoder layers' norms to :func:`fuse_layer_norms` (streamed weights:
+    each layer is folded when the engine has read it; the fold touches that layer only)."""
     untie(model, arch)
     if center_embeddings:
         e = arch.embed_tokens.weight
         e.data = (e.double() - e.double().mean(dim=-1, keepdim=True)).to(e.dtype)
+    if layers:
+        for i in range(arch.num_layers):
+            fuse_layer_norms(arch, i)
+    _fold(arch.final_norm, [arch.lm_head])
+
+
+@torch.no_grad()
+def fuse_layer_norms(arch: ArchAdapter, i: int) -> None:
+    """Fold layer ``i``'s input and post-attention norm scales into the linears that read them."""
     q, k, v, _ = arch.attn_names
     gate, up, _ = arch.mlp_names
-    for i in range(arch.num_layers):
-        a, m = arch.attn_linears(i), arch.mlp_linears(i)
-        _fold(arch.input_norm(i), [a[q], a[k], a[v]])
-        _fold(arch.post_attn_norm(i), [m[gate], m[up]])
-    _fold(arch.final_norm, [arch.lm_head])
+    a, m = arch.attn_linears(i), arch.mlp_linears(i)
+    _fold(arch.input_norm(i), [a[q], a[k], a[v]])
+    _fold(arch.post_attn_norm(i), [m[gate], m[up]])
 
 
 # ====================================================================== PCA and rotations
@@ -533,6 +543,8 @@ def rotate_and_slice(
     with ctx.layers(model, batches, batch_size=batch_size, description="slicegpt") as runner:
         for step in runner:
             i, layer, dev = step.index, step.layer, step.device
+            if ctx.streaming:  # streamed weights: the layer was just read, its norms are not folded yet
+                fuse_layer_norms(arch, i)
             if i == 0:  # PCA of the embeddings: rotate and slice the embedding and the cached inputs
                 evals, evecs = pca((x for x, _ in step.batches()), dev)
                 u_in = basis(evecs, dims.embedding)
@@ -659,6 +671,9 @@ class SliceGPTPruner(Pruner):
         summary="fuse norms, PCA-rotate the residual stream layer by layer and slice the hidden width "
                 "(shortcut rotations between blocks)",
         reference="Ashkboos et al., ICLR 2024, arXiv 2401.15024; github.com/microsoft/TransformerCompression",
+        requires=("separate_projections", "per_layer_shapes", "foldable_norms"),
+        alternative="transact",
+        streams_weights=True,
     )
     config: SliceGPTConfig
 
@@ -725,7 +740,7 @@ class SliceGPTPruner(Pruner):
         batches = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)
         gen = torch.Generator().manual_seed(int(ctx.seed))
         try:
-            fuse_norms(model, arch, center_embeddings=cfg.center_embeddings)
+            fuse_norms(model, arch, center_embeddings=cfg.center_embeddings, layers=not ctx.streaming)
             record = rotate_and_slice(model, arch, batches, dims, batch_size=cfg.calib_batch_size,
                                       orientation=cfg.final_orientation, generator=gen,
                                       log=ctx.log if ctx.progress else None, ctx=ctx)

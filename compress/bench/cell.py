@@ -60,7 +60,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
     from compress.model.footprint import footprint
     from compress.pipeline.record import versions
-    from compress.probes import latency, track_peak_rss
+    from compress.probes import compare_latency, track_peak_rss
 
     t_cell = time.perf_counter()
     record = new_record(cell)
@@ -153,10 +153,18 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             stage = "latency"
             _log("latency")
             t0 = time.perf_counter()
-            lat = ev["latency"]
-            record["latency"] = latency(model, tok, prompt_len=lat["prompt_len"], new_tokens=lat["new_tokens"],
-                                        batch_size=lat["batch_size"], repeats=lat["repeats"],
-                                        warmup=lat["warmup"], seed=cell.seed)
+            lat = dict(ev["latency"])
+            timed = {"pruned": model}
+            if cell.method != DENSE:  # the dense model, timed in this process, interleaved with the pruned one
+                from compress.io.loading import load_model
+
+                timed["dense"] = load_model(path, dtype=cell.model.get("dtype")).model
+            got = compare_latency(timed, tok, **lat, seed=cell.seed,
+                                  reference="dense" if "dense" in timed else None)
+            record["latency"] = got["pruned"]
+            if "dense" in got:
+                record["latency_dense"] = got["dense"]
+            del timed
             record["timing_s"]["latency"] = round(time.perf_counter() - t0, 3)
         record["status"] = "ok"
         record["stage"] = None

@@ -27,10 +27,12 @@ __all__ = ["flat_row", "load_runs", "render_markdown", "write_report"]
 # ---------------------------------------------------------------------------------- input
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def load_runs(paths: Iterable[str | Path], *, strict: bool = True) -> list[dict[str, Any]]:
     """Records from ``records.jsonl`` files, folders holding one, or folders whose subfolders hold one
     each (e.g. one per tox environment); the newest record of each cell wins (later inputs after
-    earlier ones). A missing input is a one-line UsageError."""
+    earlier ones). A missing input, or a damaged records file (not UTF-8, a line that is not a JSON
+    record: :func:`compress.bench.record.read_records` with ``strict``), is a one-line UsageError.
+    ``strict=False``: damaged lines are skipped (``compress bench`` reporting on the file it just wrote)."""
     records: list[dict[str, Any]] = []
     for raw in paths:
         p = Path(raw)
@@ -38,7 +40,7 @@ def load_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         if not files or not all(f.is_file() for f in files):
             raise UsageError(f"no records at {raw}: pass a records.jsonl file or a folder holding one")
         for f in files:
-            got = read_records(f)
+            got = read_records(f, strict=strict)
             if not got:
                 raise UsageError(f"{f} holds no benchmark records")
             records.extend(got)
@@ -118,6 +120,10 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
         "accuracy_avg": r.get("accuracy_avg"),
         "prefill_tokens_per_s": _get(r, "latency", "prefill_tokens_per_s"),
         "decode_tokens_per_s": _get(r, "latency", "decode_tokens_per_s"),
+        "prefill_speedup": _get(r, "latency", "speedup", "prefill", "median"),
+        "prefill_speedup_tie": _get(r, "latency", "speedup", "prefill", "tie"),
+        "decode_speedup": _get(r, "latency", "speedup", "decode", "median"),
+        "decode_speedup_tie": _get(r, "latency", "speedup", "decode", "tie"),
         "prune_wall_s": r.get("prune_wall_s"),
         "peak_rss_bytes": r.get("peak_rss_bytes"),
         "calibration_hash": r.get("calibration_hash"),
@@ -178,6 +184,19 @@ def _num(spec: str) -> Callable[[Any, dict[str, Any]], str]:
     return lambda v, r: format(v, spec)
 
 
+def _speedup(phase: str) -> Callable[[Any, dict[str, Any]], str]:
+    """``1.97× (1.90–2.03)``: the median per-round speed-up over dense and its IQR; *tie* when the IQR
+    contains 1 (the difference is inside the spread)."""
+
+    def fmt(v: Any, r: dict[str, Any]) -> str:
+        sp = _get(r, "latency", "speedup", phase) or {}
+        lo, hi = sp.get("iqr") or (v, v)
+        text = f"{v:.2f}× ({lo:.2f}–{hi:.2f})"
+        return f"*tie* {text}" if sp.get("tie") else text
+
+    return fmt
+
+
 def _columns(records: list[dict[str, Any]]) -> list[_Col]:
     seeds = {r.get("seed") for r in records}
     cols = [
@@ -204,7 +223,9 @@ def _columns(records: list[dict[str, Any]]) -> list[_Col]:
         cols.append(_Col("avg ↑", lambda r: r.get("accuracy_avg"), _num(".3f"), "max"))
     cols += [
         _Col("prefill tok/s ↑", lambda r: _get(r, "latency", "prefill_tokens_per_s"), _num(".0f"), "max"),
+        _Col("prefill × dense", lambda r: _get(r, "latency", "speedup", "prefill", "median"), _speedup("prefill")),
         _Col("decode tok/s ↑", lambda r: _get(r, "latency", "decode_tokens_per_s"), _num(".1f"), "max"),
+        _Col("decode × dense", lambda r: _get(r, "latency", "speedup", "decode", "median"), _speedup("decode")),
         _Col("prune s", lambda r: r.get("prune_wall_s"), _num(".1f"), "min"),
         _Col("peak RSS MiB", lambda r: r.get("peak_rss_bytes"), lambda v, r: f"{v / 2**20:.0f}", "min"),
     ]
@@ -303,8 +324,15 @@ def _protocol_lines(records: list[dict[str, Any]]) -> list[str]:
                          + "; column = headline metric (acc or acc_norm, named), avg = their mean")
         lat = ev.get("latency")
         if lat:
-            parts.append(f"latency: prompt {lat['prompt_len']} + {lat['new_tokens']} greedy tokens, batch "
-                         f"{lat['batch_size']}, median of {lat['repeats']} (random ids)")
+            if "decode_batch_size" in lat:
+                parts.append(f"latency: prefill of {lat['prompt_len']} tokens at batch {lat['prefill_batch_size']}, "
+                             f"{lat['new_tokens']} greedy decode steps at batch {lat['decode_batch_size']}, random "
+                             f"ids, median of {lat['repeats']} rounds after {lat['warmup']} warm-up, each pruned model "
+                             "interleaved with the dense model in its cell's process; × dense = median of the "
+                             "per-round speed-ups (IQR in brackets), *tie* = the IQR contains 1")
+            else:  # records written before the interleaved protocol
+                parts.append(f"latency: prompt {lat['prompt_len']} + {lat['new_tokens']} greedy tokens, batch "
+                             f"{lat['batch_size']}, median of {lat['repeats']} (random ids; not interleaved)")
         lines.append("- " + ("; ".join(parts) or "no evaluation"))
     vers = {json.dumps({k: (r.get("versions") or {}).get(k) for k in ("torch", "transformers", "lm_eval")},
                        sort_keys=True) for r in records if r.get("versions")}
@@ -438,13 +466,28 @@ def _plot(records: list[dict[str, Any]], x_key: str, x_label: str, path: Path) -
 # ---------------------------------------------------------------------------------- output
 
 
+#: What :func:`write_report` writes into its folder (besides ``_plot_*.png`` temporaries).
+REPORT_FILES = ("report.md", "report.json", "report.csv", "accuracy_vs_flops.png", "accuracy_vs_kv.png",
+                "ppl_vs_flops.png", "ppl_vs_kv.png", "_plot_flops.png", "_plot_kv.png")
+
+
 def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str = "Benchmark report",
-                 reported: list[Any] | None = None) -> dict[str, Path]:
+                 reported: list[Any] | None = None, inputs: Iterable[str | Path] = ()) -> dict[str, Path]:
     """Write ``report.md``, ``report.json``, ``report.csv`` and the two plots into ``out``
-    (``reported``: published tables shown as *paper* rows next to matching cells, markdown only)."""
+    (``reported``: published tables shown as *paper* rows next to matching cells, markdown only).
+
+    ``inputs`` (the records files or folders read): none of them is ever replaced by a report file.
+    Unlike a model folder, ``out`` may lie inside an input folder or hold one (the default
+    ``<run>/report`` is inside the run): a report only writes the files of :data:`REPORT_FILES`
+    there, and never deletes anything."""
+    from compress.io.outpath import check_files_apart, resolved
+
     if not records:
         raise UsageError("no records to report")
-    out = Path(out)
+    out = resolved(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out for the report")
+    check_files_apart([out / name for name in REPORT_FILES], [("an input of the report", p) for p in inputs])
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     plots: dict[str, str] = {}

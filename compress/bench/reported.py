@@ -99,7 +99,8 @@ class ReportedTable(_Strict):
 
 def load_reported(path: str | Path) -> list[ReportedTable]:
     """Every reported table in ``path`` (a YAML file, or a folder of ``*.yaml``, in name order)."""
-    import yaml
+    from compress.io.limits import MAX_RECIPE_BYTES
+    from compress.io.safe_io import parse_yaml, read_text
 
     p = Path(path)
     files = sorted(p.glob("*.yaml")) if p.is_dir() else [p]
@@ -107,12 +108,7 @@ def load_reported(path: str | Path) -> list[ReportedTable]:
         raise UsageError(f"--reported {path}: no reported-numbers YAML there")
     tables = []
     for f in files:
-        try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read reported file {f}: {getattr(e, 'strerror', None) or e}") from None
-        except yaml.YAMLError as e:
-            raise UsageError(f"reported file {f} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = parse_yaml(read_text(f, MAX_RECIPE_BYTES, "reported file"), f"reported file {f}")
         if not isinstance(data, dict):
             raise UsageError(f"reported file {f} must hold a mapping (source, table, model, rows)")
         try:

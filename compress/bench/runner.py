@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,17 +212,31 @@ def run_suite(
     targets: list[str] | None = None,
     log: Callable[[str], None] = print,
     python: str | None = None,
+    inputs: Iterable[tuple[str, str | Path | None]] = (),
 ) -> BenchSummary:
     """Run the cells of ``suite`` (optionally only ``methods``/``models``/``recovery`` budgets/``targets``)
     into ``out``.
 
     Without ``resume`` or ``overwrite`` an ``out`` that already holds records is refused (a one-line
-    UsageError). ``overwrite`` starts the records over. Returns a :class:`BenchSummary`.
+    UsageError). ``overwrite`` starts the records over. ``out`` never overlaps a model of the suite or
+    one of ``inputs`` (e.g. the committed records of ``--verify``), and a ``records.jsonl`` there that
+    holds no benchmark record is never appended to or removed. Returns a :class:`BenchSummary`.
     """
+    from compress.io.outpath import check_apart
+
     out = Path(out)
     cells = suite.cells(methods=methods, models=models, recovery=recovery, targets=targets)
+    models_read = {str(c.model.get("path")) for c in cells if c.model.get("path")}
+    check_apart(out, [*(("a model of the suite", m) for m in sorted(models_read)), *inputs])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out for the results")
     records_path = out / RECORDS
     existing = read_records(records_path)
+    # a file of JSON lines (perhaps with a torn first record) is compress's; anything else never is
+    head = records_path.read_bytes().lstrip()[:1] if records_path.is_file() else b""
+    if not existing and head not in (b"", b"{"):
+        raise UsageError(f"{records_path} holds no benchmark records, so compress did not write it and never "
+                         "replaces it; choose another --out or remove it yourself")
     if existing and not (resume or overwrite):
         raise UsageError(f"{records_path} already holds {len(existing)} record(s); pass --resume to continue "
                          "or --overwrite to start over")

@@ -105,13 +105,15 @@ class RecoverySpec(_Strict):
 
 
 class LatencySpec(_Strict):
-    """Arguments of :func:`compress.probes.latency`."""
+    """Arguments of :func:`compress.probes.compare_latency`: a pruned cell is timed interleaved with the
+    dense model in its own process (so both see the same machine), at least 5 kept rounds."""
 
-    prompt_len: int = Field(128, ge=1)
-    new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(3, ge=1)
-    warmup: int = Field(1, ge=0)
+    prompt_len: int = Field(128, ge=1, le=1 << 16)
+    new_tokens: int = Field(32, ge=1, le=1 << 14)
+    prefill_batch_size: int = Field(8, ge=1, le=1024)
+    decode_batch_size: int = Field(1, ge=1, le=1024)
+    repeats: int = Field(5, ge=5, le=1000, description="kept rounds (median and IQR need at least 5)")
+    warmup: int = Field(1, ge=0, le=100)
 
 
 class EvalSpec(_Strict):
@@ -449,17 +451,12 @@ def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: 
     """Read and validate a suite YAML; ``max_windows``/``max_tokens``/``limit`` override its eval
     protocol (they change the cell ids, so quick and full runs never mix). Every problem is a
     one-line UsageError."""
-    import yaml
+    from compress.io.limits import MAX_RECIPE_BYTES
+    from compress.io.safe_io import parse_yaml, read_text
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read suite file {p}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise UsageError(f"suite file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    # bounded, regular files only, no aliases / duplicate keys / deep nesting (as recipes)
+    data = parse_yaml(read_text(p, MAX_RECIPE_BYTES, "suite file"), f"suite file {p}")
     if not isinstance(data, dict):
         raise UsageError(f"suite file {p} must hold a mapping (name, models, methods, targets, eval, ...)")
     data.setdefault("name", p.stem)

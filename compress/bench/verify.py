@@ -129,7 +129,7 @@ def verify_suite(
     if out is None:
         out = Path(tempfile.mkdtemp(prefix=f"compress-verify-{suite.name}-"))
     run_suite(suite, out, resume=resume, overwrite=overwrite, methods=methods, models=models, recovery=recovery,
-              targets=targets, log=log, python=python)
+              targets=targets, log=log, python=python, inputs=[("the --verify records", src)])
     fresh = latest_by_cell(read_records(Path(out) / RECORDS))
     checks = []
     for cell in cells:

@@ -24,6 +24,12 @@ L layers, mini-batches of B sequences):
 * **Weights** stay where they are (their *home*, normally CPU RAM). Only the current decoder layer
   is moved to the compute ``device`` while its step runs, and moved back afterwards; nothing moves
   when the home is the compute device. The final norm and lm_head move only for :func:`loss_gradients`.
+  With a weight ``stream`` (:class:`compress.io.streaming.WeightStream`, ``--stream-weights``) the
+  decoder layers are not in memory at all until visited: the engine reads layer ``i``'s tensors from
+  the files just before its step, the step prunes it (the pruned layer stays), or hands it back with
+  :meth:`LayerStep.release` (it is read again when needed). A method that prunes layer ``i`` from
+  statistics of the dense model calls :meth:`LayerStep.advance` first, so that layer ``i + 1`` still
+  sees the dense layer's outputs.
 * **Activation cache** (``cache``): the hidden states entering the current layer, N·T·H·b bytes, in
   CPU RAM (``"cpu"``), on the compute device (``"device"``) or as one file per mini-batch under a
   folder (one mini-batch in RAM at a time). In RAM the set is one tensor and each mini-batch's outputs
@@ -52,7 +58,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -71,6 +77,15 @@ LAYERWISE_AUTO_BYTES = 4 * 2**30
 
 
 CacheSpec = str | os.PathLike  # "cpu", "device", or a folder for files
+
+
+class LayerSource(Protocol):
+    """Where the engine reads a decoder layer's weights just before its step (weight streaming:
+    :class:`compress.io.streaming.WeightStream`)."""
+
+    def load(self, module: nn.Module) -> int: ...
+
+    def release(self, module: nn.Module) -> None: ...
 
 
 def resolve_layerwise(requested: bool | None, model: nn.Module) -> bool:
@@ -309,6 +324,7 @@ class LayerStep:
         self.layer = layer
         self._inputs = inputs
         self._outputs: ActivationCache | None = None
+        self._release = False
 
     @property
     def device(self) -> torch.device:
@@ -372,6 +388,21 @@ class LayerStep:
         if in_place:
             self._inputs = None
 
+    def advance(self) -> None:
+        """Compute the next layer's inputs NOW, with the layer as it is (hooks see this pass).
+
+        For a method that prunes layer ``i`` from statistics of the unchanged model (TransAct with
+        streamed weights): record the statistics during this pass, then change the layer; the next
+        layer's inputs are those of the unchanged layer, as in a whole-model pass."""
+        if self._outputs is not None:
+            raise RuntimeError(f"the outputs of layer {self.index} were already computed")
+        self._advance()
+
+    def release(self) -> None:
+        """Hand the layer's weights back after this step (streamed weights: they go back to the files and
+        are read again when needed; otherwise a no-op). Only for a layer the step did not change."""
+        self._release = True
+
     def map_inputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace each cached input ``x`` (on the compute device) by ``fn(x)`` (e.g. a rotation)."""
         inputs = self._need_inputs()
@@ -410,7 +441,8 @@ class LayerwiseRunner:
     excludes padding from :func:`compress.calib.stats.record` statistics. ``device``: where layers
     compute (default: where the embedding is). ``cache``: ``"cpu"``, ``"device"`` or a folder for
     files. ``keep_inputs``: layers whose inputs stay in :attr:`boundaries` after their step (``True``
-    for all). After the loop, :attr:`outputs` holds the last layer's outputs. Use it as a context
+    for all). ``stream``: where each layer's weights are read just before its step (weight streaming).
+    After the loop, :attr:`outputs` holds the last layer's outputs. Use it as a context
     manager so that files of a disk cache are removed. See the module docstring for memory.
     """
 
@@ -427,6 +459,7 @@ class LayerwiseRunner:
         keep_inputs: bool | Collection[int] = False,
         progress: bool | Callable[[int, int], None] | None = False,
         description: str = "layer-wise calibration",
+        stream: LayerSource | None = None,
     ):
         check_batches(batches, attention_mask, batch_size)
         self.model = model
@@ -438,6 +471,7 @@ class LayerwiseRunner:
         self.keep_inputs = keep_inputs
         self.progress = progress
         self.description = description
+        self.stream = stream
         self._starts = list(range(0, batches.shape[0], batch_size))
         self._cache_spec = cache
         self._dir: Path | None = None
@@ -568,6 +602,8 @@ class LayerwiseRunner:
         with progress_bar(self.progress, total, self.description) as advance:
             for i in range(total):
                 layer = layers[i]
+                if self.stream is not None:
+                    self.stream.load(layer)  # streamed weights: this layer's tensors, read now
                 step = LayerStep(self, i, layer, inputs)
                 with on_device([layer], self.device):
                     try:
@@ -579,6 +615,8 @@ class LayerwiseRunner:
                             if c is not None and not (c is step._inputs and self._keeps(i)):
                                 c.clear()
                         raise
+                if step._release and self.stream is not None:
+                    self.stream.release(layer)
                 kept = step._inputs if self._keeps(i) else None
                 if kept is not None:
                     self.boundaries[i] = kept

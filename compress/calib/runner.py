@@ -40,6 +40,7 @@ def run_calibration(
     device: str | torch.device | None = None,
     cache: str | os.PathLike = "cpu",
     logits: bool = False,
+    stream: Any = None,
 ) -> int:
     """Run ``model(input_ids=...)`` over ``batches`` (``[N, T]``) in mini-batches, without gradients.
 
@@ -57,14 +58,15 @@ def run_calibration(
     ``layerwise=True`` runs the same mini-batches one decoder layer at a time through
     :class:`compress.calib.layerwise.LayerwiseRunner` (layers computed on ``device``, hidden states cached
     in ``cache``: ``"cpu"``, ``"device"`` or a folder); the hooks see the same activations, the
-    lm_head never runs.
+    lm_head never runs. ``stream`` (layer-wise only): where the engine reads each layer's weights
+    (:class:`compress.io.streaming.WeightStream`); the layers read stay in memory.
     """
     check_batches(batches, attention_mask, batch_size)
     if layerwise:
         from compress.calib.layerwise import LayerwiseRunner
 
         with LayerwiseRunner(model, batches, batch_size=batch_size, attention_mask=attention_mask, device=device,
-                             cache=cache, progress=progress, description=description) as runner:
+                             cache=cache, progress=progress, description=description, stream=stream) as runner:
             for _ in runner:  # the engine's own pass to the next layer feeds the hooks
                 pass
             return runner.tokens

@@ -250,13 +250,35 @@ def _line_chunks(text: str, size: int) -> list[str]:
     return out
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, budget: list[int] | None = None) -> str:
+    """The UTF-8 text of the regular file ``path``, bounded (:func:`compress.io.safe_io.read_text`):
+    FIFOs, devices (``/dev/zero``) and sockets are refused before a byte is read, and at most
+    :func:`compress.io.limits.max_calib_bytes` bytes are read — in all, across the files of a folder when
+    ``budget`` (``[bytes left]``) is shared between the calls."""
+    from compress.io.limits import human_bytes, max_calib_bytes
+    from compress.io.safe_io import read_text
+
+    cap = max_calib_bytes()
+    left = budget[0] if budget is not None else cap
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CalibrationError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
-    except OSError as e:
-        raise CalibrationError(f"cannot read {path}: {e.strerror or _one_line(e)}; check the path and permissions") from e
+        text = read_text(path, left, "calibration file", CalibrationError)
+    except CalibrationError as e:
+        if getattr(e, "too_large", False):
+            raise CalibrationError(
+                f"calibration text {path} is above the {human_bytes(cap)} limit"
+                + (" (all files of the folder together)" if budget is not None else "")
+                + "; use a smaller file, or raise COMPRESS_MAX_CALIB_BYTES") from None
+        raise
+    if budget is not None:
+        budget[0] -= len(text.encode("utf-8"))
+    return text
+
+
+def _json_loads(text: str, where: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CalibrationError(f"{where} is nested too deeply to read; flatten it to text records") from None
 
 
 def _record_text(rec: Any, field: str, where: str) -> str:
@@ -275,12 +297,12 @@ def _record_text(rec: Any, field: str, where: str) -> str:
     raise CalibrationError(f"{where} is a {type(rec).__name__}, not an object or a string")
 
 
-def _read_json(path: Path, field: str) -> str:
-    raw = _read_text(path)
+def _read_json(path: Path, field: str, budget: list[int] | None = None) -> str:
+    raw = _read_text(path, budget)
     records: list[Any]
     if path.suffix == ".json":
         try:
-            data = json.loads(raw)
+            data = _json_loads(raw, str(path))
         except json.JSONDecodeError:
             data = None  # maybe JSON lines with a .json name
         if data is not None:
@@ -293,17 +315,17 @@ def _read_json(path: Path, field: str) -> str:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _json_loads(line, f"{path}:{lineno}")
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line or the file") from e
         texts.append(_record_text(rec, field, f"{path}:{lineno}"))
     return "\n\n".join(texts)
 
 
-def _read_file(path: Path, field: str) -> str:
+def _read_file(path: Path, field: str, budget: list[int] | None = None) -> str:
     if path.suffix in JSON_SUFFIXES:
-        return _read_json(path, field)
-    return _read_text(path)
+        return _read_json(path, field, budget)
+    return _read_text(path, budget)
 
 
 def _load_path(spec: str) -> tuple[str, str]:
@@ -329,7 +351,10 @@ def _load_path(spec: str) -> tuple[str, str]:
         )
         if not files:
             raise CalibrationError(f"directory {str(path)!r} holds no .txt/.raw/.jsonl/.json files; add some text")
-        return "\n\n".join(_read_file(p, field) for p in files), str(path.resolve())
+        from compress.io.limits import max_calib_bytes
+
+        budget = [max_calib_bytes()]  # one cap for the whole folder
+        return "\n\n".join(_read_file(p, field, budget) for p in files), str(path.resolve())
     return _read_file(path, field), str(path.resolve())
 
 
@@ -358,6 +383,10 @@ def _load_hf(spec: str, max_chars: int | None) -> tuple[str, str]:
         raise CalibrationError(f"{spec!r} needs the 'datasets' package; pip install datasets or use a local file") from e
     # With a character budget, stream so that a huge split (C4, RedPajama) is not downloaded whole.
     streaming = max_chars is not None
+    # Never more than the calibration text cap: a dataset split can be far larger than memory.
+    from compress.io.limits import max_calib_bytes
+
+    budget = min(max_chars, max_calib_bytes()) if max_chars is not None else max_calib_bytes()
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
         texts: list[str] = []
@@ -366,7 +395,7 @@ def _load_hf(spec: str, max_chars: int | None) -> tuple[str, str]:
             t = _record_text(row, "text", f"{spec} row {i}")
             texts.append(t)
             total += len(t) + 2
-            if max_chars is not None and total >= max_chars:
+            if total >= budget:
                 break
     except CalibrationError:
         raise

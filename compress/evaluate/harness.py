@@ -22,6 +22,7 @@ import torch
 from compress.assets import assets_root
 from compress.errors import UsageError
 from compress.evaluate.perplexity import eval_mode, perplexity, ppl_text
+from compress.io.limits import check_limit
 
 #: The seven zero-shot tasks of the structured-pruning papers (LLM-Pruner, SliceGPT, LoRAP, ...).
 ZERO_SHOT_TASKS: tuple[str, ...] = (
@@ -169,6 +170,10 @@ def lm_eval_tasks(
         )
     if num_fewshot < 0:
         raise UsageError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    try:  # lm-eval reads 0 as "no examples" and a negative value as a slice from the end
+        limit = check_limit(limit)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM

@@ -16,6 +16,7 @@ never a partial file. Nothing is pickled.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -53,11 +54,16 @@ class Checkpoint:
         device = next(model.parameters()).device
         try:
             load_model(model, str(self.path), strict=True, device=str(device))
-        except RuntimeError as e:
-            raise UsageError(f"checkpoint {self.path} does not fit the model ({str(e).splitlines()[0][:160]}); "
+            if self.rng is not None:
+                torch.set_rng_state(torch.frombuffer(bytearray(self.rng), dtype=torch.uint8))
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, it is the file (not the method)
+            raise UsageError(f"checkpoint {self.path} does not fit the model ({_first_line(e)}); "
                              "pass --overwrite to start over") from e
-        if self.rng is not None:
-            torch.set_rng_state(torch.frombuffer(bytearray(self.rng), dtype=torch.uint8))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
 
 
 def read_checkpoint(state_dir: str | os.PathLike | None) -> Checkpoint | None:
@@ -72,11 +78,33 @@ def read_checkpoint(state_dir: str | os.PathLike | None) -> Checkpoint | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+        missing = [k for k in (_META_STATE, _META_KEY) if k not in meta]
+        if missing:
+            raise ValueError(f"no {missing[0]} in its metadata")
         state = json.loads(meta[_META_STATE])
-        rng = base64.b64decode(meta[_META_RNG]) if _META_RNG in meta else None
+        if not isinstance(state, dict):
+            raise ValueError(f"its method state is a JSON {type(state).__name__}, not an object")
+        rng = base64.b64decode(meta[_META_RNG], validate=True) if _META_RNG in meta else None
+        if rng is not None and len(rng) != torch.get_rng_state().numel():
+            raise ValueError(f"its RNG state has {len(rng)} bytes, not {torch.get_rng_state().numel()}")
         return Checkpoint(path=path, key=meta[_META_KEY], state=state, rng=rng)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is refused the same way
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); pass --overwrite to start over") from e
+        raise UsageError(f"checkpoint {path} is unreadable or malformed ({_first_line(e)}); "
+                         "pass --overwrite to start over") from e
+
+
+def discard_checkpoint(state_dir: str | os.PathLike) -> None:
+    """Remove what :func:`save_checkpoint` wrote in ``state_dir`` (the checkpoint, interrupted scratch
+    folders), then the folder itself if nothing else is left: never anything compress did not write."""
+    folder = Path(state_dir)
+    if not folder.is_dir():
+        return
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for scratch in folder.glob(".checkpoint-*"):
+        if scratch.is_dir() and not scratch.is_symlink():
+            shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):  # something else is in there: the folder stays
+        folder.rmdir()
 
 
 def save_checkpoint(state_dir: str | os.PathLike, key: str, model: nn.Module, state: dict[str, Any]) -> Path:

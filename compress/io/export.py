@@ -16,11 +16,12 @@ interrupted export leaves the output complete or absent, never partial.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
+from compress.io.outpath import PLAN_FILE, RECORD_FILE, Input
+from compress.io.outpath import check_output_dir as _check_output_dir
+from compress.io.safe_io import dumps_json, respect_umask
 from compress.model.adapter import ArchAdapter, adapter_for
 from compress.modeling import MODELING_FILE, CompressConfig, CompressForCausalLM, LowRankLinear
 
-PLAN_FILE = "compress_plan.json"
-RECORD_FILE = "compress_run.json"
 _DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path",
               "quantization_config", "dtype", "torch_dtype"}
 
@@ -209,22 +211,10 @@ def to_compress_model(model: nn.Module, arch: ArchAdapter | None = None) -> Comp
 
 
 # ---------------------------------------------------------------------- writing
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing output (unless ``overwrite``) or an unwritable parent, before any work."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UsageError(f"output folder {out} already exists; pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a folder; choose another --out")
-    parent = out.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"cannot create {out}: {probe} is a file, not a folder; choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {parent}; choose a writable --out")
-    return out
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, *, inputs: Iterable[Input] = ()) -> Path:
+    """Refuse an output folder before any work: one that overlaps ``inputs``, exists (unless
+    ``overwrite`` and compress wrote it) or cannot be created (:func:`compress.io.outpath.check_output_dir`)."""
+    return _check_output_dir(out, overwrite, inputs=inputs)
 
 
 def export_model(
@@ -255,7 +245,8 @@ def export_model(
         if chosen == "stock":
             stock_model = _as_stock(model, stock, arch.tied_embeddings)
             stock_model.config.architectures = [type(stock_model).__name__]
-            stock_model.save_pretrained(tmp, safe_serialization=True)
+            with _without_auto_map(stock_model.config):  # the input's code is not copied: do not point at it
+                stock_model.save_pretrained(tmp, safe_serialization=True)
         else:
             cm = to_compress_model(model, arch)
             cm.save_pretrained(tmp, safe_serialization=True)
@@ -263,14 +254,16 @@ def export_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {"format": chosen, "format_reason": reason, "weights_sha256": weights_sha256(tmp)}
-        (tmp / PLAN_FILE).write_text(json.dumps({**(plan or {}), **meta}, indent=1, sort_keys=True) + "\n")
-        (tmp / RECORD_FILE).write_text(json.dumps({**(record or {}), **meta}, indent=1, sort_keys=True,
+        # standard JSON only (NaN/inf as null): compress.io.safe_io.dumps_json
+        (tmp / PLAN_FILE).write_text(dumps_json({**(plan or {}), **meta}, indent=1, sort_keys=True) + "\n")
+        (tmp / RECORD_FILE).write_text(dumps_json({**(record or {}), **meta}, indent=1, sort_keys=True,
                                                   default=str) + "\n")
         if (record or {}).get("recipe"):
             from compress.io.recipe import RECIPE_FILE, dump_recipe
 
             (tmp / RECIPE_FILE).write_text(dump_recipe(record["recipe"]), encoding="utf-8")
         (tmp / "README.md").write_text(card or _default_card(record or {}, chosen))
+        respect_umask(tmp)  # mkdtemp made it 0700: the output gets the modes mkdir would give it
         _fsync_tree(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -283,6 +276,20 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"path": str(out), "kind": chosen, "reason": reason, "weights_sha256": meta["weights_sha256"]}
+
+
+@contextlib.contextmanager
+def _without_auto_map(config: Any) -> Iterator[None]:
+    """``config`` without ``auto_map`` while a stock folder is written: an input's ``auto_map`` points at
+    modeling code that the export does not copy (and that compress never runs), so a stock folder that
+    kept it would ask ``trust_remote_code`` users for code that is not there. Restored afterwards: the
+    in-memory model is the caller's."""
+    saved = config.__dict__.pop("auto_map", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.auto_map = saved
 
 
 def weights_sha256(folder: Path) -> str:

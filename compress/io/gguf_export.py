@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import UsageError
+from compress.io.safe_io import respect_umask
 
 #: GGUF output types: name -> (gguf.GGMLQuantizationType name, gguf.LlamaFileType name)
 GGUF_TYPES: dict[str, tuple[str, str]] = {
@@ -136,10 +137,10 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise UsageError(f"--out {out} must be a .gguf file name")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite or choose another --out")
-    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
-        raise UsageError(f"cannot write to {out.parent}; choose a writable --out")
+    from compress.io.outpath import check_output_file
+
+    # never the model folder's own files, nor a file that is not a GGUF one (--overwrite included)
+    out = check_output_file(out, overwrite, inputs=[("the model folder", folder)])
     cfg = check_gguf_source(folder)
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
@@ -215,6 +216,7 @@ def write_gguf(folder: str | os.PathLike, out: str | os.PathLike, gguf_type: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        respect_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,10 +24,12 @@ Safe loading:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
-import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,13 @@ from typing import Any
 import torch
 
 from compress.errors import UsageError
+from compress.io.config_check import check_config_dict, check_weights_match, error_reason
+
+try:  # what transformers' config classes raise for values they refuse (huggingface_hub strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover - older huggingface_hub: plain config classes
+    class StrictDataclassError(Exception):  # type: ignore[no-redef]
+        """Never raised."""
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -110,15 +119,22 @@ _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def _read_config_json(folder: Path) -> dict[str, Any]:
+    return _read_json_config(folder / "config.json")
+
+
+def _read_json_config(path: Path) -> dict[str, Any]:
+    """A config .json, bounded (compress.io.safe_io): a regular file of at most
+    :data:`~compress.io.limits.MAX_CONFIG_BYTES`, standard JSON without duplicate keys or deep nesting."""
+    from compress.io.limits import MAX_CONFIG_BYTES
+    from compress.io.safe_io import parse_json, read_text
+
+    text = read_text(path, MAX_CONFIG_BYTES, "model config")
     try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {folder / 'config.json'}: {getattr(e, 'strerror', None) or e}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{folder / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); "
-                         "re-save the model") from None
+        data = parse_json(text, str(path))
+    except UsageError as e:
+        raise UsageError(f"{e}; re-save the model") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{folder / 'config.json'} does not hold a JSON object; re-save the model")
+        raise UsageError(f"{path} does not hold a JSON object; re-save the model")
     return data
 
 
@@ -227,11 +243,13 @@ def source_metadata(source: str) -> dict[str, str]:
             return out
         readme = p / "README.md" if p.is_dir() else None
         if readme is not None and readme.is_file():
-            text = readme.read_text(encoding="utf-8", errors="replace")
-            if text.startswith("---"):
-                import yaml
+            from compress.io.limits import MAX_RECIPE_BYTES
+            from compress.io.safe_io import parse_yaml, read_bytes
 
-                front = yaml.safe_load(text.split("---", 2)[1]) or {}
+            # bounded like a recipe: a card is a few KiB, its front matter a few keys (no aliases)
+            text = read_bytes(readme, MAX_RECIPE_BYTES, "model card").decode("utf-8", errors="replace")
+            if text.startswith("---"):
+                front = parse_yaml(text.split("---", 2)[1], "model card") or {}
                 for key in ("license", "base_model"):
                     value = front.get(key)
                     if isinstance(value, list) and value:
@@ -253,8 +271,155 @@ def _gguf_in(path: Path) -> Path | None:
     return None
 
 
+#: Byte sizes of the fixed-size GGUF metadata value types (gguf.GGUFValueType); 8 = string, 9 = array.
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+class _BadGGUF(Exception):
+    """What is wrong with a GGUF file, in a few words."""
+
+
+def _walk_gguf(buf: Any, size: int) -> None:
+    """Walk a GGUF header (metadata and tensor table) as the format defines it and check that every
+    tensor's data lies inside the file; raises :class:`_BadGGUF` (or struct.error) otherwise."""
+    import struct
+
+    if size < 4 or bytes(buf[:4]) != b"GGUF":
+        raise _BadGGUF("no GGUF magic bytes at the start")
+    if size < 24:
+        raise _BadGGUF(f"{size} bytes, shorter than a GGUF header")
+    end = "<"
+    (version,) = struct.unpack_from("<I", buf, 4)
+    if version & 0xFFFF == 0:  # a big-endian file
+        end = ">"
+        (version,) = struct.unpack_from(">I", buf, 4)
+    if version not in (2, 3):
+        raise _BadGGUF(f"GGUF version {version}, not 2 or 3")
+    n_tensors, n_kv = struct.unpack_from(end + "QQ", buf, 8)
+    pos = 24
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        got = struct.unpack_from(end + fmt, buf, pos)
+        pos += struct.calcsize(end + fmt)
+        return got[0] if len(got) == 1 else got
+
+    def string() -> bytes:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > size:
+            raise _BadGGUF(f"it ends inside its own header (a string at byte {pos} needs {n:,} bytes)")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    def value(vtype: int, depth: int = 0) -> Any:
+        nonlocal pos
+        if vtype in _GGUF_SCALAR:
+            fmt = {1: "B", 2: "H", 4: "I", 8: "Q"}[_GGUF_SCALAR[vtype]]
+            return take(fmt)
+        if vtype == 8:
+            return string()
+        if vtype == 9 and depth < 4:
+            item, n = take("I"), take("Q")
+            if item in _GGUF_SCALAR:  # skipped, not decoded: a vocabulary has 10^5 scores
+                pos += n * _GGUF_SCALAR[item]
+                if pos > size:
+                    raise _BadGGUF("it ends inside its own header (in an array)")
+                return None
+            for _ in range(n):
+                value(item, depth + 1)
+            return None
+        raise _BadGGUF(f"unknown metadata value type {vtype} at byte {pos}")
+
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        vtype = take("I")
+        v = value(vtype)
+        if key == b"general.alignment" and isinstance(v, int) and v > 0:
+            alignment = v
+    import gguf
+
+    tensors = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("I")
+        if n_dims > 8:
+            raise _BadGGUF(f"tensor {name[:40].decode(errors='replace')} has {n_dims} dimensions")
+        dims = [take("Q") for _ in range(n_dims)]
+        ttype, offset = take("I"), take("Q")
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise _BadGGUF(f"tensor {name[:40].decode(errors='replace')} has unknown type {ttype}") from None
+        count = 1
+        for d in dims:
+            count *= d
+        tensors.append((offset, count // block * type_size))
+    data = pos + (-pos % alignment)
+    for offset, nbytes in tensors:
+        if data + offset + nbytes > size:
+            raise _BadGGUF(f"its tensor data ends at byte {data + offset + nbytes:,} but the file has {size:,}")
+
+
+@functools.lru_cache(maxsize=8)
+def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> None:
+    import mmap
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            if size == 0:
+                raise _BadGGUF("the file is empty")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _walk_gguf(buf, size)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except (_BadGGUF, struct.error, OverflowError, MemoryError) as e:
+        why = str(e) if isinstance(e, _BadGGUF) else "it ends inside its own header"
+        raise UsageError(f"{path} is not a readable GGUF file ({why}): it is truncated or corrupt; "
+                         "re-download or re-convert it") from None
+
+
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Refuse a truncated or corrupt GGUF file with one line, before transformers' reader (which fails
+    with ``struct.error: unpack_from requires ...``) ever sees it. Reads the header only."""
+    p = Path(path)
+    st = p.stat()
+    _check_gguf_cached(str(p), st.st_size, st.st_mtime_ns)
+
+
 def load_config(source: str, *, trust_remote_code: bool = False):
-    """The config only (no weights): for ``--dry-run`` planning and ``inspect``."""
+    """The config only (no weights): for ``--dry-run`` planning and ``inspect``. Checked before it is
+    built and against the weight headers (:mod:`compress.io.config_check`); transformers' warnings about
+    it are shown only when it is accepted (a refused config gets its one-line reason, nothing before it)."""
+    with _held_warnings():
+        return _load_config(source, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def _held_warnings() -> Iterator[None]:
+    """Hold back what the ``transformers`` logger emits inside the block; replay it if the block succeeds."""
+    import logging
+
+    logger = logging.getLogger("transformers")
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [_Hold()], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held:  # reached only when the block did not raise
+        logger.handle(record)
+
+
+def _load_config(source: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     import compress.modeling  # noqa: F401 - registers the compress model type
@@ -264,20 +429,37 @@ def load_config(source: str, *, trust_remote_code: bool = False):
     gguf = _gguf_in(path) if path.exists() else None
     try:
         if gguf is not None:
-            cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            check_gguf_file(gguf)
+            from transformers import PretrainedConfig
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            # the metadata as a dict first: checked before a config (or 10^9 layers of it) is built
+            d = PretrainedConfig.get_config_dict(str(gguf.parent), gguf_file=gguf.name)[0]
+            check_config_dict(d, f"the GGUF metadata of {gguf}")
+            cfg = CONFIG_MAPPING[d["model_type"]].from_dict(d)
+            cfg.name_or_path = str(gguf.parent)  # as AutoConfig.from_pretrained sets it
             if hasattr(cfg, "quantization_config"):
                 del cfg.quantization_config
             return cfg
         if path.is_file() and path.suffix == ".json":
-            from transformers import PretrainedConfig
-
-            d = PretrainedConfig.get_config_dict(str(path))[0]
+            d = _read_json_config(path)
+            check_config_dict(d, str(path))
             mt = d.get("model_type")
             return AutoConfig.for_model(mt, **{k: v for k, v in d.items() if k != "model_type"})
         _check_source(source)
+        if path.is_dir():
+            check_config_dict(_read_config_json(path), f"config.json of {source}")
+        else:  # a hub id: its config.json (from the cache when offline), as a dict first
+            from transformers import PretrainedConfig
+
+            check_config_dict(PretrainedConfig.get_config_dict(source)[0], f"config.json of {source}")
         if path.is_dir() and compress_format(path):  # our own class; the folder's code is never run
-            return compress.modeling.CompressConfig.from_pretrained(str(path))
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            cfg = compress.modeling.CompressConfig.from_pretrained(str(path))
+        else:
+            cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if path.is_dir() and not type(cfg).__module__.startswith("transformers_modules"):
+            check_weights_match(cfg, path, source)  # headers only; remote-code models are not built here
+        return cfg
     except UsageError:
         raise
     except (ValueError, OSError) as e:
@@ -285,6 +467,9 @@ def load_config(source: str, *, trust_remote_code: bool = False):
         if "trust_remote_code" in str(e):
             raise UsageError(_REMOTE_CODE.format(source=source)) from e
         raise UsageError(f"cannot read a model config from {source!r}: {msg}") from e
+    except (KeyError, TypeError, AttributeError, StrictDataclassError) as e:  # a config class refusing the values
+        raise UsageError(f"the config of {source} is not valid: {error_reason(e)}; fix the config or re-save "
+                         "the model") from e
 
 
 _REMOTE_CODE = ("{source} needs its own modeling code, which compress never runs unless you pass "
@@ -329,6 +514,9 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
                              "at a saved model folder")
         if path.is_dir():
             _check_weights(path)
+            # the config's bounds and its tensors against the weight headers, before transformers allocates
+            # (already done, and remembered, when a preflight ran)
+            load_config(str(path), trust_remote_code=trust_remote_code)
     # a compress-format folder loads with our own class; the folder's copy of its code is never run
     own_class = not gguf and path.is_dir() and compress_format(path)
     loader: Any = compress.modeling.CompressForCausalLM if own_class else AutoModelForCausalLM
@@ -341,6 +529,7 @@ def load_model(source: str | None = None, *, dtype: str | torch.dtype | None = N
 
     try:
         if gguf is not None:
+            check_gguf_file(gguf)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **kwargs)
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):

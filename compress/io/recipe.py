@@ -17,12 +17,13 @@ A method's settings therefore must not use the run keys' names (a test checks ev
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compress.errors import UsageError
+from compress.io.limits import MAX_RECOVER_TOKENS, MAX_SEED
 
 __all__ = ["RECIPE_FILE", "RECOVER_MODES", "RUN_KEYS", "Recipe", "dump_recipe", "load_recipe", "read_mapping", "resolved_recipe"]
 
@@ -39,32 +40,33 @@ RUN_KEYS: dict[str, tuple[type, ...]] = {
     "recover_mode": (str,),
     "recover_settings": (dict,),
 }
+#: Bounds of the integer run keys (compress.io.limits).
+_RUN_KEY_MAX: dict[str, int] = {"seed": MAX_SEED, "recover_tokens": MAX_RECOVER_TOKENS}
 #: Recovery training modes (``RecoveryConfig.mode``): every weight on the LM loss, LoRA adapters merged
 #: back, every weight distilled from the dense model.
 RECOVER_MODES: tuple[str, ...] = ("full", "lora", "kd")
 
 
 def read_mapping(path: str | Path, what: str = "recipe") -> dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``) or JSON file holding one mapping; every problem is a one-line UsageError."""
-    path = str(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {what} file {path}: {getattr(e, 'strerror', None) or e}") from None
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+    """A YAML (``.yaml``/``.yml``) or JSON file holding one mapping; every problem is a one-line UsageError.
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UsageError(f"{what} file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    Bounded (:mod:`compress.io.safe_io`): a regular file of at most :data:`~compress.io.limits.MAX_RECIPE_BYTES`,
+    no YAML aliases/anchors, no duplicate keys, nesting at most :data:`~compress.io.limits.MAX_NESTING` deep,
+    no JSON ``NaN``/``Infinity``."""
+    from compress.io.limits import MAX_RECIPE_BYTES
+    from compress.io.safe_io import parse_json, parse_yaml, read_text
+
+    path = str(path)
+    text = read_text(path, MAX_RECIPE_BYTES, f"{what} file")
+    where = f"{what} file {path}"
+    if path.endswith((".yaml", ".yml")):
+        data = parse_yaml(text, where)
     else:
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{what} file {path} is not valid JSON ({e.msg} at line {e.lineno}); "
-                             "fix it or pass settings with --set key=value") from None
+            data = parse_json(text, where)
+        except UsageError as e:
+            hint = "; fix it or pass settings with --set key=value" if "not valid JSON" in str(e) else ""
+            raise UsageError(f"{e}{hint}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -98,8 +100,10 @@ class Recipe:
             if isinstance(value, bool) or not isinstance(value, types):
                 names = " or ".join(t.__name__ for t in types)
                 raise UsageError(f"{where}: {key} must be a {names}, got {value!r}")
-            if key in ("seed", "recover_tokens") and value < 0:
-                raise UsageError(f"{where}: {key} must be >= 0, got {value}")
+            if key in _RUN_KEY_MAX and not 0 <= value <= _RUN_KEY_MAX[key]:
+                raise UsageError(f"{where}: {key} must be in 0..{_RUN_KEY_MAX[key]}, got {value}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{where}: {key} must be a finite number, got {value!r}")
             if key == "recover_mode" and value not in RECOVER_MODES:
                 raise UsageError(f"{where}: recover_mode must be one of {', '.join(RECOVER_MODES)}, got {value!r}")
             run[key] = str(value) if key == "target" else value

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import nn
 
@@ -43,12 +43,53 @@ class LayerGeometry:
         return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
 
 
+#: What a family's layout allows, by name. An adapter lists the ones its family has in
+#: :attr:`ArchAdapter.features`; a method lists the ones it needs in ``Capabilities.requires`` and is
+#: refused (before any weight is loaded) on a family that lacks one.
+FEATURES: dict[str, str] = {
+    "separate_projections": "q, k, v and gate, up as separate linears, to replace, factorise or rotate one alone "
+                            "(this family fuses them into qkv_proj / gate_up_proj)",
+    "per_layer_shapes": "layers of different widths, low-rank factors or shortcuts (this family's layers must "
+                        "keep equal widths, and the compress export format does not cover it)",
+    "foldable_norms": "plain RMSNorms that fold into the linears reading them (this family scales by (1 + w) "
+                      "or normalises block outputs)",
+}
+
+#: A projection's role: q/k/v/o in attention, gate/up/down in the MLP.
+Role = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+
+@dataclass(frozen=True)
+class ProjRows:
+    """Where one projection lives: output rows ``[start, start + count)`` of the linear ``owner.attr``
+    (a fused linear holds several projections one after another: Phi-3's ``qkv_proj`` is [q; k; v])."""
+
+    owner: nn.Module
+    attr: str
+    start: int
+    count: int
+
+    @property
+    def linear(self) -> nn.Module:
+        return getattr(self.owner, self.attr)
+
+    @property
+    def fused(self) -> bool:
+        return self.start != 0 or self.count != _out_features(self.linear)
+
+
 class ArchAdapter:
-    """Adapter for Llama-shaped causal LMs. Subclass and override the accessors for other layouts."""
+    """Adapter for Llama-shaped causal LMs. Subclass and override the accessors for other layouts.
+
+    A family with fused projections (one linear holding q, k and v, or gate and up) names the fused
+    linear under each of its roles in :attr:`attn_names` / :attr:`mlp_names` and overrides
+    :meth:`proj_rows` to say which rows each role owns (see :class:`compress.model.families.Phi3Adapter`);
+    structures, surgery and footprints then slice and count through :meth:`proj_rows`."""
 
     model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "compress")
     attn_names: ClassVar[tuple[str, str, str, str]] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+    features: ClassVar[frozenset[str]] = frozenset(FEATURES)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -129,6 +170,42 @@ class ArchAdapter:
             head_dim=hd,
             intermediate=int(_out_features(mlp["gate_proj"])),
         )
+
+    def proj_rows(self, i: int, role: Role) -> ProjRows:
+        """The output rows of layer ``i``'s ``role`` projection (q, k, v, gate or up; o and down are
+        sliced by input column and always whole linears)."""
+        if role in ("q", "k", "v", "o"):
+            owner, attr = self.attention(i), self.attn_names["qkvo".index(role)]
+        else:
+            owner, attr = self.mlp(i), self.mlp_names[("gate", "up", "down").index(role)]
+        return ProjRows(owner, attr, 0, _out_features(getattr(owner, attr)))
+
+    def kv_width(self, i: int) -> int:
+        """Channels layer ``i`` caches per token: k rows plus v rows."""
+        return self.proj_rows(i, "k").count + self.proj_rows(i, "v").count
+
+    def sliding_window(self, i: int) -> int | None:
+        """The attention window of layer ``i`` (keys a query reads, itself included), None for full
+        attention. Read as transformers 5 reads it: ``layer_types[i] == "sliding_attention"`` with the
+        config's ``sliding_window`` (Qwen2/Qwen3 derive ``layer_types`` from ``use_sliding_window`` and
+        ``max_window_layers``); without ``layer_types`` (Mistral) every layer slides when
+        ``sliding_window`` is set. A compress-format model reads its base family's config."""
+        base = getattr(self.config, "base_config", None)
+
+        def get(key: str):
+            return base.get(key) if isinstance(base, dict) else getattr(self.config, key, None)
+
+        window = get("sliding_window")
+        if not window:
+            return None
+        types = get("layer_types")
+        if types is None:
+            return int(window)
+        return int(window) if i < len(types) and types[i] == "sliding_attention" else None
+
+    def sync_attention(self, i: int, geometry: LayerGeometry) -> None:
+        """Write layer ``i``'s head counts into its attention module after surgery."""
+        self.attention(i).num_key_value_groups = geometry.group_size
 
     def geometries(self) -> list[LayerGeometry]:
         return [self.geometry(i) for i in range(self.num_layers)]

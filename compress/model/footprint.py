@@ -19,12 +19,23 @@ Conventions
   multiply-add counts 2 FLOPs. Counted: every linear-like module (``2·in·out`` per token; the bias
   add, norms, activations, softmax and RoPE are not counted; the embedding lookup is free; the
   lm_head is a matmul even when its weight is tied to the embedding) plus the attention core of
-  each layer, ``QKᵀ`` and ``AV`` on the full ``T×T`` score matrix (no causal halving):
-  ``4·n_q·head_dim·T`` per token. This is exactly what :class:`torch.utils.flop_counter.FlopCounterMode`
-  counts under ``attn_implementation="eager"``. For a uniform Llama layer it reduces to
+  each layer, ``QKᵀ`` and ``AV`` with every query reading ``K`` keys (no causal halving):
+  ``4·n_q·head_dim·K`` per token, ``K = T`` for full attention. This is exactly what
+  :class:`torch.utils.flop_counter.FlopCounterMode` counts under ``attn_implementation="eager"``.
+  For a uniform Llama layer it reduces to
   ``2·h·(nq+2nkv)·hd + 2·nq·hd·h + 4·nq·hd·T + 6·h·I`` per token, plus ``2·h·V`` for the lm_head.
-* **KV bytes per token** — bytes the KV cache grows by per token per sequence: the sum over layers of
-  the k_proj and v_proj output widths (``2·n_kv·head_dim``) times the element size.
+* **Sliding-window layers** (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` from
+  ``use_sliding_window`` / ``max_window_layers``; :meth:`ArchAdapter.sliding_window`) read
+  ``K = min(T, W)`` keys per query, what a windowed kernel computes and what a decode step at context
+  ``T`` reads (``FlopCounterMode`` on a one-token step over transformers' cache counts exactly
+  that). An eager *prefill* still multiplies the full ``T×T`` scores and masks them, so
+  ``FlopCounterMode`` over a prefill counts ``K = T`` there: the window is not free in eager code.
+* **KV bytes per token** at context ``T`` — the bytes the KV cache of one sequence holds after ``T``
+  tokens, divided by ``T``: the sum over layers of the k and v widths (``2·n_kv·head_dim``, read
+  through :meth:`ArchAdapter.kv_width`, fused ``qkv_proj`` included) times the element size, times
+  ``min(T, W - 1) / T`` on a sliding layer. ``W - 1`` is what transformers 5 keeps
+  (``DynamicSlidingWindowLayer`` caches the last ``W - 1`` tokens; the step's own k/v make the ``W``
+  keys attention reads). Without sliding layers it does not depend on ``T``.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from compress.model.adapter import ArchAdapter, _out_features, adapter_for
+from compress.model.adapter import ArchAdapter, adapter_for
 from compress.target import FOOTPRINT_FIELD
 
 
@@ -179,14 +190,38 @@ def linear_flops_per_token(module: nn.Module) -> float:
     return total
 
 
+def attended_tokens(arch: ArchAdapter, layer: int, seq_len: int) -> int:
+    """Keys one query of ``layer`` reads at context ``seq_len``: ``min(seq_len, window)`` on a
+    sliding-window layer, ``seq_len`` otherwise."""
+    w = arch.sliding_window(layer)
+    return min(seq_len, w) if w else seq_len
+
+
+def cached_tokens(arch: ArchAdapter, layer: int, seq_len: int) -> int:
+    """Tokens ``layer``'s KV cache holds after ``seq_len`` tokens: ``min(seq_len, window - 1)`` on a
+    sliding-window layer (transformers' ``DynamicSlidingWindowLayer``), ``seq_len`` otherwise."""
+    w = arch.sliding_window(layer)
+    return min(seq_len, max(w - 1, 1)) if w else seq_len
+
+
+def layer_attention_core_flops(arch: ArchAdapter, layer: int, seq_len: int = 2048) -> float:
+    """``QKᵀ`` + ``AV`` FLOPs per token of one layer at context ``seq_len`` (window-aware)."""
+    g = arch.geometry(layer)
+    return float(4 * g.num_heads * g.head_dim * attended_tokens(arch, layer, seq_len))
+
+
+def layer_kv_bytes_per_token(arch: ArchAdapter, layer: int, seq_len: int = 2048, itemsize: int = 4) -> float:
+    """One layer's KV-cache bytes at context ``seq_len``, divided by ``seq_len`` (window-aware)."""
+    width = arch.kv_width(layer) * itemsize
+    tokens = cached_tokens(arch, layer, seq_len)
+    return float(width) if tokens == seq_len else width * tokens / seq_len
+
+
 def attention_core_flops_per_token(model: nn.Module, seq_len: int = 2048, arch: ArchAdapter | None = None) -> float:
-    """``QKᵀ`` + ``AV`` FLOPs per token over the full ``seq_len × seq_len`` scores, all layers."""
+    """``QKᵀ`` + ``AV`` FLOPs per token at context ``seq_len``, all layers (``min(seq_len, window)``
+    keys per query on sliding-window layers)."""
     a = _adapter(model, arch)
-    total = 0
-    for i in range(a.num_layers):
-        g = a.geometry(i)
-        total += 4 * g.num_heads * g.head_dim * seq_len
-    return float(total)
+    return float(sum(layer_attention_core_flops(a, i, seq_len) for i in range(a.num_layers)))
 
 
 def flops_per_token(model: nn.Module, seq_len: int = 2048, arch: ArchAdapter | None = None) -> float:
@@ -201,18 +236,20 @@ def flops_per_token(model: nn.Module, seq_len: int = 2048, arch: ArchAdapter | N
 
 
 # --------------------------------------------------------------------------------------- KV cache
-def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None, arch: ArchAdapter | None = None) -> int:
-    """KV-cache bytes per token per sequence: Σ_layers (k width + v width) · element size.
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None, arch: ArchAdapter | None = None,
+                       seq_len: int = 2048) -> int | float:
+    """KV-cache bytes per token per sequence at context ``seq_len``: Σ_layers (k width + v width) ·
+    element size, scaled by ``min(seq_len, window - 1) / seq_len`` on sliding-window layers (see the
+    module doc). An ``int`` (independent of ``seq_len``) when no layer slides.
 
     ``dtype`` is the cache dtype; it defaults to the model's parameter dtype.
     """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     a = _adapter(model, arch)
     itemsize = torch.empty((), dtype=dtype or _param_dtype(model)).element_size()
-    total = 0
-    for i in range(a.num_layers):
-        lin = a.attn_linears(i)
-        total += _out_features(lin[a.attn_names[1]]) + _out_features(lin[a.attn_names[2]])
-    return total * itemsize
+    total_at_t = sum(a.kv_width(i) * itemsize * cached_tokens(a, i, seq_len) for i in range(a.num_layers))
+    return total_at_t // seq_len if total_at_t % seq_len == 0 else total_at_t / seq_len
 
 
 # --------------------------------------------------------------------------------------- footprint
@@ -223,7 +260,7 @@ class Footprint:
 
     params: int
     flops_per_token: float
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int | float  # a float only with sliding-window layers (bytes at seq_len / seq_len)
     dtype: str
     seq_len: int
     layers: list[dict[str, int]] = field(default_factory=list)
@@ -261,7 +298,7 @@ def footprint(model: nn.Module, seq_len: int = 2048, arch: ArchAdapter | None = 
     return Footprint(
         params=count_params(model),
         flops_per_token=flops_per_token(model, seq_len, a),
-        kv_bytes_per_token=kv_bytes_per_token(model, arch=a),
+        kv_bytes_per_token=kv_bytes_per_token(model, arch=a, seq_len=seq_len),
         dtype=_dtype_name(_param_dtype(model)),
         seq_len=seq_len,
         layers=layers,

@@ -25,6 +25,10 @@ width ``I`` (the widest layer), vocabulary ``V``, ``L`` decoder layers; ``W`` th
 * **Layer-wise calibration** (:mod:`compress.calib.layerwise`, and every sequential method):
   ``W + N·T·8 + (N + B)·T·H·b`` (the cached inputs of the current layer plus one mini-batch of its
   outputs) ``+ W_layer`` (the layer on the compute device) ``+ A``. No logits: the lm_head never runs.
+* **Streamed weights** (``--stream-weights``, :mod:`compress.io.streaming`): layer-wise, but the
+  decoder layers are read from the files as the engine visits them and cut in their step, so ``W``
+  above becomes ``W_pruned + W_layer`` (the pruned model, an upper bound for the layers not cut yet,
+  plus the dense layer being read); the other terms are the same.
 * **Gradients of the loss** (training activations of one layer ``A_g = A + B·T·b·(H + I)``, logits in
   fp32 for the loss ``B·T·V·(b + 8)``): whole-model, every layer from the first one with gradients
   keeps its ``A_g``; layer-wise, the inputs of those layers are cached ((k + 1)·N·T·H·b for k layers)
@@ -62,6 +66,16 @@ class MemoryEstimate:
     weights: int
     terms: dict[str, int] = field(default_factory=dict)
     layerwise: bool = False  # calibration one layer at a time (--layerwise, or a sequential method)
+    #: --stream-weights: ``weights`` is the pruned model + one dense layer (``dense_weights``: the dense model)
+    stream: bool = False
+    dense_weights: int | None = None
+
+    def streamed(self, *, pruned_bytes: int, dense_layer_bytes: int) -> MemoryEstimate:
+        """The same run with streamed weights: the decoder layers are read one at a time, so the weights
+        in memory at the peak are the pruned model (``pruned_bytes``, at most) plus the dense layer being
+        read and cut (``dense_layer_bytes``) instead of the dense model."""
+        return MemoryEstimate(weights=int(pruned_bytes) + int(dense_layer_bytes), terms=dict(self.terms),
+                              layerwise=True, stream=True, dense_weights=self.weights)
 
     @property
     def peak_bytes(self) -> int:
@@ -69,11 +83,16 @@ class MemoryEstimate:
 
     @property
     def mode(self) -> str:
+        if self.stream:
+            return "layer-wise, streamed weights"
         return "weights only" if not self.terms else "layer-wise" if self.layerwise else "whole-model"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "weights_bytes": self.weights, "working_bytes": dict(self.terms),
-                "mode": self.mode}
+        d = {"peak_bytes": self.peak_bytes, "weights_bytes": self.weights, "working_bytes": dict(self.terms),
+             "mode": self.mode}
+        if self.stream:
+            d["dense_weights_bytes"] = self.dense_weights
+        return d
 
 
 class MemoryModel:

@@ -19,6 +19,15 @@ default) keeps ``floor`` of the balanced attention width, ``nearest`` rounds it 
 ``ceil``; the MLP then takes whatever budget is left, so the result stays at or below the goal. When
 the rounded attention does not fit under the goal even with the smallest MLP, the solver falls back to
 the largest attention width that fits and says so in :attr:`Widths.note`.
+
+MLP rounding (``mlp_round_to``): an integer keeps MLP widths at multiples of it; ``"auto"`` (the
+default of TransAct and the floors) is :data:`MLP_KERNEL_MULTIPLE` = 32 when the dense width is a
+multiple of 32 and at least 16 × 32, else 1 (exact widths: small MLPs would lose too much of the
+budget to the rounding). 32 is measured, not assumed (``benchmarks/results/mlp_widths_llamacpp.md``):
+llama.cpp's F16 CPU kernels process a prompt ~2.5× faster per FLOP at MLP widths that are multiples
+of 16 than at any other width (1 KV group of SmolLM2: 130-137 GFLOP/s at ×16/32/64/128, 42-53 at
+×1-8), with nothing more to gain beyond 32; 32 also fills whole ggml quantization blocks (Q8_0/Q4_0
+rows are blocks of 32). Decode speed follows the FLOPs at every width.
 """
 
 from __future__ import annotations
@@ -38,6 +47,19 @@ from compress.target import Target
 AttnUnit = Literal["kv_group", "head"]
 AttnRound = Literal["down", "nearest", "up"]
 ATTN_ROUNDING: tuple[str, ...] = ("down", "nearest", "up")
+MlpRoundTo = int | Literal["auto"]
+#: the MLP width multiple ``mlp_round_to="auto"`` rounds to (chosen from the llama.cpp width sweep)
+MLP_KERNEL_MULTIPLE = 32
+
+
+def resolve_mlp_round_to(mlp_round_to: MlpRoundTo, mlp_dense: int) -> int:
+    """The MLP width multiple ``mlp_round_to`` means for a dense width of ``mlp_dense`` channels."""
+    if mlp_round_to == "auto":
+        k = MLP_KERNEL_MULTIPLE
+        return k if mlp_dense % k == 0 and mlp_dense >= 16 * k else 1
+    if isinstance(mlp_round_to, bool) or not isinstance(mlp_round_to, int) or mlp_round_to < 1:
+        raise TargetError(f"mlp_round_to must be a positive integer or 'auto', got {mlp_round_to!r}")
+    return mlp_round_to
 
 
 @dataclass(frozen=True)
@@ -54,6 +76,7 @@ class Widths:
     dense: float
     metric: str
     attn_round: str = "down"  # the policy the attention width was rounded with ("explicit": fixed widths)
+    mlp_round_to: int = 1  # the multiple the MLP width was rounded to (resolved from "auto")
     note: str = ""  # e.g. why the policy's attention width could not be kept
 
     def to_dict(self) -> dict:
@@ -68,6 +91,7 @@ class Widths:
             "dense": self.dense,
             "metric": self.metric,
             "attn_round": self.attn_round,
+            "mlp_round_to": self.mlp_round_to,
         }
         if self.note:
             d["note"] = self.note
@@ -108,7 +132,7 @@ def solve_uniform(
     attn_unit: AttnUnit = "kv_group",
     layers: list[int] | None = None,
     attn_ratio: float = 1.0,
-    mlp_round_to: int = 1,
+    mlp_round_to: MlpRoundTo = 1,
     min_attn_units: int = 1,
     seq_len: int = 2048,
     prune_attention: bool = True,
@@ -127,6 +151,7 @@ def solve_uniform(
     ``attn_round`` (``down``: floor, today's and the default; ``nearest``: half up; ``up``: ceil), and
     the MLP then takes whatever budget the attention granularity left over. A rounded-up width that
     does not fit even with the smallest MLP falls back to the largest width that fits (``Widths.note``).
+    ``mlp_round_to`` is a width multiple or ``"auto"`` (:func:`resolve_mlp_round_to`).
     """
     if attn_round not in ATTN_ROUNDING:
         raise TargetError(f"attn_round must be one of {', '.join(ATTN_ROUNDING)}, got {attn_round!r}")
@@ -146,6 +171,7 @@ def solve_uniform(
                               "equal layers (prune from the dense model)")
     units_dense = g0.num_kv_heads if attn_unit == "kv_group" else g0.group_size
     mlp_dense = g0.intermediate
+    mlp_round_to = resolve_mlp_round_to(mlp_round_to, mlp_dense)
     ca, cm = (sum(x) for x in zip(*(unit_costs(arch, i, attn_unit, seq_len, dtype_bytes)[target.metric]
                                      for i in layers), strict=True))
 
@@ -168,7 +194,8 @@ def solve_uniform(
             raise TargetError(f"explicit widths ({a} attention units, {m} MLP channels) are outside "
                               f"1..{units_dense} and 1..{mlp_dense}")
         return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
-                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round="explicit")
+                      predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round="explicit",
+                      mlp_round_to=1)
     a_min, m_min = widths(0.0)
     if value(a_min, m_min) > goal:
         raise TargetError(
@@ -210,7 +237,7 @@ def solve_uniform(
                         f"with any MLP width; kept {a}, the most that fit")
     return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
                   predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round=attn_round,
-                  note=note)
+                  mlp_round_to=mlp_round_to, note=note)
 
 
 def _fill_mlp(value, a: int, m_start: int, mlp_dense: int, round_to: int, goal: float) -> int | None:

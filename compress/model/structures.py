@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.model.adapter import ArchAdapter
+from compress.model.adapter import ArchAdapter, Role
 from compress.model.plan import Kind, LayerPlan, Plan
 from compress.modeling import LowRankLinear
 
@@ -26,17 +26,25 @@ from compress.modeling import LowRankLinear
 # ====================================================================== structures for scoring
 @dataclass
 class Member:
-    """One parameter of a structure group: units are contiguous blocks of ``width`` along ``dim``."""
+    """One parameter of a structure group: units are contiguous blocks of ``width`` along ``dim``.
+
+    A fused linear (Phi-3's ``qkv_proj``) holds several projections: ``start`` / ``count`` then say
+    which slice along ``dim`` is this member's (``count`` None: the whole dimension)."""
 
     name: str
     param: nn.Parameter
     dim: int
     width: int
+    start: int = 0
+    count: int | None = None
 
     def blocks(self, t: torch.Tensor | None = None) -> torch.Tensor:
-        """``t`` (default: the parameter) reshaped to ``[units, width, rest]``."""
+        """``t`` (default: the parameter, or a tensor of its shape: a gradient, a salience) restricted
+        to this member's slice and reshaped to ``[units, width, rest]``."""
         t = self.param if t is None else t
         t = t.movedim(self.dim, 0)
+        if self.count is not None:
+            t = t.narrow(0, self.start, self.count)
         return t.reshape(t.shape[0] // self.width, self.width, -1)
 
 
@@ -90,29 +98,32 @@ def structure_group(arch: ArchAdapter, kind: Kind, layer: int | None = None) -> 
     geom = arch.geometry(layer)
     prefix = f"model.layers.{layer}"
     members: list[Member] = []
-    if kind in ("kv_group", "head"):
-        q, k, v, o = arch.attn_names
-        attn = arch.attention(layer)
-        qw = geom.head_dim * (geom.group_size if kind == "kv_group" else 1)
-        for name, p, _ in _params(getattr(attn, q), f"{prefix}.self_attn.{q}"):
-            members.append(Member(name, p, 0, qw))
-        if kind == "kv_group":
-            for n in (k, v):
-                for name, p, _ in _params(getattr(attn, n), f"{prefix}.self_attn.{n}"):
-                    members.append(Member(name, p, 0, geom.head_dim))
-        for name, p, is_bias in _params(getattr(attn, o), f"{prefix}.self_attn.{o}"):
+
+    def rows(role: Role, width: int) -> None:  # the output rows a projection owns, in its (maybe fused) linear
+        pr = arch.proj_rows(layer, role)
+        owner = "self_attn" if role in ("q", "k", "v") else "mlp"
+        count = pr.count if pr.fused else None
+        for name, p, _ in _params(pr.linear, f"{prefix}.{owner}.{pr.attr}"):
+            members.append(Member(name, p, 0, width, pr.start, count))
+
+    def columns(owner: str, attr: str, module: nn.Module, width: int) -> None:
+        for name, p, is_bias in _params(module, f"{prefix}.{owner}.{attr}"):
             if not is_bias:
-                members.append(Member(name, p, 1, qw))
+                members.append(Member(name, p, 1, width))
+
+    if kind in ("kv_group", "head"):
+        o = arch.attn_names[3]
+        qw = geom.head_dim * (geom.group_size if kind == "kv_group" else 1)
+        rows("q", qw)
+        if kind == "kv_group":
+            rows("k", geom.head_dim)
+            rows("v", geom.head_dim)
+        columns("self_attn", o, arch.o_proj(layer), qw)
         units = geom.num_kv_heads if kind == "kv_group" else geom.num_heads
     elif kind == "mlp":
-        gate, up, down = arch.mlp_names
-        mlp = arch.mlp(layer)
-        for n in (gate, up):
-            for name, p, _ in _params(getattr(mlp, n), f"{prefix}.mlp.{n}"):
-                members.append(Member(name, p, 0, 1))
-        for name, p, is_bias in _params(getattr(mlp, down), f"{prefix}.mlp.{down}"):
-            if not is_bias:
-                members.append(Member(name, p, 1, 1))
+        rows("gate", 1)
+        rows("up", 1)
+        columns("mlp", arch.mlp_names[2], arch.down_proj(layer), 1)
         units = geom.intermediate
     else:
         raise UsageError(f"unknown structure kind {kind!r}; use kv_group, head, mlp or hidden")
@@ -127,11 +138,11 @@ def _hidden_group(arch: ArchAdapter) -> StructureGroup:
         members.append(Member(f"{p}.post_attention_layernorm.weight", arch.post_attn_norm(i).weight, 0, 1))
         attn, mlp = arch.attention(i), arch.mlp(i)
         q, k, v, o = arch.attn_names
-        for n in (q, k, v):
+        for n in dict.fromkeys((q, k, v)):  # a fused qkv_proj once
             members.append(Member(f"{p}.self_attn.{n}.weight", getattr(attn, n).weight, 1, 1))
         members.append(Member(f"{p}.self_attn.{o}.weight", getattr(attn, o).weight, 0, 1))
         gate, up, down = arch.mlp_names
-        for n in (gate, up):
+        for n in dict.fromkeys((gate, up)):
             members.append(Member(f"{p}.mlp.{n}.weight", getattr(mlp, n).weight, 1, 1))
         members.append(Member(f"{p}.mlp.{down}.weight", getattr(mlp, down).weight, 0, 1))
     members.append(Member("model.norm.weight", arch.final_norm.weight, 0, 1))

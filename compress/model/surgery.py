@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.model.adapter import ArchAdapter, adapter_for
+from compress.model.adapter import ArchAdapter, Role, adapter_for
 from compress.model.plan import Plan, resolve_attention
 from compress.modeling import LowRankLinear
 
@@ -58,6 +58,22 @@ def _head_rows(heads: list[int], hd: int, device) -> torch.Tensor:
     return (torch.as_tensor(heads, device=device).unsqueeze(1) * hd + torch.arange(hd, device=device)).reshape(-1)
 
 
+def _slice_rows(arch: ArchAdapter, i: int, keep: dict[Role, torch.Tensor]) -> None:
+    """Keep rows ``keep[role]`` (indices within the role's own rows) of each projection of layer ``i``;
+    the roles sharing a fused linear are cut together, in their order in it."""
+    fused: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+    owners: dict[tuple[int, str], nn.Module] = {}
+    for role, rows in keep.items():
+        pr = arch.proj_rows(i, role)
+        key = (id(pr.owner), pr.attr)
+        owners[key] = pr.owner
+        fused.setdefault(key, []).append((pr.start, rows + pr.start))
+    for key, parts in fused.items():
+        owner, attr = owners[key], key[1]
+        rows = torch.cat([r for _, r in sorted(parts, key=lambda x: x[0])])
+        setattr(owner, attr, slice_linear(getattr(owner, attr), out_idx=rows))
+
+
 def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) -> nn.Module:
     """Cut the model in place to what ``plan`` keeps; update attention attributes and the config."""
     arch = arch or adapter_for(model)
@@ -68,13 +84,10 @@ def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) ->
         attn, mlp = arch.attention(i), arch.mlp(i)
         if lp.heads is not None or lp.kv_heads is not None:
             heads, kv = resolve_attention(geom, lp.heads, lp.kv_heads, f" for layer {i}")
-            dev = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else None
-            q_rows = _head_rows(heads, geom.head_dim, dev)
-            kv_rows = _head_rows(kv, geom.head_dim, dev)
-            q, k, v, o = arch.attn_names
-            setattr(attn, q, slice_linear(getattr(attn, q), out_idx=q_rows))
-            setattr(attn, k, slice_linear(getattr(attn, k), out_idx=kv_rows))
-            setattr(attn, v, slice_linear(getattr(attn, v), out_idx=kv_rows))
+            q_rows = _head_rows(heads, geom.head_dim, None)
+            kv_rows = _head_rows(kv, geom.head_dim, None)
+            _slice_rows(arch, i, {"q": q_rows, "k": kv_rows, "v": kv_rows})
+            o = arch.attn_names[3]
             setattr(attn, o, slice_linear(getattr(attn, o), in_idx=q_rows))
             attn.num_key_value_groups = len(heads) // len(kv)
         if lp.mlp is not None:
@@ -82,10 +95,9 @@ def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) ->
                 raise UsageError(f"plan removes every MLP channel of layer {i}; keep at least one")
             if max(lp.mlp) >= geom.intermediate or min(lp.mlp) < 0:
                 raise UsageError(f"plan names an MLP channel outside 0..{geom.intermediate - 1} in layer {i}")
-            gate, up, down = arch.mlp_names
-            idx = sorted(set(lp.mlp))
-            setattr(mlp, gate, slice_linear(getattr(mlp, gate), out_idx=idx))
-            setattr(mlp, up, slice_linear(getattr(mlp, up), out_idx=idx))
+            idx = torch.as_tensor(sorted(set(lp.mlp)), dtype=torch.long)
+            _slice_rows(arch, i, {"gate": idx, "up": idx})
+            down = arch.mlp_names[2]
             setattr(mlp, down, slice_linear(getattr(mlp, down), in_idx=idx))
     if plan.hidden is not None:
         _apply_hidden(arch, sorted(set(plan.hidden)))
@@ -103,11 +115,11 @@ def _apply_hidden(arch: ArchAdapter, keep: list[int]) -> None:
         _slice_vector_param(arch.post_attn_norm(i), keep)
         attn, mlp = arch.attention(i), arch.mlp(i)
         q, k, v, o = arch.attn_names
-        for n in (q, k, v):
+        for n in dict.fromkeys((q, k, v)):  # a fused qkv_proj once
             setattr(attn, n, slice_linear(getattr(attn, n), in_idx=keep))
         setattr(attn, o, slice_linear(getattr(attn, o), out_idx=keep))
         gate, up, down = arch.mlp_names
-        for n in (gate, up):
+        for n in dict.fromkeys((gate, up)):
             setattr(mlp, n, slice_linear(getattr(mlp, n), in_idx=keep))
         setattr(mlp, down, slice_linear(getattr(mlp, down), out_idx=keep))
     _slice_vector_param(arch.final_norm, keep)
@@ -126,8 +138,11 @@ def sync_config(model: nn.Module, arch: ArchAdapter | None = None) -> None:
     """
     arch = arch or adapter_for(model)
     geoms = arch.geometries()
+    if "per_layer_shapes" not in arch.features and len(set(geoms)) > 1:
+        raise UsageError(f"{model.config.model_type} layers must keep equal widths (its attention reads the head "
+                         "count from the shared config); this plan makes them differ")
     for i, g in enumerate(geoms):
-        arch.attention(i).num_key_value_groups = g.group_size
+        arch.sync_attention(i, g)
     cfg = model.config
     cfg.hidden_size = geoms[0].hidden if geoms else cfg.hidden_size
     if len(set(geoms)) == 1:

@@ -36,20 +36,41 @@ class RecoverSpec:
 
 
 def _previous_run(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The ``compress_plan.json`` and ``compress_run.json`` of a folder written by compress, if any."""
+    """The ``compress_plan.json`` and ``compress_run.json`` of a folder written by compress, if any.
+
+    Read before any work: a file that is there but is not a JSON object is a one-line UsageError now,
+    not a crash once training is done (the new record is built from the old one)."""
     import json
     from pathlib import Path
 
-    from compress.io.export import PLAN_FILE, RECORD_FILE
+    from compress.errors import UsageError
+    from compress.io.outpath import PLAN_FILE, RECORD_FILE
 
-    out = []
+    out: list[dict[str, Any] | None] = []
     for name in (PLAN_FILE, RECORD_FILE):
-        p = Path(folder) / name
-        try:
-            out.append(json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None)
-        except (OSError, ValueError):
+        p = Path(folder).expanduser() / name
+        if not p.is_file():
             out.append(None)
+            continue
+        fix = "restore it from the folder compress wrote, or delete it to recover without it"
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UsageError(f"cannot read {p} ({e.strerror or e}); check its permissions") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{p} is not text (not UTF-8): the file is damaged; {fix}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): the file is damaged; {fix}") from None
+        if not isinstance(doc, dict):
+            raise UsageError(f"{p} holds a JSON {type(doc).__name__}, not the object compress writes: the file is "
+                             f"damaged; {fix}")
+        out.append(doc)
     return out[0], out[1]
+
+
+def recover_inputs(spec: RecoverSpec) -> list[tuple[str, str | None]]:
+    """What ``compress recover`` reads from disk, which its ``--out`` must stay apart from."""
+    return [("the model folder", spec.model), ("--teacher", spec.teacher), ("--calib", spec.calib)]
 
 
 def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunResult:
@@ -63,7 +84,7 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     The record (``result.record``) has the run record's schema; its ``export`` is set on the main
     process only.
     """
-    from compress.io.export import export_model
+    from compress.io.export import check_output_dir, export_model
     from compress.io.loading import load_model
     from compress.model.footprint import footprint
     from compress.pipeline.preflight import preflight
@@ -71,6 +92,8 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     from compress.pipeline.run import RunResult, check_finite_weights, kd_teacher
     from compress.plugins import get_registry
 
+    check_output_dir(spec.out, spec.overwrite, inputs=recover_inputs(spec))
+    prev_plan, prev_run = _previous_run(spec.model)  # a damaged record is refused now, not after training
     checked = preflight(method=None, model=spec.model, out=spec.out, overwrite=spec.overwrite, dtype=spec.dtype,
                         trust_remote_code=spec.trust_remote_code, recover_tokens=spec.tokens, recover_mode=spec.mode,
                         recover_settings=spec.settings, seed=spec.seed, calib=spec.calib, teacher=spec.teacher,
@@ -95,7 +118,6 @@ def recover_saved(spec: RecoverSpec, log: Callable[[str], None] = print) -> RunR
     after = footprint(model, arch=get_registry().adapter_for(model))
     if after.params != before.params:  # pragma: no cover - recover() contract
         raise RuntimeError(f"recovery changed the parameter count ({before.params} -> {after.params})")
-    prev_plan, prev_run = _previous_run(loaded.source)
     record = empty_run_record()
     record.update({
         "model": {"source": loaded.source},

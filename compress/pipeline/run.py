@@ -14,6 +14,7 @@ in the dense numbering), whose hash and footprint go into the record.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from compress.assets import display_path
-from compress.errors import NumericalError, TargetError, UsageError
+from compress.errors import NumericalError, PluginError, TargetError, UsageError
 from compress.model.footprint import Footprint, footprint
 from compress.pipeline.preflight import DEFAULT_CALIB, Checked, meta_model, preflight
 from compress.pipeline.record import empty_run_record, jsonable, versions
@@ -68,10 +69,19 @@ class RunSpec:
     # RAM and each layer visits ``device`` in turn; ``offload_dir`` caches the activations in files there.
     layerwise: bool | None = None
     offload_dir: str | None = None
+    # read each decoder layer from the safetensors files only when layer-wise calibration visits it
+    # (compress.io.streaming): peak host memory ≈ one dense layer + the pruned model + activations,
+    # not the dense model. Implies layer-wise; for methods with Capabilities.streams_weights.
+    stream_weights: bool = False
     evaluate: bool = True  # quality before -> after on a held-out slice (compress run --no-eval: False)
+    recipe: str | None = None  # the recipe file the run came from: an input, kept apart from --out
 
     def __post_init__(self) -> None:
         self.target = Target.parse(self.target)
+        from compress.io.limits import MAX_SEED
+
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"seed {self.seed!r} must be an integer in 0..{MAX_SEED} (2**32 - 1); use a smaller seed")
 
 
 @dataclass
@@ -102,7 +112,10 @@ class RunResult:
         record, resolved recipe, model card), atomically; returns ``{path, kind, reason, ...}``."""
         from compress.io.export import check_output_dir, export_model
 
-        out = check_output_dir(path, overwrite)
+        model = self.record.get("model")
+        source = model.get("source") if isinstance(model, dict) else None  # never over the model it came from
+        out = check_output_dir(path, overwrite, inputs=[("the model folder", source),
+                                                        ("--calib", self.record.get("calib"))])
         rec = self.record
         plan_doc = {"method": rec["method"], "target": rec["target"], "seed": rec["seed"], "plan": self.plan}
         info = export_model(self.model, self.tokenizer, out, kind=self.export_kind, plan=plan_doc, record=rec,
@@ -131,6 +144,33 @@ STATE_SUFFIX = ".compress-state"
 def state_dir_for(out: Path) -> Path:
     """Where a run writing ``out`` keeps its checkpoints: a hidden sibling, removed once ``out`` is saved."""
     return out.parent / f".{out.name}{STATE_SUFFIX}"
+
+
+def run_inputs(spec: RunSpec) -> list[tuple[str, str | None]]:
+    """What a run reads from disk, which its output (and checkpoint folder) must stay apart from."""
+    model = spec.model
+    if model is None:
+        from compress.io.loading import default_model
+
+        try:
+            model = default_model()
+        except UsageError:  # refused later, where the model is needed
+            model = None
+    # not --offload-dir: a scratch folder (compress writes and removes only its own subfolder there)
+    return [("the model folder", model), ("--teacher", spec.teacher), ("--calib", spec.calib),
+            ("the recipe file", spec.recipe)]
+
+
+def check_run_output(spec: RunSpec) -> None:
+    """Refuse an ``--out`` (or its checkpoint folder) that overlaps an input, or an existing folder
+    compress did not write, before anything else happens (:mod:`compress.io.outpath`)."""
+    from compress.io.outpath import check_apart, check_output_dir
+
+    if not spec.out:
+        return
+    inputs = run_inputs(spec)
+    out = check_output_dir(spec.out, spec.overwrite, inputs=inputs)
+    check_apart(state_dir_for(out), inputs, option="the checkpoint folder of --out")
 
 
 def run_key(spec: RunSpec, pruner: Pruner, source: str) -> str:
@@ -173,6 +213,14 @@ def _resume_state(state_dir: Path, key: str, spec: RunSpec, log) -> bool:
                      "--overwrite to start over")
 
 
+def _resumed_checkpoint(state_dir: Path | None, key: str) -> Path | None:
+    """The checkpoint a ``--resume`` run continues from (already checked by :func:`_resume_state`)."""
+    from compress.io.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(state_dir) if state_dir is not None else None
+    return ckpt.path if ckpt is not None and ckpt.key == key else None
+
+
 def _preflight(spec: RunSpec, *, dry: bool = False) -> Checked:
     return preflight(
         method=spec.method, settings=spec.settings, target=spec.target, model=spec.model,
@@ -183,18 +231,52 @@ def _preflight(spec: RunSpec, *, dry: bool = False) -> Checked:
     )
 
 
+#: Why a method without ``Capabilities.streams_weights`` cannot stream, where it is known.
+_NO_STREAM_WHY = {
+    "llm_pruner": "its Taylor scores rank every layer's groups together and its layer-wise backward "
+                  "revisits the layers, so it needs every layer's weights at once",
+}
+
+
+def check_stream_weights(spec: RunSpec, pruner: Pruner, recovery: Any = None, *, source: str | None = None,
+                         dry: bool = False) -> None:
+    """Refuse ``--stream-weights`` where it cannot work, in one line, before any weight is read: with
+    ``--no-layerwise``, for a method that needs the whole model (no ``Capabilities.streams_weights``),
+    for distillation from a copy of the dense model, and (not for a dry run) for a source that is not
+    a local safetensors folder of a stock model (:func:`compress.io.streaming.can_stream`)."""
+    if not spec.stream_weights:
+        return
+    if spec.layerwise is False:
+        raise UsageError("--stream-weights reads each layer as layer-wise calibration visits it; drop --no-layerwise "
+                         "or --stream-weights")
+    if not pruner.capabilities.streams_weights:
+        why = _NO_STREAM_WHY.get(pruner.name, "it needs the whole model's weights at once")
+        raise UsageError(f"method {pruner.name} cannot stream weights: {why}; drop --stream-weights")
+    if recovery is not None and getattr(recovery, "mode", None) == "kd" and spec.teacher is None:
+        raise UsageError("--recover-mode kd distills from a copy of the dense model, which streaming never holds; "
+                         "pass --teacher DENSE_MODEL or drop --stream-weights")
+    if not dry:
+        from compress.io.streaming import can_stream
+
+        why = can_stream(source or spec.model)
+        if why is not None:
+            raise UsageError(f"--stream-weights needs a local safetensors folder of a stock model: {why}; drop "
+                             "--stream-weights (or convert the model once with save_pretrained)")
+
+
 def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
     """Plan shapes on the meta device: no weights are loaded or allocated. Returns the plan summary."""
     from compress.calib.layerwise import resolve_layerwise
     from compress.io.export import stock_expressible
-    from compress.model.memory import estimate_peak_memory
+    from compress.model.memory import MemoryModel, estimate_peak_memory
 
     checked = _preflight(spec, dry=True)
     pruner, target, shapes = checked.pruner, checked.target, checked.shapes
     assert pruner is not None and target is not None and shapes is not None
     registry = get_registry()
     model, dense = shapes.model, shapes.dense
-    layerwise = resolve_layerwise(checked.layerwise_forced, model)
+    check_stream_weights(spec, pruner, checked.recovery, dry=True)
+    layerwise = spec.stream_weights or resolve_layerwise(checked.layerwise_forced, model)
     teacher_bytes = None
     if checked.teacher is not None and checked.recovery is not None and checked.recovery.mode == "kd":
         from compress.model.footprint import model_bytes
@@ -203,8 +285,13 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
                                                trust_remote_code=spec.trust_remote_code).model)
     memory = estimate_peak_memory(pruner, model, target, layerwise=layerwise, arch=shapes.arch,
                                   recovery=checked.recovery, teacher_bytes=teacher_bytes)
+    dense_layer = MemoryModel(model, arch=shapes.arch).layer_bytes if spec.stream_weights else 0
     with registry.reported(pruner.name, "plan_shapes"):
         planned = pruner.plan_shapes(model, target)
+    if spec.stream_weights:  # the weights in memory: the pruned model + the dense layer being read
+        from compress.model.footprint import model_bytes
+
+        memory = memory.streamed(pruned_bytes=model_bytes(model), dense_layer_bytes=dense_layer)
     arch = registry.adapter_for(model)
     after = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     _goal_check(target, dense, after, pruner.name)
@@ -236,6 +323,7 @@ def run(spec: RunSpec, log=print) -> RunResult:
     target: Target = spec.target  # type: ignore[assignment]  # parsed in RunSpec
     if spec.resume and not spec.out:
         raise UsageError("--resume continues an interrupted run into its --out folder; give the same --out")
+    check_run_output(spec)
     checked = _preflight(spec)
     pruner = checked.pruner
     assert pruner is not None
@@ -243,11 +331,21 @@ def run(spec: RunSpec, log=print) -> RunResult:
     key = run_key(spec, pruner, checked.source)
     state_dir = state_dir_for(out) if out is not None else None
     discard_state = _resume_state(state_dir, key, spec, log) if state_dir is not None else False
+    resumed_from = _resumed_checkpoint(state_dir, key) if spec.resume and not discard_state else None
 
+    check_stream_weights(spec, pruner, checked.recovery, source=checked.source)
     t0 = time.perf_counter()
-    loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
+    stream = None
+    if spec.stream_weights:  # decoder layers on meta: read one by one as the engine visits them
+        from compress.io.loading import parse_dtype
+        from compress.io.streaming import open_streamed
+
+        loaded, stream = open_streamed(checked.source, dtype=parse_dtype(spec.dtype, checked.source),
+                                       trust_remote_code=spec.trust_remote_code)
+    else:
+        loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
-    layerwise = resolve_layerwise(checked.layerwise_forced, model)
+    layerwise = stream is not None or resolve_layerwise(checked.layerwise_forced, model)
     if not layerwise and spec.device != "cpu":
         model.to(spec.device)  # whole-model: all weights on the device; layer-wise: they stay in CPU RAM
     arch = registry.adapter_for(model)
@@ -268,24 +366,35 @@ def run(spec: RunSpec, log=print) -> RunResult:
                                               trust_remote_code=spec.trust_remote_code, tokenizer=tok, log=log))
     ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
                        recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
-                       layerwise=layerwise,
+                       layerwise=layerwise, stream=stream,
                        offload_dir=Path(spec.offload_dir).expanduser() if spec.offload_dir else None)
     if discard_state:
-        import shutil
+        from compress.io.checkpoint import discard_checkpoint
 
-        shutil.rmtree(state_dir, ignore_errors=True)  # --overwrite: the interrupted run is discarded
-    log(f"loaded {display_path(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters")
-    result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
-                             load_s=load_s, log=log)
+        discard_checkpoint(state_dir)  # --overwrite: the interrupted run is discarded
+    log(f"loaded {display_path(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters"
+        + (" (decoder layers streamed from the files as they are visited)" if stream is not None else ""))
+    try:
+        result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
+                                 load_s=load_s, log=log)
+    except PluginError as e:
+        if resumed_from is None:
+            raise
+        # the method read the checkpoint's state and choked on it: the checkpoint is the suspect
+        cause = e.__cause__ or e
+        first = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""
+        raise UsageError(f"resuming from the checkpoint {resumed_from} failed ({type(cause).__name__}: {first}): it "
+                         "is damaged or was written by another version of the method; pass --overwrite to start "
+                         "over") from e
     if out is not None:
 
         def export() -> None:
             info = result.save(out, overwrite=spec.overwrite)
             log(f"saved {out} ({info['kind']} format)")
             if state_dir is not None:
-                import shutil
+                from compress.io.checkpoint import discard_checkpoint
 
-                shutil.rmtree(state_dir, ignore_errors=True)  # saved: nothing left to resume
+                discard_checkpoint(state_dir)  # saved: nothing left to resume
 
         from compress.train.distributed import on_main_process
 
@@ -359,15 +468,21 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
 
     registry = get_registry()
     quality: dict[str, Any] | None = None
+    stream = ctx.stream
     if spec.evaluate and tok is not None:
         t = time.perf_counter()
-        quality = {"text": f"{QUALITY_TEXT} test, first {QUALITY_WINDOWS} windows", "dense": quick_quality(model, tok)}
+        # streamed weights: each dense layer is read for its forward and handed back after it
+        with stream.on_demand(model) if stream is not None else contextlib.nullcontext():
+            dense_quality = quick_quality(model, tok)
+        quality = {"text": f"{QUALITY_TEXT} test, first {QUALITY_WINDOWS} windows", "dense": dense_quality}
         log(f"dense perplexity {quality['dense']['ppl']:.2f} ({time.perf_counter() - t:.1f}s)")
     torch.manual_seed(spec.seed)
     log(f"pruning with {pruner.name} to {target}")
     t1 = time.perf_counter()
     with track_peak_rss() as rss, registry.reported(pruner.name, "prune"):
         result = pruner.prune(model, target, ctx)
+        if stream is not None:  # what the method did not visit (or handed back) is read now
+            stream.finish(result.model)
     prune_s = time.perf_counter() - t1
     model = result.model
     arch = registry.adapter_for(model)

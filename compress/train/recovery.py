@@ -35,13 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from compress.calib.sources import CalibrationSource
 from compress.errors import UsageError, one_line_validation
 from compress.io.export import STOCK_ALTERNATIVES
+from compress.io.limits import MAX_BATCH, MAX_RECOVER_TOKENS, MAX_SEED, MAX_SEQ_LEN
 from compress.io.recipe import RECOVER_MODES
+from compress.io.settings import BoundedSettings
 from compress.train.distributed import load_full_state, meta_skeleton
 
 T = TypeVar("T")
@@ -58,17 +60,21 @@ DEFAULT_LR: dict[str, float] = {"full": 5e-5, "lora": 1e-4, "kd": 5e-5}
 RecoverMode = Literal[RECOVER_MODES]  # type: ignore[valid-type]  # the recipe vocabulary, one place
 
 
-class RecoveryConfig(BaseModel):
-    """Recovery training settings. Unknown keys are rejected."""
+class RecoveryConfig(BoundedSettings):
+    """Recovery training settings. Unknown keys are rejected; numbers are bounded
+    (:class:`compress.io.settings.BoundedSettings`: finite floats — lr=inf would train to NaN —, no booleans
+    for numbers, integers within :mod:`compress.io.limits`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # no validate_assignment: _fill_defaults assigns lr after validation
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
-    tokens: int = Field(gt=0, description="training token budget (all processes together)")
+    tokens: int = Field(gt=0, le=MAX_RECOVER_TOKENS, description="training token budget (all processes together)")
     mode: RecoverMode = Field("full", description="full: every weight, LM loss; lora: adapters merged back; "
                               "kd: every weight, distillation from the teacher (the dense model)")
-    seq_len: int = Field(512, gt=0)
-    batch_size: int = Field(4, gt=0, description="micro-batch per device")
-    grad_accum: int = Field(1, gt=0)
+    # >= 2: the LM loss of a sequence predicts its tokens 2..T, a 1-token sequence has none (loss 0.0)
+    seq_len: int = Field(512, ge=2, le=MAX_SEQ_LEN)
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH, description="micro-batch per device")
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH)
     lr: float | None = Field(None, gt=0, description="None: 5e-5 for full and kd, 1e-4 for lora")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
@@ -79,7 +85,7 @@ class RecoveryConfig(BaseModel):
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_targets: list[str] | None = Field(None, description=f"None: {', '.join(DEFAULT_LORA_TARGETS)}")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     bf16: bool = False
     max_grad_norm: float = Field(1.0, ge=0)
     logging_steps: int | None = Field(None, gt=0, description="None: about 25 log points per run")

@@ -21,6 +21,11 @@ Faithful to the official code (XiaoMi/transact-pruning ``pruning/scorer.py::Acts
   ``recover_warmup_ratio`` / ``recover_lr_scheduler`` set the optimizer of that training (official:
   AdamW β = (0.9, 0.95), weight decay 0, 10 % warm-up, cosine; unset = the run's recovery settings).
 * The hidden size and ``head_dim`` are never pruned (RoPE untouched).
+* **Streamed weights** (``--stream-weights``: the decoder layers are read from the files only when
+  the layer-wise engine visits them): the first shot scores and cuts each layer in its own step,
+  the statistics recorded during the pass that makes the next layer's inputs from the still-dense
+  layer (:meth:`compress.LayerStep.advance`), so the plan and the weights are those of the in-memory
+  layer-wise run, with one dense layer in memory at a time. Later shots run on the pruned model.
 * With ``shots > 1`` the model, the composed plan and the RNG state are checkpointed after every
   finished shot (``ctx.checkpoint``); ``compress run --resume`` continues after the last one and ends
   with byte-identical weights and plan.
@@ -52,7 +57,7 @@ Deviations (documented, each with a reason):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -82,17 +87,18 @@ from compress import (
 class TransActConfig(PrunerConfig):
     calib_samples: int = Field(128, ge=1, description="calibration sequences (official: 128)")
     calib_seq_len: int = Field(2048, ge=2, description="tokens per sequence (official: 4096; capped at context)")
-    shots: int = Field(1, ge=1, description="pruning steps K (official README example: 8)")
+    shots: int = Field(1, ge=1, le=1024, description="pruning steps K (official README example: 8)")
     gqa: Literal["groups", "heads"] = Field("groups", description="drop whole KV groups, or heads inside groups")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio (1 = balanced)")
     attn_round: Literal["down", "nearest", "up"] = Field(
         "down", description="round the balanced attention width down / to nearest / up to whole units; "
                           "the MLP takes the rest of the budget (up: measured best on SmolLM2)")
-    attn_heads: int | None = Field(None, ge=1, description="explicit query heads per layer (official -a / head_dim)")
-    mlp_dim: int | None = Field(None, ge=1, description="explicit MLP width (official -f)")
-    mlp_round_to: int = Field(1, ge=1, description="MLP width multiple")
+    attn_heads: int | None = Field(None, ge=1, le=4096, description="explicit query heads per layer (official -a / head_dim)")
+    mlp_dim: int | None = Field(None, ge=1, le=1 << 20, description="explicit MLP width (official -f)")
+    mlp_round_to: Annotated[int, Field(ge=1, le=1 << 20)] | Literal["auto"] = Field(
+        "auto", description="MLP width multiple; auto: 32 when the dense width is a multiple of 32 (>= 512), else 1")
     alpha: float = Field(10.0, ge=0, description="head score = mean + (alpha/head_dim)·max")
-    recover_tokens_per_shot: int = Field(0, ge=0, description="average training tokens after each shot")
+    recover_tokens_per_shot: int = Field(0, ge=0, le=1 << 30, description="average training tokens after each shot")
     recover_lr: float = Field(5e-5, gt=0, description="base LR of interleaved training (ramped 2i/K)")
     # optimizer of the interleaved training; None = the run's recovery setting (RecoveryConfig default)
     recover_beta1: float | None = Field(None, ge=0, lt=1, description="AdamW beta1 between shots (official 0.9)")
@@ -118,6 +124,7 @@ class TransActPruner(Pruner):
         targets=("params", "flops", "kv"),
         export="auto",
         sequential=False,
+        streams_weights=True,
         summary="L2 norm of transitional activations (o_proj / down_proj inputs), iterative shots, hidden kept",
         reference="Shen et al., Findings ACL 2024 (arXiv 2407.05690); XiaoMi/transact-pruning",
     )
@@ -217,6 +224,32 @@ class TransActPruner(Pruner):
             out[i] = (stats[f"{i}.attn"].l2, stats[f"{i}.mlp"].l2)
         return out
 
+    def collect_and_cut(self, model, ctx: PruneContext, batches: torch.Tensor, widths: Widths) -> Plan:
+        """One shot with streamed weights: for each layer in turn (read from the files by the engine),
+        the saliences of its transitional activations, recorded while the dense layer makes the next
+        layer's inputs, then its plan at ``widths`` and the cut. Same statistics, plan and weights as
+        :meth:`collect` + one :func:`apply_plan`; only one dense layer is in memory at a time."""
+        arch = ctx.arch
+        if "per_layer_shapes" not in arch.features:
+            mt = getattr(arch.config, "model_type", type(model).__name__)
+            raise Unsupported(f"TransAct cannot stream the weights of {mt} models (their layers must keep equal "
+                              "widths while they are cut one by one); drop --stream-weights")
+        plan = Plan()
+        with ctx.layers(model, batches, batch_size=self.config.calib_batch_size,
+                        description="TransAct scoring") as runner:
+            for step in runner:
+                i = step.index
+                with record({"attn": arch.o_proj(i), "mlp": arch.down_proj(i)}, where="input") as stats:
+                    step.advance()  # the next layer's inputs come from the dense layer
+                for key in ("attn", "mlp"):
+                    stats[key].check_finite(f"transitional activations of layer {i}.{key}")
+                attn = {i: self.attention_unit_scores(arch, i, stats["attn"].l2, widths.attn_unit)}
+                layer_plan = plan_from_scores(arch, widths, attn, {i: stats["mlp"].l2}, layers=[i])
+                apply_plan(model, layer_plan, arch)
+                plan.layers.update(layer_plan.layers)
+                del stats, attn  # the cut-off dense linears are freed before the engine trims the heap
+        return plan
+
     def head_scores(self, channel_l2: torch.Tensor, head_dim: int) -> torch.Tensor:
         """``mean + (alpha/head_dim)·max`` of each head's channel saliences."""
         s = channel_l2.float().reshape(-1, head_dim)
@@ -250,6 +283,8 @@ class TransActPruner(Pruner):
             done, history = int(resumed.state["shot"]), list(resumed.state["history"])
             total_plan = Plan.from_dict(resumed.state["plan"])
             apply_plan(model, total_plan, arch)
+            if ctx.streaming:  # the cut layers are still on meta: give them memory for the checkpoint
+                ctx.stream.allocate(model)
             resumed.load_into(model)
             ctx.log(f"TransAct: resuming after shot {done}/{cfg.shots} ({resumed.path})")
         recovery = self._recovery(ctx)
@@ -264,11 +299,14 @@ class TransActPruner(Pruner):
             if widths.attn_units_dense == units and widths.mlp_dense == mlp:
                 history.append({"shot": shot, "skipped": True})
                 continue
-            sal = self.collect(model, ctx, batches)
-            attn_scores = {i: self.attention_unit_scores(arch, i, sal[i][0], unit) for i in sal}
-            mlp_scores = {i: sal[i][1] for i in sal}
-            plan = plan_from_scores(arch, widths, attn_scores, mlp_scores)
-            apply_plan(model, plan, arch)
+            if ctx.streaming and any(p.is_meta for p in model.parameters()):
+                plan = self.collect_and_cut(model, ctx, batches, widths)  # dense layers read one by one
+            else:
+                sal = self.collect(model, ctx, batches)
+                attn_scores = {i: self.attention_unit_scores(arch, i, sal[i][0], unit) for i in sal}
+                mlp_scores = {i: sal[i][1] for i in sal}
+                plan = plan_from_scores(arch, widths, attn_scores, mlp_scores)
+                apply_plan(model, plan, arch)
             total_plan = total_plan.compose(plan)
             entry = {"shot": shot, **self._summary(arch, widths)}
             ctx.log(f"TransAct shot {shot}/{cfg.shots}: {entry['heads']} heads "

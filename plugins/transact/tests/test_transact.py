@@ -147,12 +147,12 @@ def test_schedule_rounds_whole_kv_groups_smollm2():
     with K = 4 ends at 1 group: 576 → ceil(480/192) = 3 → ceil(448/192) = 3 → 2 → 1."""
     model = _smollm2_meta()
     arch = adapter_for(model)
-    p = TransActPruner({"shots": 4, "attn_round": "down"})
+    p = TransActPruner({"shots": 4, "attn_round": "down", "mlp_round_to": 1})
     final = p.final_widths(arch, Target.parse("60%"))
     assert (final.attn_unit, final.attn_units, final.mlp) == ("kv_group", 1, 839)
     steps = p.schedule(arch, final)
     assert [u for u, _ in steps] == [3, 3, 2, 1] == _official_schedule(576, 192, 192, 4)
-    up = TransActPruner({"shots": 4, "attn_round": "up"})
+    up = TransActPruner({"shots": 4, "attn_round": "up", "mlp_round_to": 1})
     final_up = up.final_widths(arch, Target.parse("60%"))
     assert (final_up.attn_units, final_up.mlp) == (2, 668)
     assert [u for u, _ in up.schedule(arch, final_up)] == [3, 3, 3, 2] == _official_schedule(576, 384, 192, 4)
@@ -174,17 +174,17 @@ def test_dry_run_json_lists_the_per_shot_widths():
     assert [s["kv_heads"] for s in shots] == [s["heads"] for s in shots]  # MHA
     assert shots[-1]["mlp"] == 1536 and rec["plan"]["f"] == 1536
     json.dumps(rec)  # what --json prints
-    smol = TransActPruner({"shots": 4, "attn_round": "down"}).plan_shapes(_smollm2_meta(), Target.parse("60%"))
+    smol = TransActPruner({"shots": 4, "attn_round": "down", "mlp_round_to": 1}).plan_shapes(_smollm2_meta(), Target.parse("60%"))
     assert [(s["heads"], s["kv_heads"]) for s in smol["shots"]] == [(9, 3), (9, 3), (6, 2), (3, 1)]
     assert smol["shots"][-1]["mlp"] == smol["f"] == 839
-    smol = TransActPruner({"shots": 4, "attn_round": "up"}).plan_shapes(_smollm2_meta(), Target.parse("60%"))
+    smol = TransActPruner({"shots": 4, "attn_round": "up", "mlp_round_to": 1}).plan_shapes(_smollm2_meta(), Target.parse("60%"))
     assert [(s["heads"], s["kv_heads"]) for s in smol["shots"]] == [(9, 3), (9, 3), (9, 3), (6, 2)]
     assert smol["shots"][-1]["mlp"] == smol["f"] == 668
 
 
 def test_attn_round_policy():
     arch = adapter_for(_smollm2_meta())
-    got = {r: TransActPruner({"attn_round": r}).final_widths(arch, Target.parse("60%")) for r in ("down", "nearest", "up")}
+    got = {r: TransActPruner({"attn_round": r, "mlp_round_to": 1}).final_widths(arch, Target.parse("60%")) for r in ("down", "nearest", "up")}
     assert {r: (w.attn_units, w.mlp) for r, w in got.items()} == {"down": (1, 839), "nearest": (2, 668), "up": (2, 668)}
     assert all(w.predicted <= w.goal for w in got.values())
     assert got["up"].to_dict()["attn_round"] == "up"
@@ -193,6 +193,26 @@ def test_attn_round_policy():
     assert TransActConfig().attn_round == "down"
     with pytest.raises(Exception, match="attn_round"):
         TransActConfig(attn_round="ceil")
+
+
+def test_mlp_widths_are_kernel_multiples_by_default():
+    """mlp_round_to=auto: 32 for SmolLM2's 1536-wide MLP (llama.cpp's width sweep), exact for small MLPs;
+    recorded in the plan; an explicit 1 keeps exact widths."""
+    arch = adapter_for(_smollm2_meta())
+    for target, exact, rounded in (("80%", 1187, 1184), ("60%", 839, 832), ("50%", 579, 576)):
+        auto = TransActPruner({}).final_widths(arch, Target.parse(target))
+        assert (auto.mlp, auto.mlp_round_to) == (rounded, 32) and auto.predicted <= auto.goal
+        assert auto.to_dict()["mlp_round_to"] == 32
+        one = TransActPruner({"mlp_round_to": 1}).final_widths(arch, Target.parse(target))
+        assert (one.mlp, one.mlp_round_to) == (exact, 1)
+    shapes = TransActPruner({}).plan_shapes(_smollm2_meta(), Target.parse("60%"))
+    assert shapes["f"] == 832 and shapes["mlp_round_to"] == 32
+    tiny = adapter_for(tiny_model("llama-gqa"))
+    w = TransActPruner({}).final_widths(tiny, Target.parse("60%"))
+    assert w.mlp_round_to == 1  # a small MLP keeps exact widths
+    for bad in (0, -64, "64x", 1.5):
+        with pytest.raises(Exception, match="mlp_round_to"):
+            TransActConfig(mlp_round_to=bad)
 
 
 @needs_assets
@@ -297,19 +317,23 @@ def test_config_rejects_unknown_keys_and_half_explicit_widths():
 
 
 # ----------------------------------------------------------------------------- target arithmetic
-@pytest.mark.parametrize("target,low", [("2B", 1.99e9), ("4B", 3.99e9)])
-def test_llama2_7b_dry_run_arithmetic(target, low):
+@pytest.mark.parametrize("round_to", [1, "auto"])
+@pytest.mark.parametrize("target,low", [("2B", 1.97e9), ("4B", 3.97e9)])
+def test_llama2_7b_dry_run_arithmetic(target, low, round_to):
     from compress import footprint
 
     model = _meta(LLAMA7B)
     dense = footprint(model)
     assert dense.params == 6_738_415_616
-    summary = TransActPruner().plan_shapes(model, Target.parse(target))
+    summary = TransActPruner({"mlp_round_to": round_to}).plan_shapes(model, Target.parse(target))
     got = footprint(model)
     goal = Target.parse(target).goal(dense.params)
     assert low <= got.params <= goal
-    # as close as granularity allows: one more MLP channel in every layer would overshoot
-    assert got.params + 32 * 3 * 4096 > goal
+    # as close as granularity allows: one more MLP step (1 channel, or 32 with auto: 11008 = 344 × 32) in
+    # every layer would overshoot
+    step = 1 if round_to == 1 else 32
+    assert summary["mlp_round_to"] == step and summary["mlp"] % step == 0
+    assert got.params + 32 * 3 * 4096 * step > goal
     a, f = summary["a"], summary["f"]
     assert got.params == 2 * 32000 * 4096 + 65 * 4096 + 32 * (4 * 4096 * a + 3 * 4096 * f)
     assert got.kv_bytes_per_token == dense.kv_bytes_per_token * a // 4096
@@ -318,11 +342,13 @@ def test_llama2_7b_dry_run_arithmetic(target, low):
 
 def test_llama2_7b_2b_plan_values():
     model = _meta(LLAMA7B)
-    s = TransActPruner({"attn_round": "up"}).plan_shapes(model, Target.parse("2B"))
+    s = TransActPruner({"attn_round": "up", "mlp_round_to": 1}).plan_shapes(model, Target.parse("2B"))
     # balanced keep ratio ≈ 0.27 → 8.6 heads, rounded up to 9 (a = 1152); the rest of the budget in the MLP
     assert (s["heads"], s["a"], s["f"]) == (9, 1152, 2882)
-    s = TransActPruner().plan_shapes(_meta(LLAMA7B), Target.parse("2B"))  # default: down
+    s = TransActPruner({"mlp_round_to": 1}).plan_shapes(_meta(LLAMA7B), Target.parse("2B"))  # default: down
     assert (s["heads"], s["a"], s["f"]) == (8, 1024, 3053)
+    s = TransActPruner().plan_shapes(_meta(LLAMA7B), Target.parse("2B"))  # default MLP multiple: 32
+    assert (s["heads"], s["a"], s["f"]) == (8, 1024, 3040)
 
 
 def test_explicit_official_widths():
