@@ -390,7 +390,8 @@ def run(spec: RunSpec, log=print) -> RunResult:
 
         def export() -> None:
             info = result.save(out, overwrite=spec.overwrite)
-            log(f"saved {out} ({info['kind']} format)")
+            info["path"] = str(spec.out)  # messages name the folder as the user gave it (out is resolved)
+            log(f"saved {spec.out} ({info['kind']} format)")
             if state_dir is not None:
                 from compress.io.checkpoint import discard_checkpoint
 
