@@ -61,10 +61,20 @@ def test_two_processes_match_one_process(tmp_path, stories_dir, text):
     r2 = _launch(["--multi_gpu", "--num_processes", "2"], _recover_args(stories_dir, two, text, BATCH // 2), tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("recovered ") == 1 and r1.stdout.count("recovered ") == 1  # only rank 0 reports
+    # the FSDP config on CPU: accelerate 1.15 drops its FSDP plugin on MULTI_CPU, so this is DDP again
+    # (same numbers), and compress says so instead of pretending to shard
+    fsdp = tmp_path / "fsdp"
+    r3 = _launch(["--config_file", str(ROOT / "benchmarks" / "accelerate" / "fsdp_cpu_test.yaml")],
+                 _recover_args(stories_dir, fsdp, text, BATCH // 2), tmp_path)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "accelerate does not shard on CPU" in r3.stderr and "does not shard" not in r2.stderr
 
     rec1 = json.loads((one / "compress_run.json").read_text())["recovery_result"]
     rec2 = json.loads((two / "compress_run.json").read_text())["recovery_result"]
-    assert rec1["world_size"] == 1 and rec2["world_size"] == 2
+    rec3 = json.loads((fsdp / "compress_run.json").read_text())["recovery_result"]
+    assert rec1["world_size"] == 1 and rec2["world_size"] == rec3["world_size"] == 2
+    assert (rec1["parallelism"], rec2["parallelism"], rec3["parallelism"]) == ("none", "ddp", "ddp")
+    assert rec3["losses"] == rec2["losses"]  # the same DDP run, bit for bit
     assert rec1["steps"] == rec2["steps"] == TOKENS // (SEQ * BATCH)
     assert rec1["tokens_seen"] == rec2["tokens_seen"] == TOKENS
     l1, l2 = rec1["losses"], rec2["losses"]
@@ -78,6 +88,8 @@ def test_two_processes_match_one_process(tmp_path, stories_dir, text):
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert set(w1) == set(w2)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    w3 = load_file(fsdp / "model.safetensors")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert max((w1[k] - w0[k]).abs().max().item() for k in w1 if k in w0) > 1e-3
     for out in (one, two):
         m = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -168,9 +180,73 @@ def test_accelerate_configs_are_valid():
 
     ddp = load_config_from_file(str(ROOT / "benchmarks" / "accelerate" / "ddp.yaml"))
     fsdp = load_config_from_file(str(ROOT / "benchmarks" / "accelerate" / "fsdp.yaml"))
+    cpu = load_config_from_file(str(ROOT / "benchmarks" / "accelerate" / "fsdp_cpu_test.yaml"))
     assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_processes >= 2
-    assert fsdp.distributed_type == DistributedType.FSDP
-    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp.distributed_type == cpu.distributed_type == DistributedType.FSDP
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == cpu.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    # GPUs: bf16 compute, weights loaded once (rank 0); the CPU test: fp32, 2 processes
+    assert fsdp.mixed_precision == "bf16" and fsdp.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+    assert cpu.mixed_precision == "no" and cpu.num_processes == 2
+    assert {k: v for k, v in cpu.fsdp_config.items() if k != "fsdp_cpu_ram_efficient_loading"} == {
+        k: v for k, v in fsdp.fsdp_config.items() if k != "fsdp_cpu_ram_efficient_loading"}
+
+
+_FSDP2_GATHER = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from compress.testing import tiny_model
+from compress.train.distributed import load_full_state, meta_skeleton
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = tiny_model("llama-gqa")
+ref = tiny_model("llama-gqa")
+ref.load_state_dict(model.state_dict())
+skeleton = meta_skeleton(model)
+for layer in model.model.layers:  # the wrap unit of fsdp.yaml: one decoder layer
+    fully_shard(layer)
+fully_shard(model)
+assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+for m in (model, ref):  # 3 SGD steps on the same batch in every process: the sharded and plain must agree
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        m(ids, labels=ids).loss.backward()
+        opt.step()
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+rebuilt = load_full_state(skeleton, full).eval()
+assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+expect = ref.state_dict()
+dw = max((rebuilt.state_dict()[k] - expect[k]).abs().max().item() for k in expect)
+with torch.no_grad():
+    dl = (rebuilt(ids).logits - ref.eval()(ids).logits).abs().max().item()
+moved = max((expect[k] - v).abs().max().item() for k, v in tiny_model("llama-gqa").state_dict().items())
+print(f"rank {dist.get_rank()} weights {dw:.3e} logits {dl:.3e} moved {moved:.3e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_gather_on_two_cpu_processes(tmp_path):
+    """The FSDP export path for real, on 2 CPU processes (gloo): torch's FSDP2 shards per decoder layer
+    on CPU (accelerate will not, see fsdp_cpu_test.yaml), trains, gathers the full state dict, and
+    recover()'s rebuild of it equals the same training without sharding."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    script = tmp_path / "gather.py"
+    script.write_text(_FSDP2_GATHER)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("rank ")]
+    assert sorted(int(ln[1]) for ln in lines) == [0, 1]
+    for ln in lines:
+        weights, logits, moved = float(ln[3]), float(ln[5]), float(ln[7])
+        assert weights < 1e-5 and logits < 1e-4, ln
+        assert moved > 1e-3  # it trained
 
 
 def test_rebuild_from_gathered_weights_keeps_ties():

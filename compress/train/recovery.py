@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -130,6 +131,7 @@ class RecoveryResult:
     lr: float = 0.0
     mode: str = "full"
     trained_params: int = 0  # parameters the optimizer updated (LoRA: the adapters)
+    parallelism: str = "none"  # "none" (one process), "ddp", "fsdp" or "deepspeed": how the Trainer ran the model
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly record (no model)."""
@@ -138,6 +140,7 @@ class RecoveryResult:
             "tokens_seen": self.tokens_seen,
             "steps": self.steps,
             "world_size": self.world_size,
+            "parallelism": self.parallelism,
             "lr": self.lr,
             "trained_params": self.trained_params,
             "first_loss": self.losses[0][1] if self.losses else None,
@@ -431,7 +434,15 @@ def recover(
             trainer.remove_callback(PrinterCallback)
         # FSDP (accelerate config) shards the parameters in place; keep a weightless copy of the
         # module tree to rebuild a plain model from the gathered full weights afterwards.
-        skeleton = meta_skeleton(train_model) if getattr(trainer, "is_fsdp_enabled", False) else None
+        fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+        deepspeed = bool(getattr(trainer, "is_deepspeed_enabled", False))
+        parallelism = "fsdp" if fsdp else "deepspeed" if deepspeed else "ddp" if world > 1 else "none"
+        if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            # accelerate 1.15 keeps its FSDP plugin only on accelerators (MULTI_GPU, XPU, ...): on CPU
+            # (MULTI_CPU) it drops it without a word and the Trainer runs plain DDP
+            warnings.warn("the accelerate config asks for FSDP, but accelerate does not shard on CPU: "
+                          "training runs as DDP (every process holds the whole model)", stacklevel=1)
+        skeleton = meta_skeleton(train_model) if fsdp else None
         with _quiet_peft():
             trainer.train()
         if skeleton is not None:
@@ -472,6 +483,7 @@ def recover(
         losses=losses,
         wall_s=time.perf_counter() - t0,
         world_size=world,
+        parallelism=parallelism,
         lr=float(cfg.lr),
         mode=cfg.mode,
         trained_params=trained,
