@@ -394,6 +394,18 @@ def _alarm(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
+def _answer_touching_only_out(capfd, work: Path, out: Path, argv: list[str]) -> int:
+    """Run ``argv`` under a 60 s alarm, require a clean answer (:func:`_check_answer`) and that nothing
+    in ``work`` but ``out`` changed; the exit code."""
+    before = _snapshot(work, skip=out)
+    t0 = time.perf_counter()
+    with _alarm(60):
+        rc, _, err = _cli(capfd, argv)
+    _check_answer(rc, err, time.perf_counter() - t0, argv)
+    assert _snapshot(work, skip=out) == before
+    return rc
+
+
 def _check_answer(rc: int, err: str, seconds: float, argv: list[str]) -> None:
     assert rc in (0, 2), (argv, rc, err[-2000:])
     assert "Traceback" not in err, err[-2000:]
@@ -429,12 +441,7 @@ def test_random_configs_answer_0_or_2(tmp_path_factory, capfd, stories_dir, stor
                         "--target", "60%", "--model", str(model), "--dry-run"],
             "run": ["run", "--method", "magnitude", "--target", "60%", "--model", str(model), "--out", str(out),
                     "--no-progress", "--no-eval"]}[command]
-    before = _snapshot(work, skip=out)
-    t0 = time.perf_counter()
-    with _alarm(60):
-        rc, _, err = _cli(capfd, argv)
-    _check_answer(rc, err, time.perf_counter() - t0, argv)
-    assert _snapshot(work, skip=out) == before
+    rc = _answer_touching_only_out(capfd, work, out, argv)
     assert (rc == 0) == out.exists() or command != "run"
 
 
@@ -477,12 +484,7 @@ def test_random_recipes_answer_0_or_2(tmp_path_factory, capfd, stories_dir, fmt,
     out = work / "out"
     argv = ["run", "--method", method, "--target", "60%", "--model", str(stories_dir),
             "--recipe", str(recipe), *(["--out", str(out), "--no-eval", "--no-progress"] if real else ["--dry-run"])]
-    before = _snapshot(work, skip=out)
-    t0 = time.perf_counter()
-    with _alarm(60):
-        rc, _, err = _cli(capfd, argv)
-    _check_answer(rc, err, time.perf_counter() - t0, argv)
-    assert _snapshot(work, skip=out) == before
+    rc = _answer_touching_only_out(capfd, work, out, argv)
     assert out.exists() == (real and rc == 0)
 
 
