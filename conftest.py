@@ -85,3 +85,16 @@ def kill_9_at_random(argv: list[str], low: float, high: float) -> float:
             proc.kill()
             proc.wait()
     return delay
+
+
+@pytest.fixture(scope="module")
+def calib():
+    """TinyStories calibration text through the tiny tokenizer (seeded, first 150k characters); skips
+    without $COMPRESS_ASSETS. One per test module, as the modules that use it had each defined it."""
+    from compress.calib.sources import CalibrationSource
+    from compress.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    if tok is None:
+        pytest.skip("needs $COMPRESS_ASSETS")
+    return CalibrationSource.from_spec("tinystories", tok, seed=0, max_chars=150_000)

@@ -23,18 +23,10 @@ from compress.calib.stats import record
 from compress.cli import main
 from compress.model.footprint import model_bytes
 from compress.pruner import PruneContext
-from compress.testing import TINY_KINDS, tiny_config, tiny_model, tiny_tokenizer
+from compress.testing import TINY_KINDS, tiny_config, tiny_model
 from conftest import needs_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def calib():
-    tok = tiny_tokenizer()
-    if tok is None:
-        pytest.skip("needs $COMPRESS_ASSETS")
-    return CalibrationSource.from_spec("tinystories", tok, seed=0, max_chars=150_000)
 
 
 def _sliding_qwen2() -> nn.Module:

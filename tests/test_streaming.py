@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 import compress.io.streaming as streaming
 from compress import ArchAdapter, Target
-from compress.calib.sources import CalibrationSource
 from compress.cli import main
 from compress.errors import UsageError
 from compress.io.loading import load_model
@@ -36,14 +35,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), needs_assets]
 METHODS = {"transact": TransActPruner, "slicegpt": SliceGPTPruner, "lorap": LorapPruner, "depth": DepthPruner}
 SETTINGS = {"calib_samples": 6, "calib_seq_len": 48, "calib_batch_size": 4}
 TARGETS = {"transact": "60%", "slicegpt": "90%", "lorap": "70%", "depth": "70%"}
-
-
-@pytest.fixture(scope="module")
-def calib():
-    tok = tiny_tokenizer()
-    if tok is None:
-        pytest.skip("needs $COMPRESS_ASSETS")
-    return CalibrationSource.from_spec("tinystories", tok, seed=0, max_chars=150_000)
 
 
 def _save(folder: Path, kind: str, sharded: bool) -> Path:

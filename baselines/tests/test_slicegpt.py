@@ -34,7 +34,6 @@ from compress import (
 )
 from compress.testing import (
     TINY_KINDS,
-    CalibrationSource,
     assets_dir,
     check_pruner,
     export_model,
@@ -47,13 +46,6 @@ needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def calib():
-    if assets_dir() is None:
-        pytest.skip("needs $COMPRESS_ASSETS")
-    return CalibrationSource.from_spec("tinystories", tiny_tokenizer(), seed=0, max_chars=150_000)
 
 
 def _model(kind: str, eps: float | None = None) -> nn.Module:
