@@ -223,7 +223,9 @@ dw = max((rebuilt.state_dict()[k] - expect[k]).abs().max().item() for k in expec
 with torch.no_grad():
     dl = (rebuilt(ids).logits - ref.eval()(ids).logits).abs().max().item()
 moved = max((expect[k] - v).abs().max().item() for k, v in tiny_model("llama-gqa").state_dict().items())
-print(f"rank {dist.get_rank()} weights {dw:.3e} logits {dl:.3e} moved {moved:.3e}", flush=True)
+# one file per rank: the two processes share one stdout, where a line can be interleaved or lost
+with open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w") as f:
+    print(f"rank {dist.get_rank()} weights {dw:.3e} logits {dl:.3e} moved {moved:.3e}", file=f)
 dist.destroy_process_group()
 """
 
@@ -238,10 +240,12 @@ def test_fsdp2_gather_on_two_cpu_processes(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(_FSDP2_GATHER)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=180)
+    results = tmp_path / "results"
+    results.mkdir()
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(results)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("rank ")]
+    lines = [f.read_text().split() for f in sorted(results.glob("rank*.txt"))]
     assert sorted(int(ln[1]) for ln in lines) == [0, 1]
     for ln in lines:
         weights, logits, moved = float(ln[3]), float(ln[5]), float(ln[7])
