@@ -367,13 +367,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         done = latest_by_cell(read_records(out / RECORDS))
         for cell in suite.cells(methods=methods, models=models, recovery=recovery, targets=targets):
             status = done.get(cell.id, {}).get("status", "todo")
-            print(f"{cell.id}  {status:6}  {cell.describe()}")
+            print(f"{cell.id}  {status:7}  {cell.describe()}")
         return 0
     summary = run_suite(suite, out, resume=args.resume, retry_failed=args.retry_failed, overwrite=args.overwrite,
                         methods=methods, models=models, recovery=recovery, targets=targets,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"{summary.total} cell(s): {summary.ran} run, {summary.skipped} skipped; {summary.ok} ok, "
-          f"{len(summary.failed)} failed. Records: {out / RECORDS}", file=sys.stderr)
+          f"{len(summary.failed)} failed, {len(summary.refused)} refused by their method. "
+          f"Records: {out / RECORDS}", file=sys.stderr)
     if not args.no_report:
         from compress.bench.report import load_runs, write_report
 

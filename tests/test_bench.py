@@ -9,6 +9,7 @@ import json
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -310,10 +311,100 @@ def test_report_from_fixture_records(tmp_path, capsys):
     assert {"params_ratio", "flops_ratio", "kv_ratio", "piqa.acc", "piqa.acc_norm", "accuracy_avg"} <= set(rows[0])
     doc = json.loads((tmp_path / "report.json").read_text())
     assert len(doc["rows"]) == len(records) - 1 and len(doc["failed"]) == 1
-    for name in ("accuracy_vs_flops.png", "accuracy_vs_kv.png"):
+    for name in ("accuracy_vs_flops.png", "ppl_vs_params.png", "ppl_vs_flops.png", "ppl_vs_kv.png", "overview.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
         assert f"]({name})" in md
+    assert not list(tmp_path.glob("_*"))  # no temporaries left
+
+
+def _acc_record(method: str, scores: dict[str, float], n: int, ratio: float, ppl: float, **extra: Any) -> dict:
+    tasks = {t: {"acc": v, "n": n, "metric": "acc", "score": v, "task": t} for t, v in scores.items()}
+    return {"cell_id": f"{method}-{ratio}-{extra.get('recovery', {}).get('tokens', 0)}", "status": "ok",
+            "model": {"id": "m"}, "method": method, "label": method, "target": "100%" if method == "dense" else "50%",
+            "recovery": extra.pop("recovery", {"tokens": 0, "mode": "full"}), "seed": 0, "eval": {"tasks": list(scores)},
+            "ratios": {"params": ratio, "flops": ratio, "kv": ratio},
+            "achieved": {"params": 100 * ratio, "flops_per_token": 10 * ratio, "kv_bytes_per_token": ratio},
+            "ppl": {"wikitext2": {"2048": {"ppl": ppl}}}, "tasks": tasks,
+            "accuracy_avg": sum(scores.values()) / len(scores), **extra}
+
+
+def test_accuracy_stderr_matches_lm_eval_and_makes_ties():
+    """The stderr is lm-eval's own mean_stderr of the 0/1 outcomes; a gap within 2·stderr of the
+    difference is a tie (both bold), a wider one is not."""
+    from lm_eval.api.metrics import mean_stderr
+
+    from compress.bench.report import _table, average_stderr, task_stderr
+    from compress.evaluate.harness import accuracy_stderr
+
+    assert accuracy_stderr(0.3, 20) == pytest.approx(mean_stderr([1] * 6 + [0] * 14))
+    assert accuracy_stderr(0.5, 1) is None and accuracy_stderr(None, 50) is None
+    a = _acc_record("a", {"piqa": 0.60, "boolq": 0.70}, 200, 0.5, 30.0)
+    b = _acc_record("b", {"piqa": 0.55, "boolq": 0.50}, 200, 0.5, 40.0)
+    dense = _acc_record("dense", {"piqa": 0.7, "boolq": 0.8}, 200, 1.0, 20.0)
+    se_piqa = task_stderr(a["tasks"]["piqa"])
+    assert se_piqa == pytest.approx((0.6 * 0.4 / 199) ** 0.5)
+    assert average_stderr(a) == pytest.approx(((0.6 * 0.4 / 199) + (0.7 * 0.3 / 199)) ** 0.5 / 2)
+    rows = {line.split(" | ")[0].strip("| "): line for line in _table([dense, a, b]) if line.startswith("| ")}
+    # piqa: 0.05 apart, 2·sqrt(se_a² + se_b²) ≈ 0.098: a tie, both bold; boolq: 0.20 apart, only a is bold
+    assert "**0.600 ±0.035**" in rows["a"] and "**0.550 ±0.035**" in rows["b"]
+    assert "**0.700 ±0.032**" in rows["a"] and "| 0.500 ±0.035 |" in rows["b"]
+    # with 20 examples the same boolq gap is a tie
+    a20 = _acc_record("a", {"piqa": 0.60, "boolq": 0.70}, 20, 0.5, 30.0)
+    b20 = _acc_record("b", {"piqa": 0.55, "boolq": 0.50}, 20, 0.5, 40.0)
+    rows = {line.split(" | ")[0].strip("| "): line for line in _table([dense, a20, b20]) if line.startswith("| ")}
+    assert "**0.500 ±0.115**" in rows["b"]
+
+
+def test_pareto_front():
+    from compress.bench.report import pareto_front
+
+    pts = [(50, 300.0), (60, 400.0), (80, 40.0), (70, 100.0), (65, 90.0)]
+    assert pareto_front(pts, True) == [(50, 300.0), (65, 90.0), (80, 40.0)]  # (60, 400) and (70, 100) beaten
+    # speed: faster (larger x) is better
+    assert pareto_front([(1.2, 50.0), (1.5, 80.0), (1.4, 90.0), (1.0, 20.0)], False) == [
+        (1.0, 20.0), (1.2, 50.0), (1.5, 80.0)]
+
+
+def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
+    """PPL against params, FLOPs, KV and measured speed, a combined figure, accuracy with error bars;
+    a refused cell is listed as such, apart from failures, and draws nothing."""
+    from compress.bench.report import METHOD_STYLE, _style, write_report
+
+    lat = {"decode_tokens_per_s": 10.0}
+    dense = _acc_record("dense", {"piqa": 0.7}, 200, 1.0, 20.0, latency=lat)
+    recs = [dense]
+    for method, ratio, ppl, sp in (("transact", 0.5, 300.0, 1.6), ("transact", 0.8, 60.0, 1.2),
+                                   ("lorap", 0.5, 200.0, 1.1), ("random", 0.5, 5e7, 1.6)):
+        r = _acc_record(method, {"piqa": 0.6}, 200, ratio, ppl,
+                        latency={**lat, "speedup": {"decode": {"median": sp, "iqr": [sp, sp], "tie": False}}})
+        r["cell_id"] += method
+        recs.append(r)
+    recs.append({**recs[1], "cell_id": "rec", "recovery": {"tokens": 16384, "mode": "full"},
+                 "ppl": {"wikitext2": {"2048": {"ppl": 100.0}}}})
+    recs.append({**recs[3], "cell_id": "refused", "status": "refused", "target": "kv:33%", "stage": "preflight",
+                 "error": "lorap keeps every head"})
+    files = write_report(recs, tmp_path)
+    for stem in ("ppl_vs_params", "ppl_vs_flops", "ppl_vs_kv", "ppl_vs_speed", "overview", "accuracy_vs_flops"):
+        assert files[f"plot_{stem}"].read_bytes().startswith(PNG_MAGIC)
+    md = files["markdown"].read_text()
+    assert "1 refused by their method, 0 failed" in md and "## Refused cells" in md and "## Failed cells" not in md
+    assert "| m | lorap | kv:33% | none | lorap keeps every head |" in md
+    doc = json.loads(files["json"].read_text())
+    assert [r["cell_id"] for r in doc["refused"]] == ["refused"] and doc["failed"] == []
+    # the same method has the same colour and marker in every report; an unknown one a stable pick
+    assert _style(recs[1]) == METHOD_STYLE["transact"] and _style({"method": "x", "label": "x"}) == _style(
+        {"method": "x", "label": "x"})
+
+
+def test_unsupported_is_refused_a_bad_target_failed():
+    from compress.bench.record import fail
+    from compress.errors import TargetError, Unsupported
+
+    assert fail({}, "preflight", Unsupported("cannot"))["status"] == "refused"
+    assert fail({}, "prune", Unsupported("cannot"))["status"] == "refused"
+    assert fail({}, "preflight", TargetError("target 1M is above the dense model"))["status"] == "failed"
+    assert fail({}, "eval", Unsupported("x"))["status"] == "failed"
 
 
 def test_report_inputs(tmp_path, capsys):
@@ -321,7 +412,8 @@ def test_report_inputs(tmp_path, capsys):
     run.mkdir()
     shutil.copy(FIXTURES / "records.jsonl", run / "records.jsonl")
     rc, out, _ = _cli(capsys, "report", run, "--json")
-    assert rc == 0 and set(json.loads(out)) >= {"markdown", "csv", "json", "plot_flops", "plot_kv"}
+    assert rc == 0 and set(json.loads(out)) >= {"markdown", "csv", "json", "plot_ppl_vs_flops", "plot_ppl_vs_kv",
+                                                 "plot_overview", "plot_accuracy_vs_flops"}
     assert (run / "report" / "report.md").is_file()
     rc, _, err = _cli(capsys, "report", tmp_path / "nothing-here")
     assert rc == 2 and "no records at" in err

@@ -1,6 +1,6 @@
 """The per-cell benchmark record: one JSON object per line of ``<out>/records.jsonl``.
 
-Every record, ``ok`` or ``failed``, has every key of :data:`RECORD_KEYS` (unmeasured values are
+Every record, ``ok``, ``failed`` or ``refused`` (the method cannot express the cell), has every key of :data:`RECORD_KEYS` (unmeasured values are
 ``None`` or empty), so readers never guess. See :func:`new_record` for the meaning of each key.
 """
 
@@ -16,7 +16,7 @@ from compress.bench.suite import DENSE, Cell
 from compress.errors import UsageError
 from compress.pipeline.record import RUN_RECORD_KEYS, SCHEMA, empty_run_record, jsonable
 
-__all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "new_record", "now", "read_records",
+__all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "is_refusal", "new_record", "now", "read_records",
            "record_problem"]
 
 #: Keys a bench record has besides the run record's (:data:`compress.pipeline.record.RUN_RECORD_KEYS`,
@@ -79,15 +79,31 @@ def new_record(cell: Cell) -> dict[str, Any]:
     return record
 
 
+#: Stages where a method's :class:`~compress.errors.Unsupported` means it cannot express the cell
+#: (a *refused* cell), not that something broke.
+REFUSAL_STAGES = ("preflight", "prune")
+
+
+def is_refusal(stage: str, error: BaseException | str) -> bool:
+    """Whether ``error`` at ``stage`` is the method declining the cell (e.g. a ``kv:`` target for a
+    method that keeps every head: :class:`~compress.errors.Unsupported`), which a suite records as
+    ``refused`` rather than ``failed``. A target no method can meet (above the dense model, a typo) is a
+    :class:`~compress.errors.TargetError` and stays ``failed``: the suite is wrong, not the method."""
+    from compress.errors import Unsupported
+
+    return stage in REFUSAL_STAGES and isinstance(error, Unsupported)
+
+
 def fail(record: dict[str, Any], stage: str, error: BaseException | str) -> dict[str, Any]:
-    """Mark ``record`` failed at ``stage`` with a one-line error."""
+    """Mark ``record`` failed at ``stage`` with a one-line error (status ``refused`` when the method
+    declined the cell before any work, :func:`is_refusal`)."""
     if isinstance(error, BaseException):
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         record["error_type"] = type(error).__name__
         record["error"] = text or type(error).__name__
     else:
         record["error"] = error.strip().splitlines()[0] if error.strip() else "failed"
-    record["status"] = "failed"
+    record["status"] = "refused" if is_refusal(stage, error) else "failed"
     record["stage"] = stage
     record["finished_at"] = now()
     return record

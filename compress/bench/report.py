@@ -1,4 +1,4 @@
-"""Turn benchmark records into a markdown table, JSON, CSV and accuracy-vs-cost plots.
+"""Turn benchmark records into a markdown table, JSON, CSV and Pareto plots of quality against cost.
 
 One table per model, one row per cell: dense first, then targets from the largest, recovery budgets
 from none, methods in suite order. In each column the best value among the cells that share a
@@ -116,8 +116,10 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
                 if m in res:
                     row[f"{task}.{m}"] = res[m]
             row[f"{task}.n"] = res.get("n")
+            row[f"{task}.stderr"] = task_stderr(res)
     row.update({
         "accuracy_avg": r.get("accuracy_avg"),
+        "accuracy_avg_stderr": average_stderr(r),
         "prefill_tokens_per_s": _get(r, "latency", "prefill_tokens_per_s"),
         "decode_tokens_per_s": _get(r, "latency", "decode_tokens_per_s"),
         "prefill_speedup": _get(r, "latency", "speedup", "prefill", "median"),
@@ -163,6 +165,36 @@ class _Col:
     value: Callable[[dict[str, Any]], Any]
     fmt: Callable[[Any, dict[str, Any]], str]
     better: str | None = None  # "min" | "max" | None (never bold)
+    #: the value's standard error, where it has one: then every cell within 2·stderr of the best (the
+    #: stderr of the difference, sqrt(se² + se_best²)) ties it and is bold too
+    se: Callable[[dict[str, Any]], float | None] | None = None
+
+
+def task_stderr(res: Any) -> float | None:
+    """A task result's standard error: as recorded, else from its score and example count (records
+    written before the harness stored it)."""
+    from compress.evaluate.harness import accuracy_stderr
+
+    if not isinstance(res, dict):
+        return None
+    se = res.get("stderr")
+    return float(se) if isinstance(se, (int, float)) else accuracy_stderr(res.get("score"), res.get("n"))
+
+
+def average_stderr(r: dict[str, Any]) -> float | None:
+    """Standard error of a record's accuracy average (independent tasks: sqrt(Σ se²) / k)."""
+    from compress.evaluate.harness import average_stderr as avg
+
+    tasks = [v for v in (r.get("tasks") or {}).values() if isinstance(v, dict)]
+    return avg([task_stderr(v) for v in tasks]) if tasks else None
+
+
+def _with_se(se_of: Callable[[dict[str, Any]], float | None]) -> Callable[[Any, dict[str, Any]], str]:
+    def fmt(v: Any, r: dict[str, Any]) -> str:
+        se = se_of(r)
+        return f"{v:.3f} ±{se:.3f}" if se is not None else f"{v:.3f}"
+
+    return fmt
 
 
 def _si(x: float) -> str:
@@ -218,9 +250,14 @@ def _columns(records: list[dict[str, Any]]) -> list[_Col]:
                          _num(".2f"), "min"))
     tasks = _task_keys(records)
     for task, metric in tasks:
-        cols.append(_Col(f"{task} {metric} ↑", lambda r, t=task: _get(r, "tasks", t, "score"), _num(".3f"), "max"))
+        def se(r: dict[str, Any], t: str = task) -> float | None:
+            return task_stderr(_get(r, "tasks", t))
+
+        cols.append(_Col(f"{task} {metric} ↑", lambda r, t=task: _get(r, "tasks", t, "score"), _with_se(se), "max",
+                         se=se))
     if tasks:
-        cols.append(_Col("avg ↑", lambda r: r.get("accuracy_avg"), _num(".3f"), "max"))
+        cols.append(_Col("avg ↑", lambda r: r.get("accuracy_avg"), _with_se(average_stderr), "max",
+                         se=average_stderr))
     cols += [
         _Col("prefill tok/s ↑", lambda r: _get(r, "latency", "prefill_tokens_per_s"), _num(".0f"), "max"),
         _Col("prefill × dense", lambda r: _get(r, "latency", "speedup", "prefill", "median"), _speedup("prefill")),
@@ -269,6 +306,7 @@ def _table(records: list[dict[str, Any]], paper: list[dict[str, Any]] | None = N
     cols = cols[:3] + [c for c in cols[3:] if any(c.value(r) is not None for r in records)]
     rows = _with_paper(rows, paper or [])
     best: dict[tuple[int, tuple[Any, ...]], float] = {}
+    best_se: dict[tuple[int, tuple[Any, ...]], float | None] = {}
     counts: dict[tuple[int, tuple[Any, ...]], int] = {}
     for ci, c in enumerate(cols):
         if not c.better:
@@ -280,7 +318,14 @@ def _table(records: list[dict[str, Any]], paper: list[dict[str, Any]] | None = N
             k = (ci, _group(r))
             counts[k] = counts.get(k, 0) + 1
             cur = best.get(k)
-            best[k] = v if cur is None else (min(cur, v) if c.better == "min" else max(cur, v))
+            if cur is None or (v < cur if c.better == "min" else v > cur):
+                best[k], best_se[k] = v, c.se(r) if c.se else None
+
+    def tied(c: _Col, k: tuple[int, tuple[Any, ...]], v: float, r: dict[str, Any]) -> bool:
+        if v == best[k] or c.fmt(v, r) == c.fmt(best[k], r):  # ties as displayed (0.021 s and 0.028 s: 0.0)
+            return True
+        se_v, se_b = (c.se(r) if c.se else None), best_se.get(k)
+        return se_v is not None and se_b is not None and abs(best[k] - v) <= 2 * math.hypot(se_v, se_b)
     lines = ["| " + " | ".join(c.title for c in cols) + " |",
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|"]
     for r in rows:
@@ -292,9 +337,8 @@ def _table(records: list[dict[str, Any]], paper: list[dict[str, Any]] | None = N
                 continue
             text = c.fmt(v, r)
             k = (ci, _group(r))
-            # ties as displayed are all bold (0.021 s and 0.028 s both show as 0.0)
-            if c.better and not r.get("_paper") and counts.get(k, 0) >= 2 and (v == best[k]
-                                                                               or text == c.fmt(best[k], r)):
+            if (c.better and not r.get("_paper") and counts.get(k, 0) >= 2 and isinstance(v, (int, float))
+                    and tied(c, k, v, r)):
                 text = f"**{text}**"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
@@ -368,7 +412,8 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
     """The markdown report of ``records`` (latest record per cell); ``reported`` tables
     (:func:`compress.bench.reported.load_reported`) add *paper* rows next to matching cells."""
     ok = [r for r in records if r.get("status") == "ok"]
-    failed = [r for r in records if r.get("status") != "ok"]
+    refused = [r for r in records if r.get("status") == "refused"]
+    failed = [r for r in records if r.get("status") not in ("ok", "refused")]
     paper = [p for t in (reported or []) for p in t.pseudo_records()]
     shown: list[dict[str, Any]] = []
     tables: list[str] = []
@@ -387,14 +432,25 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
         tables += _table(rows, mine)
         tables.append("")
     md = [f"# {title}", "",
-          f"{len(ok)} finished cell(s), {len(failed)} failed; generated {now()}.", "",
+          f"{len(ok)} finished cell(s), {len(refused)} refused by their method, {len(failed)} failed; "
+          f"generated {now()}.", "",
           "Protocol:", *_protocol_lines(records), *_reported_lines(reported or [], shown), "",
           "FLOPs/token are forward FLOPs at 2048 context; ratios are to the dense row. **Bold**: best "
           "value of its column among the cells with the same target, recovery budget and protocol (↓ lower is "
-          "better, ↑ higher; size, time and memory columns: lower).", ""]
+          "better, ↑ higher; size, time and memory columns: lower). Accuracies are ±1 standard error "
+          "(sqrt(p(1−p)/(n−1)) per task; the average's assumes independent tasks), and every cell within "
+          "2 standard errors of the difference (2·sqrt(se² + se_best²)) of the best is bold too: a tie.", ""]
     md += tables
     for name, path in (plots or {}).items():
         md += [f"![{name}]({path})", ""]
+    if refused:
+        md += ["## Refused cells", "", "The method cannot express these cells (it says why); they are answers, "
+               "not errors.", "", "| model | method | target | recovery | reason |", "|---|---|---|---|---|"]
+        for r in _sorted(refused):
+            err = str(r.get("error") or "").replace("|", "\\|")
+            md.append(f"| {_get(r, 'model', 'id')} | {r.get('label') or r.get('method')} | {r.get('target')} | "
+                      f"{RecoverySpec(**(r.get('recovery') or {})).short()} | {err} |")
+        md.append("")
     if failed:
         md += ["## Failed cells", "", "| model | method | target | recovery | stage | error | cell |",
                "|---|---|---|---|---|---|---|"]
@@ -409,71 +465,251 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
 
 # ---------------------------------------------------------------------------------- plots
 
+#: A fixed colour and marker per method, the same in every report (methods not listed get one from a
+#: hash of their name, also stable).
+METHOD_STYLE: dict[str, tuple[str, str]] = {
+    DENSE: ("black", "*"),
+    "transact": ("#d62728", "o"),
+    "llm_pruner": ("#1f77b4", "s"),
+    "slicegpt": ("#2ca02c", "D"),
+    "lorap": ("#9467bd", "^"),
+    "depth": ("#8c564b", "v"),
+    "magnitude": ("#7f7f7f", "P"),
+    "random": ("#bcbd22", "X"),
+}
+_SPARE_COLOURS = ("#17becf", "#e377c2", "#ff7f0e", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
+_SPARE_MARKERS = "ph<>d*H8"
 
-def _plot(records: list[dict[str, Any]], x_key: str, x_label: str, path: Path) -> str | None:
-    """Accuracy average (or the first perplexity when no record has accuracies) against ``x_key``;
-    one subplot per model, one marker per method. Returns the y metric's name, None if nothing to plot."""
+
+def _style(r: dict[str, Any]) -> tuple[str, str]:
+    """Colour and marker of a record's line: its label's, else its method's colour with a marker of its
+    own (two TransAct entries share the red, not the marker), else a stable pick from the name."""
+    import zlib
+
+    label, method = r.get("label") or r.get("method"), r.get("method")
+    if label in METHOD_STYLE:
+        return METHOD_STYLE[label]
+    h = zlib.crc32(str(label).encode())
+    marker = _SPARE_MARKERS[h % len(_SPARE_MARKERS)]
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method][0], marker
+    return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], marker
+
+
+@dataclass(frozen=True)
+class _Axis:
+    key: str  # file stem
+    title: str
+    value: Callable[[dict[str, Any]], float | None]
+    smaller_is_better: bool  # for the Pareto front: a smaller model, or a faster one (False)
+    percent: bool = True
+
+
+def _speed(r: dict[str, Any]) -> float | None:
+    if r.get("method") == DENSE:
+        return 1.0 if r.get("latency") else None
+    return _get(r, "latency", "speedup", "decode", "median")
+
+
+#: The x axes every report draws PPL against (what a user constrains), as a share of the dense model.
+AXES: tuple[_Axis, ...] = (
+    _Axis("params", "parameters (% of dense)", lambda r: _get(r, "ratios", "params"), True),
+    _Axis("flops", "FLOPs/token at 2048 context (% of dense)", lambda r: _get(r, "ratios", "flops"), True),
+    _Axis("kv", "KV-cache bytes/token (% of dense)", lambda r: _get(r, "ratios", "kv"), True),
+    _Axis("speed", "decode speed, batch 1 (× dense, measured)", _speed, False, percent=False),
+)
+
+
+def _primary_ppl(records: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The perplexity every plot shows: the first source at its longest context (e.g. wikitext2@2048)."""
+    keys = _ppl_keys(records)
+    return keys[0] if keys else None
+
+
+def pareto_front(points: list[tuple[float, float]], smaller_is_better: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both x (smaller, or larger when ``smaller_is_better`` is
+    False) and y (lower PPL), sorted by x: the curve of the best quality a method offers at each cost."""
+    order = sorted(points, key=lambda p: (p[0] if smaller_is_better else -p[0], p[1]))
+    front: list[tuple[float, float]] = []
+    for x, y in order:
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
+def _recovered(r: dict[str, Any]) -> int:
+    return int(_get(r, "recovery", "tokens") or 0)
+
+
+#: Perplexities above this multiple of the dense model's are drawn on the plot's top edge (with their
+#: value), so the floors' 10⁶ do not squeeze the region a user chooses in.
+OFF_SCALE = 1000.0
+
+
+def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, str]) -> list[Any]:
+    """One panel: log PPL against ``axis``; per method, its unrecovered cells (filled) with their Pareto
+    curve, and each recovered cell (hollow) with an arrow from the same cell before recovery."""
+    s, n = ppl
+
+    def plain(r: dict[str, Any]) -> float | None:
+        v = _get(r, "ppl", s, n, "ppl")
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else None
+
+    scale = 100.0 if axis.percent else 1.0
+    handles = []
+    dense = [r for r in rows if r.get("method") == DENSE and plain(r) is not None]
+    cap = OFF_SCALE * plain(dense[0]) if dense else math.inf
+
+    def y_of(r: dict[str, Any]) -> float | None:
+        v = plain(r)
+        return None if v is None else min(v, cap)
+
+    if dense:
+        ax.axhline(y_of(dense[0]), color="black", lw=0.8, ls="--", zorder=1)
+        x = axis.value(dense[0])
+        if x is not None:
+            handles.append(ax.scatter([x * scale], [y_of(dense[0])], marker="*", s=140, color="black", zorder=4,
+                                      label="dense"))
+    labels = list(dict.fromkeys(r.get("label") or r.get("method") for r in rows if r.get("method") != DENSE))
+    for lab in labels:
+        mine = [r for r in rows if (r.get("label") or r.get("method")) == lab]
+        colour, marker = _style(mine[0])
+        before = [(axis.value(r), y_of(r), r) for r in mine if not _recovered(r)]
+        before = [(x * scale, y, r) for x, y, r in before if x is not None and y is not None]
+        after = [(axis.value(r), y_of(r), r) for r in mine if _recovered(r)]
+        after = [(x * scale, y, r) for x, y, r in after if x is not None and y is not None]
+        if not before and not after:
+            continue
+        h = None
+        if before:
+            h = ax.scatter([p[0] for p in before], [p[1] for p in before], color=colour, marker=marker, s=42,
+                           zorder=3, label=lab)
+            front = pareto_front([(x, y) for x, y, _ in before], axis.smaller_is_better)
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=colour, lw=1.3, zorder=2)
+        if after:
+            ha = ax.scatter([p[0] for p in after], [p[1] for p in after], facecolors="white", edgecolors=colour,
+                            marker=marker, s=42, linewidths=1.4, zorder=3, label=f"{lab} (recovered)")
+            h = h or ha
+            start = {(r.get("target"), r.get("seed")): (x, y) for x, y, r in before}
+            for x, y, r in after:
+                src = start.get((r.get("target"), r.get("seed")))
+                if src is not None:
+                    ax.annotate("", xy=(x, y), xytext=src, zorder=2,
+                                arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.9, "alpha": 0.8})
+        handles.append(h)
+    off = [(axis.value(r), plain(r)) for r in rows if (plain(r) or 0) > cap and axis.value(r) is not None]
+    stacked: dict[float, int] = {}
+    for x, v in sorted(off, key=lambda p: -p[1]):  # a cell beyond the scale sits on its top edge, with its value
+        k = stacked[round(x, 2)] = stacked.get(round(x, 2), -1) + 1
+        ax.annotate(f"↑{v:.0e}", (x * scale, cap), fontsize=6, xytext=(3, -9 - 7 * k), textcoords="offset points")
+    ax.set_yscale("log")
+    if off:
+        low = min((v for r in rows if (v := y_of(r)) is not None), default=cap / 10)
+        ax.set_ylim(low / 1.5, cap * 1.6)
+    ax.set_xlabel(axis.title)
+    ax.set_ylabel(f"PPL {s}@{n} (log)")
+    ax.grid(True, which="both", alpha=0.25)
+    if not axis.smaller_is_better:
+        ax.axvline(1.0, color="black", lw=0.6, ls=":", zorder=1)
+    return handles
+
+
+def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Average accuracy against FLOPs with ±2 standard-error bars (what a tie means in the table)."""
+    for lab in dict.fromkeys(r.get("label") or r.get("method") for r in rows):
+        mine = [r for r in rows if (r.get("label") or r.get("method")) == lab and r.get("accuracy_avg") is not None
+                and _get(r, "ratios", "flops") is not None]
+        for rec in (False, True):
+            pts = [r for r in mine if bool(_recovered(r)) == rec]
+            if not pts:
+                continue
+            colour, marker = _style(pts[0])
+            xs = [100 * r["ratios"]["flops"] for r in pts]
+            ys = [r["accuracy_avg"] for r in pts]
+            err = [2 * (average_stderr(r) or 0.0) for r in pts]
+            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=colour, ms=6 if lab != DENSE else 11, capsize=3,
+                        mfc="white" if rec else colour, lw=1, zorder=3, label=f"{lab} (recovered)" if rec else lab)
+    ax.set_xlabel("FLOPs/token at 2048 context (% of dense)")
+    ax.set_ylabel("accuracy, task average (bars: ±2 stderr)")
+    ax.grid(True, alpha=0.25)
+
+
+def _legend(fig: Any, axes: list[Any]) -> None:
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(lab, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="center right", fontsize=8, frameon=False)
+
+
+def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
+    """Draw every figure into ``out``: ``ppl_vs_<axis>.png`` (one panel per model), ``overview.png``
+    (one row per model: PPL on the four axes, plus average accuracy where measured) and
+    ``accuracy_vs_flops.png`` when any record has accuracies. Returns {caption: file name}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.get("status") == "ok" and _get(r, "achieved", x_key) is not None]
-    if not ok:
-        return None
-    if any(r.get("accuracy_avg") is not None for r in ok):
-        y_name, y_of, log_y = "accuracy (avg)", (lambda r: r.get("accuracy_avg")), False
-    else:
-        keys = _ppl_keys(ok)
-        if not keys:
-            return None
-        s, n = keys[0]
-        y_name, y_of, log_y = f"PPL {s}@{n}", (lambda r: _get(r, "ppl", s, n, "ppl")), True
+    ok = [r for r in records if r.get("status") == "ok"]
+    ppl = _primary_ppl(ok)
     models = list(dict.fromkeys(_get(r, "model", "id") for r in ok))
-    labels = list(dict.fromkeys(r.get("label") or r.get("method") for r in ok))
-    markers = "osD^vP<>Xph*"
-    colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
-        for li, lab in enumerate(labels):
-            pts = [(r, _get(r, "achieved", x_key), y_of(r)) for r in ok
-                   if _get(r, "model", "id") == m and (r.get("label") or r.get("method")) == lab]
-            pts = [p for p in pts if p[1] is not None and p[2] is not None]
-            if not pts:
+    has_acc = any(r.get("accuracy_avg") is not None for r in ok)
+    drawn: dict[str, str] = {}
+
+    def save(fig: Any, name: str, caption: str) -> None:
+        fig.tight_layout(rect=(0, 0, 1 - 1.9 / fig.get_size_inches()[0], 1))  # ~1.9 in on the right: the legend
+        tmp = out / f"_{name}"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(out / name)
+        drawn[caption] = name
+
+    if ppl is not None:
+        for axis in AXES:
+            if not any(axis.value(r) is not None and r.get("method") != DENSE for r in ok):
                 continue
-            dense = pts[0][0].get("method") == DENSE
-            ax.scatter([p[1] for p in pts], [p[2] for p in pts], label=lab, s=80 if dense else 40,
-                       marker="*" if dense else markers[li % len(markers)],
-                       color="black" if dense else colors(li % 10), zorder=3)
-            for r, x, y in pts:
-                if not dense:
-                    rec = RecoverySpec(**(r.get("recovery") or {}))
-                    ax.annotate(r.get("target", "") + (f" +{rec.short()}" if rec.tokens else ""), (x, y),
-                                fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(str(m))
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(y_name)
-        if log_y:
-            ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return y_name
+            fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
+            for ax, m in zip(axes[0], models, strict=True):
+                _draw_ppl(ax, [r for r in ok if _get(r, "model", "id") == m], axis, ppl)
+                ax.set_title(str(m))
+            _legend(fig, list(axes[0]))
+            save(fig, f"ppl_vs_{axis.key}.png", f"PPL {ppl[0]}@{ppl[1]} vs {axis.title}")
+        panels = [a for a in AXES if any(a.value(r) is not None and r.get("method") != DENSE for r in ok)]
+        ncol = len(panels) + (1 if has_acc else 0)
+        fig, axes = plt.subplots(len(models), ncol, figsize=(4.6 * ncol + 1.9, 4.2 * len(models)), squeeze=False)
+        for row, m in zip(axes, models, strict=True):
+            mine = [r for r in ok if _get(r, "model", "id") == m]
+            for ax, axis in zip(row, panels, strict=False):
+                _draw_ppl(ax, mine, axis, ppl)
+                ax.set_title(f"{m}: {axis.key}", fontsize=9)
+            if has_acc:
+                _draw_accuracy(row[-1], mine)
+                row[-1].set_title(f"{m}: accuracy", fontsize=9)
+        _legend(fig, [a for row in axes for a in row])
+        save(fig, "overview.png", "overview: PPL on every axis" + (" and accuracy" if has_acc else ""))
+    if has_acc:
+        fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
+        for ax, m in zip(axes[0], models, strict=True):
+            _draw_accuracy(ax, [r for r in ok if _get(r, "model", "id") == m])
+            ax.set_title(str(m))
+        _legend(fig, list(axes[0]))
+        save(fig, "accuracy_vs_flops.png", "average accuracy (±2 stderr) vs FLOPs/token")
+    return drawn
 
 
 # ---------------------------------------------------------------------------------- output
 
 
-#: What :func:`write_report` writes into its folder (besides ``_plot_*.png`` temporaries).
-REPORT_FILES = ("report.md", "report.json", "report.csv", "accuracy_vs_flops.png", "accuracy_vs_kv.png",
-                "ppl_vs_flops.png", "ppl_vs_kv.png", "_plot_flops.png", "_plot_kv.png")
+#: What :func:`write_report` writes into its folder (besides ``_<name>.png`` temporaries).
+PLOT_FILES = (*(f"ppl_vs_{a.key}.png" for a in AXES), "overview.png", "accuracy_vs_flops.png")
+REPORT_FILES = ("report.md", "report.json", "report.csv", *PLOT_FILES, *(f"_{p}" for p in PLOT_FILES))
 
 
 def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str = "Benchmark report",
                  reported: list[Any] | None = None, inputs: Iterable[str | Path] = ()) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json``, ``report.csv`` and the two plots into ``out``
+    """Write ``report.md``, ``report.json``, ``report.csv`` and the figures of :func:`_plots` into ``out``
     (``reported``: published tables shown as *paper* rows next to matching cells, markdown only).
 
     ``inputs`` (the records files or folders read): none of them is ever replaced by a report file.
@@ -490,24 +726,17 @@ def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str =
     check_files_apart([out / name for name in REPORT_FILES], [("an input of the report", p) for p in inputs])
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    plots: dict[str, str] = {}
-    for key, x_label, stem in (("flops_per_token", "FLOPs/token (2048 context)", "flops"),
-                               ("kv_bytes_per_token", "KV-cache bytes/token", "kv")):
-        tmp = out / f"_plot_{stem}.png"
-        y = _plot(records, key, x_label, tmp)
-        if y is None:
-            continue
-        name = f"{'accuracy' if y.startswith('accuracy') else 'ppl'}_vs_{stem}.png"
-        tmp.replace(out / name)
-        files[f"plot_{stem}"] = out / name
-        plots[f"{y} vs {x_label}"] = name
+    plots = _plots(records, out)
+    for name in plots.values():
+        files[f"plot_{name.removesuffix('.png')}"] = out / name
     md = render_markdown(records, title=title, plots=plots, reported=reported)
     files["markdown"] = out / "report.md"
     files["markdown"].write_text(md + "\n", encoding="utf-8")
 
     ok = _sorted([r for r in records if r.get("status") == "ok"])
-    failed = _sorted([r for r in records if r.get("status") != "ok"])
-    rows = [flat_row(r) for r in ok + failed]
+    refused = _sorted([r for r in records if r.get("status") == "refused"])
+    failed = _sorted([r for r in records if r.get("status") not in ("ok", "refused")])
+    rows = [flat_row(r) for r in ok + refused + failed]
     columns: list[str] = []
     for row in rows:
         for k in row:
@@ -521,6 +750,7 @@ def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str =
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     files["json"] = out / "report.json"
     doc = {"title": title, "generated_at": now(), "protocol": _protocol_lines(records),
-           "columns": columns, "rows": [flat_row(r) for r in ok], "failed": [flat_row(r) for r in failed]}
+           "columns": columns, "rows": [flat_row(r) for r in ok], "refused": [flat_row(r) for r in refused],
+           "failed": [flat_row(r) for r in failed]}
     files["json"].write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return files

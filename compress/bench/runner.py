@@ -7,7 +7,8 @@ if that record is ``ok``); a record line deleted by hand makes exactly that cell
 
 Before a cell's process is started, cheap checks run here (method known, settings valid, target
 parses and is reachable on a meta-device copy of the model, the method accepts the model): a cell
-that cannot start gets its ``failed`` record at once, without loading weights.
+that cannot start gets its ``failed`` record at once, without loading weights (``refused`` when the
+method declines the target or model: :func:`compress.bench.record.is_refusal`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ RECORDS = "records.jsonl"
 
 @dataclass
 class BenchSummary:
-    """What :func:`run_suite` did. ``failed`` lists the suite's cells whose latest record failed."""
+    """What :func:`run_suite` did. ``failed`` lists the suite's cells whose latest record failed,
+    ``refused`` those the method declined (e.g. a ``kv:`` target for a method that keeps every head):
+    an answer, recorded as such, not an error of the run."""
 
     out: Path
     total: int = 0
@@ -45,6 +48,15 @@ class BenchSummary:
     skipped: int = 0
     ok: int = 0
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    def count(self, cid: str, status: str | None) -> None:
+        if status == "ok":
+            self.ok += 1
+        elif status == "refused":
+            self.refused.append(cid)
+        else:
+            self.failed.append(cid)
 
     @property
     def exit_code(self) -> int:
@@ -185,6 +197,8 @@ def _plugin(method: str) -> dict[str, Any] | None:
 
 
 def _status_line(rec: dict[str, Any]) -> str:
+    if rec.get("status") == "refused":
+        return f"refused by the method: {rec.get('error')}"
     if rec.get("status") != "ok":
         return f"failed ({rec.get('stage')}): {rec.get('error')}"
     bits = []
@@ -279,10 +293,7 @@ def _run_cells(suite: Suite, out: Path, cells: list[Cell], *, resume: bool, retr
         head = f"[{i}/{len(cells)}] {cell.describe()} [{cid}]"
         if prev is not None and (prev.get("status") == "ok" or not retry_failed):
             summary.skipped += 1
-            if prev.get("status") != "ok":
-                summary.failed.append(cid)
-            else:
-                summary.ok += 1
+            summary.count(cid, prev.get("status"))
             log(f"{head}: done before, skipped ({prev.get('status')})")
             continue
         t0 = time.perf_counter()
@@ -299,9 +310,6 @@ def _run_cells(suite: Suite, out: Path, cells: list[Cell], *, resume: bool, retr
             record.setdefault("timing_s", {})["process"] = round(time.perf_counter() - t0, 3)
         append_record(records_path, record)
         summary.ran += 1
-        if record.get("status") == "ok":
-            summary.ok += 1
-        else:
-            summary.failed.append(cid)
+        summary.count(cid, record.get("status"))
         log(f"{head}: {_status_line(record)} in {time.perf_counter() - t0:.1f}s")
     return summary

@@ -136,6 +136,24 @@ def _headline(key: str, metrics: Mapping[str, float]) -> str:
     return "acc_norm" if "acc_norm" in metrics else "acc"
 
 
+def accuracy_stderr(score: float | None, n: int | None) -> float | None:
+    """Standard error of an accuracy over ``n`` examples: ``sqrt(p(1-p)/(n-1))``, the sample standard
+    deviation of the 0/1 outcomes over ``sqrt(n)`` — lm-eval's ``mean_stderr`` for acc and acc_norm
+    (computed here because lm-eval reports none with ``bootstrap_iters=0``). None below 2 examples."""
+    if score is None or not isinstance(n, int) or n < 2:
+        return None
+    p = min(max(float(score), 0.0), 1.0)
+    return (p * (1 - p) / (n - 1)) ** 0.5
+
+
+def average_stderr(stderrs: Sequence[float | None]) -> float | None:
+    """Standard error of the mean of k task accuracies, the tasks' examples being independent:
+    ``sqrt(Σ se²) / k``; None if any task has none."""
+    if not stderrs or any(se is None for se in stderrs):
+        return None
+    return sum(se * se for se in stderrs) ** 0.5 / len(stderrs)  # type: ignore[operator]
+
+
 def lm_eval_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -157,8 +175,9 @@ def lm_eval_tasks(
     where it is); ``max_length`` defaults to the model's ``max_position_embeddings``.
 
     Returns ``{key: {"acc", "acc_norm" (when the task reports it), "n", "metric", "score",
-    "task"}, ..., "average": mean of the "score"s}``, where ``metric`` is the headline metric of
-    :data:`HEADLINE_METRIC` (acc_norm, else acc, for hub tasks not listed) and ``score`` its value.
+    "stderr", "task"}, ..., "average": mean of the "score"s}``, where ``metric`` is the headline
+    metric of :data:`HEADLINE_METRIC` (acc_norm, else acc, for hub tasks not listed), ``score`` its
+    value and ``stderr`` its standard error (:func:`accuracy_stderr`).
     """
     pairs = resolve_tasks(tasks)
     needs_local = any(not key.startswith(HUB_PREFIX) for key, _ in pairs)
@@ -228,7 +247,8 @@ def lm_eval_tasks(
             )
         metric = _headline(key, metrics)
         n = out.get("n-samples", {}).get(name, {}).get("effective")
-        results[key] = {**metrics, "n": n, "metric": metric, "score": metrics[metric], "task": name}
+        results[key] = {**metrics, "n": n, "metric": metric, "score": metrics[metric], "task": name,
+                        "stderr": accuracy_stderr(metrics[metric], n)}
         scores.append(metrics[metric])
     results["average"] = sum(scores) / len(scores)
     return results
