@@ -1,7 +1,7 @@
 """The per-cell benchmark record: one JSON object per line of ``<out>/records.jsonl``.
 
-Every record, ``ok``, ``failed`` or ``refused`` (the method cannot express the cell), has every key of :data:`RECORD_KEYS` (unmeasured values are
-``None`` or empty), so readers never guess. See :func:`new_record` for the meaning of each key.
+Every record, ``ok``, ``failed`` or ``refused`` (the method cannot express the cell), has every key
+of :data:`RECORD_KEYS` (unmeasured values are ``None`` or empty), so readers never guess. See :func:`new_record` for the meaning of each key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from compress.bench.suite import DENSE, Cell
 from compress.errors import UsageError
 from compress.pipeline.record import RUN_RECORD_KEYS, SCHEMA, empty_run_record, jsonable
 
-__all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "is_refusal", "new_record", "now", "read_records",
-           "record_problem"]
+__all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "is_refusal", "new_record", "now",
+           "read_records", "record_problem"]
 
 #: Keys a bench record has besides the run record's (:data:`compress.pipeline.record.RUN_RECORD_KEYS`,
 #: same names and meanings: a cell's run record is copied in as it is).
