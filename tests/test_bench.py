@@ -384,7 +384,9 @@ def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
                  "ppl": {"wikitext2": {"2048": {"ppl": 100.0}}}})
     recs.append({**recs[3], "cell_id": "refused", "status": "refused", "target": "kv:33%", "stage": "preflight",
                  "error": "lorap keeps every head"})
+    recs[0]["ppl"]["tinystories"] = {"128": {"ppl": 9.0}}  # a second source sorts after WikiText-2
     files = write_report(recs, tmp_path)
+    assert "PPL wikitext2@2048 vs" in files["markdown"].read_text()
     for stem in ("ppl_vs_params", "ppl_vs_flops", "ppl_vs_kv", "ppl_vs_speed", "overview", "accuracy_vs_flops"):
         assert files[f"plot_{stem}"].read_bytes().startswith(PNG_MAGIC)
     md = files["markdown"].read_text()
