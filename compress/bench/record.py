@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bench.suite import DENSE, Cell
-from compress.errors import UsageError
+from compress.errors import Unsupported, UsageError
 from compress.pipeline.record import RUN_RECORD_KEYS, SCHEMA, empty_run_record, jsonable
 
 __all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "is_refusal", "new_record", "now",
@@ -89,8 +89,6 @@ def is_refusal(stage: str, error: BaseException | str) -> bool:
     method that keeps every head: :class:`~compress.errors.Unsupported`), which a suite records as
     ``refused`` rather than ``failed``. A target no method can meet (above the dense model, a typo) is a
     :class:`~compress.errors.TargetError` and stays ``failed``: the suite is wrong, not the method."""
-    from compress.errors import Unsupported
-
     return stage in REFUSAL_STAGES and isinstance(error, Unsupported)
 
 

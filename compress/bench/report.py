@@ -137,6 +137,14 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _by_status(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ...]:
+    """``(ok, refused, failed)``: finished cells, cells their method declined, everything else."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    refused = [r for r in records if r.get("status") == "refused"]
+    failed = [r for r in records if r.get("status") not in ("ok", "refused")]
+    return ok, refused, failed
+
+
 def _target_order(r: dict[str, Any]) -> float:
     if r.get("method") == DENSE:
         return -math.inf
@@ -408,13 +416,18 @@ def _reported_lines(tables: list[Any], shown: list[dict[str, Any]]) -> list[str]
     return lines
 
 
+def _cell_line(r: dict[str, Any], *keys: str) -> str:
+    """A listed (refused or failed) cell as a markdown row: model, method, target, recovery, then ``keys``."""
+    cells = [_get(r, "model", "id"), r.get("label") or r.get("method"), r.get("target"),
+             RecoverySpec(**(r.get("recovery") or {})).short(), *(r.get(k) for k in keys)]
+    return "| " + " | ".join(str(c if c is not None else "").replace("|", "\\|") for c in cells) + " |"
+
+
 def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark report",
                     plots: dict[str, str] | None = None, reported: list[Any] | None = None) -> str:
     """The markdown report of ``records`` (latest record per cell); ``reported`` tables
     (:func:`compress.bench.reported.load_reported`) add *paper* rows next to matching cells."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    refused = [r for r in records if r.get("status") == "refused"]
-    failed = [r for r in records if r.get("status") not in ("ok", "refused")]
+    ok, refused, failed = _by_status(records)
     paper = [p for t in (reported or []) for p in t.pseudo_records()]
     shown: list[dict[str, Any]] = []
     tables: list[str] = []
@@ -447,20 +460,11 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
     if refused:
         md += ["## Refused cells", "", "The method cannot express these cells (it says why); they are answers, "
                "not errors.", "", "| model | method | target | recovery | reason |", "|---|---|---|---|---|"]
-        for r in _sorted(refused):
-            err = str(r.get("error") or "").replace("|", "\\|")
-            md.append(f"| {_get(r, 'model', 'id')} | {r.get('label') or r.get('method')} | {r.get('target')} | "
-                      f"{RecoverySpec(**(r.get('recovery') or {})).short()} | {err} |")
-        md.append("")
+        md += [_cell_line(r, "error") for r in _sorted(refused)] + [""]
     if failed:
         md += ["## Failed cells", "", "| model | method | target | recovery | stage | error | cell |",
                "|---|---|---|---|---|---|---|"]
-        for r in _sorted(failed):
-            err = str(r.get("error") or "").replace("|", "\\|")
-            md.append(f"| {_get(r, 'model', 'id')} | {r.get('label') or r.get('method')} | {r.get('target')} | "
-                      f"{RecoverySpec(**(r.get('recovery') or {})).short()} | {r.get('stage')} | {err} | "
-                      f"{r.get('cell_id')} |")
-        md.append("")
+        md += [_cell_line(r, "stage", "error", "cell_id") for r in _sorted(failed)] + [""]
     return "\n".join(md)
 
 
@@ -548,7 +552,7 @@ def _recovered(r: dict[str, Any]) -> int:
 OFF_SCALE = 1000.0
 
 
-def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, str]) -> list[Any]:
+def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, str]) -> None:
     """One panel: log PPL against ``axis``; per method, its unrecovered cells (filled) with their Pareto
     curve, and each recovered cell (hollow) with an arrow from the same cell before recovery."""
     s, n = ppl
@@ -558,7 +562,6 @@ def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, 
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else None
 
     scale = 100.0 if axis.percent else 1.0
-    handles = []
     dense = [r for r in rows if r.get("method") == DENSE and plain(r) is not None]
     cap = OFF_SCALE * plain(dense[0]) if dense else math.inf
 
@@ -570,35 +573,32 @@ def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, 
         ax.axhline(y_of(dense[0]), color="black", lw=0.8, ls="--", zorder=1)
         x = axis.value(dense[0])
         if x is not None:
-            handles.append(ax.scatter([x * scale], [y_of(dense[0])], marker="*", s=140, color="black", zorder=4,
-                                      label="dense"))
+            ax.scatter([x * scale], [y_of(dense[0])], marker="*", s=140, color="black", zorder=4, label="dense")
+
+    def points(cells: list[dict[str, Any]]) -> list[tuple[float, float, dict[str, Any]]]:
+        xy = [(axis.value(r), y_of(r), r) for r in cells]
+        return [(x * scale, y, r) for x, y, r in xy if x is not None and y is not None]
+
     labels = list(dict.fromkeys(r.get("label") or r.get("method") for r in rows if r.get("method") != DENSE))
     for lab in labels:
         mine = [r for r in rows if (r.get("label") or r.get("method")) == lab]
         colour, marker = _style(mine[0])
-        before = [(axis.value(r), y_of(r), r) for r in mine if not _recovered(r)]
-        before = [(x * scale, y, r) for x, y, r in before if x is not None and y is not None]
-        after = [(axis.value(r), y_of(r), r) for r in mine if _recovered(r)]
-        after = [(x * scale, y, r) for x, y, r in after if x is not None and y is not None]
-        if not before and not after:
-            continue
-        h = None
+        before = points([r for r in mine if not _recovered(r)])
+        after = points([r for r in mine if _recovered(r)])
         if before:
-            h = ax.scatter([p[0] for p in before], [p[1] for p in before], color=colour, marker=marker, s=42,
-                           zorder=3, label=lab)
+            ax.scatter([p[0] for p in before], [p[1] for p in before], color=colour, marker=marker, s=42,
+                       zorder=3, label=lab)
             front = pareto_front([(x, y) for x, y, _ in before], axis.smaller_is_better)
             ax.plot([p[0] for p in front], [p[1] for p in front], color=colour, lw=1.3, zorder=2)
         if after:
-            ha = ax.scatter([p[0] for p in after], [p[1] for p in after], facecolors="white", edgecolors=colour,
-                            marker=marker, s=42, linewidths=1.4, zorder=3, label=f"{lab} (recovered)")
-            h = h or ha
+            ax.scatter([p[0] for p in after], [p[1] for p in after], facecolors="white", edgecolors=colour,
+                       marker=marker, s=42, linewidths=1.4, zorder=3, label=f"{lab} (recovered)")
             start = {(r.get("target"), r.get("seed")): (x, y) for x, y, r in before}
             for x, y, r in after:
                 src = start.get((r.get("target"), r.get("seed")))
                 if src is not None:
                     ax.annotate("", xy=(x, y), xytext=src, zorder=2,
                                 arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.9, "alpha": 0.8})
-        handles.append(h)
     off = [(axis.value(r), plain(r)) for r in rows if (plain(r) or 0) > cap and axis.value(r) is not None]
     stacked: dict[float, int] = {}
     for x, v in sorted(off, key=lambda p: -p[1]):  # a cell beyond the scale sits on its top edge, with its value
@@ -613,7 +613,6 @@ def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, 
     ax.grid(True, which="both", alpha=0.25)
     if not axis.smaller_is_better:
         ax.axvline(1.0, color="black", lw=0.6, ls=":", zorder=1)
-    return handles
 
 
 def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
@@ -669,16 +668,14 @@ def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
         drawn[caption] = name
 
     if ppl is not None:
-        for axis in AXES:
-            if not any(axis.value(r) is not None and r.get("method") != DENSE for r in ok):
-                continue
+        panels = [a for a in AXES if any(a.value(r) is not None and r.get("method") != DENSE for r in ok)]
+        for axis in panels:
             fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
             for ax, m in zip(axes[0], models, strict=True):
                 _draw_ppl(ax, [r for r in ok if _get(r, "model", "id") == m], axis, ppl)
                 ax.set_title(str(m))
             _legend(fig, list(axes[0]))
             save(fig, f"ppl_vs_{axis.key}.png", f"PPL {ppl[0]}@{ppl[1]} vs {axis.title}")
-        panels = [a for a in AXES if any(a.value(r) is not None and r.get("method") != DENSE for r in ok)]
         ncol = len(panels) + (1 if has_acc else 0)
         fig, axes = plt.subplots(len(models), ncol, figsize=(4.6 * ncol + 1.9, 4.2 * len(models)), squeeze=False)
         for row, m in zip(axes, models, strict=True):
@@ -735,9 +732,7 @@ def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str =
     files["markdown"] = out / "report.md"
     files["markdown"].write_text(md + "\n", encoding="utf-8")
 
-    ok = _sorted([r for r in records if r.get("status") == "ok"])
-    refused = _sorted([r for r in records if r.get("status") == "refused"])
-    failed = _sorted([r for r in records if r.get("status") not in ("ok", "refused")])
+    ok, refused, failed = (_sorted(part) for part in _by_status(records))
     rows = [flat_row(r) for r in ok + refused + failed]
     columns: list[str] = []
     for row in rows:
@@ -752,7 +747,7 @@ def write_report(records: list[dict[str, Any]], out: str | Path, *, title: str =
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     files["json"] = out / "report.json"
     doc = {"title": title, "generated_at": now(), "protocol": _protocol_lines(records),
-           "columns": columns, "rows": [flat_row(r) for r in ok], "refused": [flat_row(r) for r in refused],
-           "failed": [flat_row(r) for r in failed]}
+           "columns": columns, "rows": rows[:len(ok)], "refused": rows[len(ok):len(ok) + len(refused)],
+           "failed": rows[len(ok) + len(refused):]}
     files["json"].write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return files
