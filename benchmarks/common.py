@@ -38,18 +38,30 @@ def smollm2_path() -> str:
     return str(Path(assets) / "models" / "smollm2-135m-instruct-q4_1")
 
 
+def qwen2_path() -> str:
+    """Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M), fetched once into the cache
+    (:func:`compress.testing.qwen2_gguf`)."""
+    from compress.testing import qwen2_gguf
+
+    path, why = qwen2_gguf()
+    if path is None:
+        raise SystemExit(why)
+    return str(path)
+
+
 _TEXT: str | None = None
 
 
-def wikitext_ppl(model, tokenizer, *, full: bool = False) -> dict[str, Any]:
-    """PPL at 2048 and 128 context on WikiText-2 test (first 32,768 tokens unless ``full``)."""
+def wikitext_ppl(model, tokenizer, *, full: bool = False, windows: dict[int, int] | None = None) -> dict[str, Any]:
+    """PPL on WikiText-2 test at each context of ``windows`` (context -> number of windows; default
+    :data:`PPL_WINDOWS`, 2048 and 128 on the first 32,768 tokens), every window if ``full``."""
     global _TEXT
     from compress.evaluate.perplexity import perplexity, wikitext2_text
 
     if _TEXT is None:
         _TEXT = wikitext2_text("test")
     out: dict[str, Any] = {}
-    for L, n in PPL_WINDOWS.items():
+    for L, n in (windows or PPL_WINDOWS).items():
         r = perplexity(model, tokenizer, _TEXT, seq_len=L, max_windows=None if full else n,
                        batch_size=1 if L > 512 else 16, progress=False)
         out[f"ppl{L}"] = round(r["ppl"], 4)
@@ -57,32 +69,34 @@ def wikitext_ppl(model, tokenizer, *, full: bool = False) -> dict[str, Any]:
     return out
 
 
-def dense_row(*, full: bool = False) -> dict[str, Any]:
+def dense_row(*, full: bool = False, model: str | None = None, windows: dict[int, int] | None = None) -> dict[str, Any]:
+    """The dense row of ``model`` (default SmolLM2) in fp32."""
     from compress.io.loading import load_model
     from compress.model.footprint import footprint
 
-    lm = load_model(smollm2_path())
+    lm = load_model(model or smollm2_path(), dtype="float32")
     fp = footprint(lm.model)
     return {"method": "dense", "target": "100%", "params": fp.params, "flops_per_token": fp.flops_per_token,
-            "kv_bytes_per_token": fp.kv_bytes_per_token, **wikitext_ppl(lm.model, lm.tokenizer, full=full)}
+            "kv_bytes_per_token": fp.kv_bytes_per_token,
+            **wikitext_ppl(lm.model, lm.tokenizer, full=full, windows=windows)}
 
 
 def prune_row(method: str, target: str, *, settings: dict | None = None, seed: int = 0, calib: str | None = None,
               recover_tokens: int = 0, recover_mode: str = "full", recover_settings: dict | None = None,
-              full: bool = False, label: str | None = None) -> dict[str, Any]:
-    """Prune SmolLM2 with ``compress.pipeline.run.run`` (no export) and measure it."""
+              full: bool = False, label: str | None = None, model: str | None = None,
+              windows: dict[int, int] | None = None, keep: list | None = None) -> dict[str, Any]:
+    """Prune ``model`` (default SmolLM2) with ``compress.pipeline.run.run`` (no export) and measure it.
+    ``keep``, a list, receives the pruned model (for diagnostics on it)."""
     from compress.pipeline.run import RunSpec, run
 
-    spec = RunSpec(method=method, target=target, model=smollm2_path(), seed=seed, calib=calib, dtype="float32",
+    path = model or smollm2_path()
+    spec = RunSpec(method=method, target=target, model=path, seed=seed, calib=calib, dtype="float32",
                    settings=dict(settings or {}), recover_tokens=recover_tokens, recover_mode=recover_mode,
                    recover_settings=dict(recover_settings or {}), progress=False)
     t = time.perf_counter()
     result = run(spec, log=lambda m: None)
     wall = time.perf_counter() - t
-    model, rec = result.model, result.record
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    pruned, rec, tok = result.model, result.record, result.tokenizer
     row = {
         "method": label or method,
         "target": target,
@@ -98,8 +112,10 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
         "notes": rec.get("notes"),
         "recovery": rec.get("recovery"),
         "recovery_result": rec.get("recovery_result"),
-        **wikitext_ppl(model, tok, full=full),
+        **wikitext_ppl(pruned, tok, full=full, windows=windows),
     }
+    if keep is not None:
+        keep.append(pruned)
     return row
 
 

