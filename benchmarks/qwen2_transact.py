@@ -1,8 +1,9 @@
 """TransAct on a model with only two KV heads (issue #23): Qwen2.5-Coder-0.5B at 80 / 70 / 50 %.
 
-Usage: ``python benchmarks/qwen2_transact.py [--only LABEL ...] [--targets 70% ...]``. Rows already in
-``results/qwen2_transact.jsonl`` are kept and not re-run (delete the file to start over). The model is
-fetched once into ``$COMPRESS_CACHE`` (``common.qwen2_path``).
+Usage: ``python benchmarks/qwen2_transact.py [--model qwen2|smollm2] [--only LABEL ...] [--targets 70% ...]``.
+Rows already in ``results/qwen2_transact.jsonl`` (``smollm2_transact_gqa.jsonl`` for SmolLM2-135M, 3 KV
+heads, the same options and protocol) are kept and not re-run (delete the file to start over). The
+Qwen model is fetched once into ``$COMPRESS_CACHE`` (``common.qwen2_path``).
 
 With 2 KV groups per layer, ``gqa=groups`` can keep one group or both: every attention cut halves the
 attention (and the KV cache). The options measured:
@@ -11,6 +12,8 @@ attention (and the KV cache). The options measured:
 * ``groups up`` — the same rounded up (both groups kept once the balanced ratio exceeds 1/2);
 * ``heads`` — ``gqa=heads``: both KV heads kept, the same number of query heads dropped in each group;
 * ``attention dense`` — ``attn_ratio: 1000``: attention untouched, the MLP takes the whole cut;
+* ``auto`` — ``gqa=auto``: the candidate plans above (at the same target, from the same saliences) scored
+  on 4 × 512 held-out tokens of the calibration text, the lowest loss kept (its choice in ``chosen``);
 * calibration: 8 × 256, 32 × 512 (the suites') and 64 × 512 tokens of WikiText-2 validation.
 
 Protocol (the issue's): WikiText-2 test, the first 8 windows of 512 tokens, fp32, 1 thread, seed 0,
@@ -39,6 +42,7 @@ OPTIONS: dict[str, dict] = {
     "groups up": {**CAL, "gqa": "groups", "attn_round": "up"},
     "heads": {**CAL, "gqa": "heads"},
     "attention dense": {**CAL, "attn_ratio": 1000.0},
+    "auto": {**CAL, "gqa": "auto"},
 }
 CALIBRATION: dict[str, dict] = {  # at 70 % only
     "groups down 8x256": {"calib_samples": 8, "calib_seq_len": 256, "gqa": "groups", "attn_round": "down"},
@@ -55,11 +59,14 @@ def _cells(targets: tuple[str, ...]) -> list[tuple[str, str, dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=("qwen2", "smollm2"), default="qwen2")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all, plus dense)")
     ap.add_argument("--targets", nargs="*", default=list(TARGETS), help="targets to run (default: 80%% 70%% 50%%)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    jl = common.RESULTS / f"{NAME}.jsonl"
+    name = NAME if args.model == "qwen2" else "smollm2_transact_gqa"
+    path = common.qwen2_path() if args.model == "qwen2" else common.smollm2_path()
+    jl = common.RESULTS / f"{name}.jsonl"
     rows: list[dict] = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()] if jl.exists() else []
     recipe = str(Path(__file__).resolve().parents[1] / "plugins/transact/compress_transact/recipes/transact.yaml")
     from compress.io.recipe import load_recipe
@@ -69,8 +76,8 @@ def main() -> None:
     def save() -> None:
         order = {"dense": -1, **{k: i for i, k in enumerate([*OPTIONS, *CALIBRATION])}}
         rows.sort(key=lambda r: (r["target"] != "100%", -float(r["target"].rstrip("%")), order.get(r["method"], 99)))
-        common.write_results(NAME, rows, columns=["method", "target", "heads", "kv_heads", "mlp", "ratios.params",
-                                                  "ratios.kv", "ppl512", "prune_s"],
+        common.write_results(name, rows, columns=["method", "target", "heads", "kv_heads", "mlp", "chosen",
+                                                  "ratios.params", "ratios.flops", "ratios.kv", "ppl512", "prune_s"],
                              preamble=(__doc__ or "").split("\n\nUsage")[0])
 
     done = {(r["method"], r["target"]) for r in rows}
@@ -78,17 +85,18 @@ def main() -> None:
         # the same protocol as qwen2_lorap.py: reuse its dense row when it has one
         other = common.RESULTS / "qwen2_lorap.jsonl"
         dense = [r for r in map(json.loads, other.read_text().splitlines()) if r["method"] == "dense"
-                 and r.get("model") == "qwen2"] if other.exists() else []
+                 and r.get("model") == args.model] if other.exists() else []
         rows.append({k: v for k, v in dense[0].items() if k != "model"} if dense
-                    else common.dense_row(model=common.qwen2_path(), windows=WINDOWS))
+                    else common.dense_row(model=path, windows=WINDOWS))
         save()
     for label, target, settings in _cells(tuple(args.targets)):
         if (label, target) in done or (args.only and label not in args.only):
             continue
         row = common.prune_row("transact", target, settings={**base, **settings}, label=label,
-                               model=common.qwen2_path(), windows=WINDOWS)
+                               model=path, windows=WINDOWS)
         widths = (row.get("notes") or {}).get("widths") or {}
         row.update({k: widths.get(k) for k in ("heads", "kv_heads", "mlp")})
+        row["chosen"] = ((row.get("notes") or {}).get("gqa") or {}).get("chosen")
         row["note"] = widths.get("note")
         rows.append(row)
         save()

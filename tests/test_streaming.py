@@ -113,6 +113,17 @@ def test_streaming_gives_the_same_plan_and_weights(method, kind, sharded, extra,
     assert stream.bytes_read >= dense_layers
 
 
+def test_streaming_gqa_auto_keeps_whole_groups_and_says_why(calib, tmp_path):
+    """gqa=auto scores its candidates on the whole model, which streamed weights never hold: the run
+    keeps whole KV groups, the in-memory plan of gqa=groups, and the plan says why."""
+    folder = _save(tmp_path / "m", "llama-gqa", False)
+    ref = _prune("transact", load_model(str(folder), dtype=torch.float32).model, calib, gqa="groups")
+    loaded, stream = open_streamed(str(folder), dtype=torch.float32)
+    got = _prune("transact", loaded.model, calib, stream, gqa="auto")
+    assert got.plan["gqa"]["chosen"] == "groups/down" and "streamed weights" in got.plan["gqa"]["why"]
+    assert {k: v for k, v in got.plan.items() if k != "gqa"} == ref.plan
+
+
 # ============================================================================ never all resident
 @pytest.mark.parametrize("method", ["transact", "lorap", "slicegpt"])
 def test_a_layer_is_read_only_when_it_is_visited(method, calib, tmp_path, monkeypatch):

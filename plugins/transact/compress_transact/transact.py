@@ -103,7 +103,7 @@ class TransActConfig(PrunerConfig):
     gqa: Literal["auto", "groups", "heads"] = Field(
         "groups", description="drop whole KV groups, or heads inside groups; auto: score the candidate plans "
                               "(groups / heads, rounded down and up, attention dense) on held-out text, keep the best")
-    auto_samples: int = Field(8, ge=1, le=4096, description="gqa=auto: held-out blocks the candidates are scored on")
+    auto_samples: int = Field(4, ge=1, le=4096, description="gqa=auto: held-out blocks the candidates are scored on")
     auto_seq_len: int = Field(512, ge=2, le=1 << 20, description="gqa=auto: tokens per held-out block")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio (1 = balanced)")
     attn_round: Literal["down", "nearest", "up"] = Field(
@@ -283,7 +283,6 @@ class TransActPruner(Pruner):
         held = ctx.held_out(self.config.auto_samples, min(self.config.auto_seq_len, int(batches.shape[1])))
         report: dict = {"mode": "auto", "held_out": {"samples": int(held.shape[0]), "seq_len": int(held.shape[1])}}
         if len(cands) > 1:
-            report["dense_nll"] = round(ctx.loss(model, held), 6)
             for label, w in cands.items():
                 scores = {i: self.attention_unit_scores(arch, i, sal[i][0], w.attn_unit) for i in sal}
                 plan = plan_from_scores(arch, w, scores, {i: sal[i][1] for i in sal})
