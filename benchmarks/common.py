@@ -119,6 +119,12 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
     return row
 
 
+def doc_without_usage(doc: str | None) -> str:
+    """A benchmark script's docstring as the preamble of its results file: every paragraph but the
+    ``Usage:`` one."""
+    return "\n\n".join(p for p in (doc or "").strip().split("\n\n") if not p.startswith("Usage"))
+
+
 def write_results(name: str, rows: list[dict[str, Any]], columns: list[str] | None = None,
                   preamble: str = "") -> Path:
     """``results/<name>.jsonl`` and a markdown table ``results/<name>.md``."""

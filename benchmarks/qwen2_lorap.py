@@ -19,6 +19,11 @@ Diagnostics, on the attention-only model at s:
   projection on 8 × 128 calibration tokens that reach it through the *dense* model;
 * ``drift``: per layer, ``‖h_pruned − h_dense‖ / ‖h_dense‖`` of the decoder layer outputs on the same
   tokens, i.e. where the error enters and how it grows.
+
+Two rows isolate LoRAP's MLP channel score: TransAct's score (the L2 norm of each ``down_proj`` input
+channel) at exactly LoRAP's MLP widths with the attention dense, and LoRAP's own score with only its
+``down_proj`` term (a diagnostic patch of ``compress_baselines.lorap.mlp_channel_scores`` for that row,
+not a LoRAP setting).
 """
 
 from __future__ import annotations
@@ -55,10 +60,32 @@ def _cells(s: float | None) -> list[tuple[str, str, str, str, dict]]:
         cells += [
             (f"lorap attn-only s={s}", model, "lorap", "100%", {"sparsity": s, "sublayers": ["self_attn"]}),
             (f"lorap mlp-only s={s}", model, "lorap", "100%", {"sparsity": s, "sublayers": ["mlp"]}),
-            (f"lorap attn-only svd s={s}", model, "lorap", "100%",
-             {"sparsity": s, "sublayers": ["self_attn"], "decomposition": "svd"}),
         ]
+        if model == "qwen2":
+            # the same MLP widths (attention dense), TransAct's channel score instead of LoRAP's
+            mlp = MLP_DENSE[model] - (int((s + 0.01) * MLP_DENSE[model]) - int(0.01 * MLP_DENSE[model]))
+            cells.append((f"transact mlp {mlp} (lorap's widths)", model, "transact", "100%",
+                          {"attn_heads": 14, "mlp_dim": mlp, "mlp_round_to": 1, "calib_samples": 32,
+                           "calib_seq_len": 512}))
+            # diagnostic, not a LoRAP setting: the official score without its gate/up terms
+            cells.append((f"lorap mlp-only s={s}, down term only", model, "lorap", "100%",
+                          {"sparsity": s, "sublayers": ["mlp"], DOWN_ONLY: True}))
+    for model in ("qwen2", "smollm2"):
+        cells.append((f"lorap attn-only svd s={s}", model, "lorap", "100%",
+                      {"sparsity": s, "sublayers": ["self_attn"], "decomposition": "svd"}))
     return cells
+
+
+DOWN_ONLY = "_score_down_term_only"
+
+
+def _down_term_only(gate, up, down, x_sq, h_sq):
+    """LoRAP's MLP channel score with only its down_proj term ‖|W_down[:, c]|·sqrt(E h_c²)‖₂."""
+    sh = h_sq.detach().float().clamp_min(0).sqrt().to(down.device)
+    return (down.detach().float().abs() * sh[None, :]).norm(p=2, dim=0)
+
+
+MLP_DENSE = {"qwen2": 4864, "smollm2": 1536}
 
 
 def _path(model: str) -> str:
@@ -145,9 +172,13 @@ def main() -> None:
     rows: list[dict] = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()] if jl.exists() else []
 
     def save() -> None:
+        for r in rows:  # the layer-output error after the first, middle and last layer (full list in the jsonl)
+            d = r.get("drift")
+            r["drift_first_mid_last"] = f"{d[0]} / {d[len(d) // 2]} / {d[-1]}" if d else None
         common.write_results(NAME, rows, columns=["model", "method", "target", "sparsity", "ranks", "mlp_channels",
-                                                  "ratios.params", "ppl512", "swap", "prune_s"],
-                             preamble=(__doc__ or "").split("\n\nUsage")[0])
+                                                  "ratios.params", "ppl512", "swap", "drift_first_mid_last",
+                                                  "prune_s"],
+                             preamble=common.doc_without_usage(__doc__))
 
     def s_of_target() -> float | None:
         for r in rows:
@@ -167,8 +198,17 @@ def main() -> None:
             row = common.dense_row(model=path, windows=WINDOWS)
         else:
             kept: list = []
-            row = common.prune_row(method, target, settings=settings, label=label, model=path, windows=WINDOWS,
-                                   keep=kept)
+            settings = dict(settings)
+            import compress_baselines.lorap as lorap_mod
+
+            official = lorap_mod.mlp_channel_scores
+            if settings.pop(DOWN_ONLY, False):
+                lorap_mod.mlp_channel_scores = _down_term_only
+            try:
+                row = common.prune_row(method, target, settings=settings, label=label, model=path, windows=WINDOWS,
+                                       keep=kept)
+            finally:
+                lorap_mod.mlp_channel_scores = official
             sizing = (row.get("notes") or {}).get("sizing") or {}
             row["sparsity"] = sizing.get("sparsity")
             ranks = sizing.get("ranks") or {}

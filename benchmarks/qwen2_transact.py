@@ -35,7 +35,7 @@ import common  # noqa: E402
 
 NAME = "qwen2_transact"
 WINDOWS = {512: 8}
-TARGETS = ("80%", "70%", "50%")
+TARGETS = ("70%", "80%", "50%")
 CAL = {"calib_samples": 32, "calib_seq_len": 512}
 OPTIONS: dict[str, dict] = {
     "groups down": {**CAL, "gqa": "groups", "attn_round": "down"},
@@ -51,17 +51,38 @@ CALIBRATION: dict[str, dict] = {  # at 70 % only
 
 
 def _cells(targets: tuple[str, ...]) -> list[tuple[str, str, dict]]:
-    cells = [(label, t, s) for t in targets for label, s in OPTIONS.items()]
-    if "70%" in targets:
-        cells += [(label, "70%", s) for label, s in CALIBRATION.items()]
-    return cells
+    """Every option at the first target, then today's default and ``auto`` at the others, then the
+    remaining options and the calibration sizes (so an interrupted run has the comparisons that matter)."""
+    first = [(label, targets[0], s) for label, s in OPTIONS.items()]
+    main = [(label, t, OPTIONS[label]) for t in targets[1:] for label in ("groups down", "auto")]
+    rest = [(label, t, s) for t in targets[1:] for label, s in OPTIONS.items() if label not in ("groups down", "auto")]
+    calib = [(label, "70%", s) for label, s in CALIBRATION.items()] if "70%" in targets else []
+    return first + main + calib + rest
+
+
+def _calib(settings: dict) -> str:
+    return f"{settings['calib_samples']}x{settings['calib_seq_len']}"
+
+
+def _planned(path: str, target: str, settings: dict) -> tuple[int, int, int] | None:
+    """(heads, KV heads, MLP) a run with ``settings`` lands on, from the config alone; None for auto."""
+    if settings.get("gqa") == "auto":
+        return None
+    from compress import Target
+    from compress.pipeline.preflight import meta_model
+    from compress.plugins import get_registry
+
+    shapes = meta_model(path, dtype="float32")
+    s = get_registry().make("transact", settings).plan_shapes(shapes.model, Target.parse(target))
+    return s["heads"], s["kv_heads"], s["f"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", choices=("qwen2", "smollm2"), default="qwen2")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all, plus dense)")
-    ap.add_argument("--targets", nargs="*", default=list(TARGETS), help="targets to run (default: 80%% 70%% 50%%)")
+    ap.add_argument("--targets", nargs="*", default=list(TARGETS),
+                    help="targets, the first one with every option (default: 70%% 80%% 50%%)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name = NAME if args.model == "qwen2" else "smollm2_transact_gqa"
@@ -76,9 +97,9 @@ def main() -> None:
     def save() -> None:
         order = {"dense": -1, **{k: i for i, k in enumerate([*OPTIONS, *CALIBRATION])}}
         rows.sort(key=lambda r: (r["target"] != "100%", -float(r["target"].rstrip("%")), order.get(r["method"], 99)))
-        common.write_results(name, rows, columns=["method", "target", "heads", "kv_heads", "mlp", "chosen",
+        common.write_results(name, rows, columns=["method", "target", "calibration", "heads", "kv_heads", "mlp", "chosen", "same_as",
                                                   "ratios.params", "ratios.flops", "ratios.kv", "ppl512", "prune_s"],
-                             preamble=(__doc__ or "").split("\n\nUsage")[0])
+                             preamble=common.doc_without_usage(__doc__))
 
     done = {(r["method"], r["target"]) for r in rows}
     if ("dense", "100%") not in done and (not args.only or "dense" in args.only):
@@ -92,11 +113,20 @@ def main() -> None:
     for label, target, settings in _cells(tuple(args.targets)):
         if (label, target) in done or (args.only and label not in args.only):
             continue
+        shape = _planned(path, target, {**base, **settings})
+        twin = next((r for r in rows if r["target"] == target and r.get("calibration") == _calib(settings)
+                     and shape is not None and (r.get("heads"), r.get("kv_heads"), r.get("mlp")) == shape
+                     and not r.get("same_as") and r["method"] != "auto"), None)
+        if twin is not None:  # the same widths from the same saliences: the same model, not run again
+            rows.append({**twin, "method": label, "same_as": twin["method"], "settings": settings})
+            save()
+            continue
         row = common.prune_row("transact", target, settings={**base, **settings}, label=label,
                                model=path, windows=WINDOWS)
         widths = (row.get("notes") or {}).get("widths") or {}
         row.update({k: widths.get(k) for k in ("heads", "kv_heads", "mlp")})
         row["chosen"] = ((row.get("notes") or {}).get("gqa") or {}).get("chosen")
+        row["calibration"] = _calib(settings)
         row["note"] = widths.get("note")
         rows.append(row)
         save()
