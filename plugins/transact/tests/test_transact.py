@@ -475,7 +475,7 @@ def test_gqa_auto_keeps_the_candidate_with_the_lowest_held_out_loss():
 
 
 def test_held_out_blocks_share_no_token_with_the_calibration_blocks():
-    from compress.errors import CalibrationError
+    from compress import CalibrationError
 
     tok = tiny_tokenizer()
     text = " ".join(f"w{i % 97} x{i % 13}" for i in range(3000))
