@@ -119,6 +119,23 @@ def prune_row(method: str, target: str, *, settings: dict | None = None, seed: i
     return row
 
 
+def read_rows(name: str) -> list[dict[str, Any]]:
+    """The rows already in ``results/<name>.jsonl`` (none when it does not exist): a script resumes from them."""
+    path = RESULTS / f"{name}.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def lorap_sizing(row: dict[str, Any]) -> None:
+    """LoRAP's solved s, q/k/v/o ranks (``d`` = dense) and MLP channels as columns of ``row``, from the
+    run's ``notes.sizing``; nothing for a method without one."""
+    sizing = (row.get("notes") or {}).get("sizing")
+    if sizing:
+        row["sparsity"] = sizing["sparsity"]
+        row["ranks"] = "/".join("d" if sizing["ranks"][n] is None else str(sizing["ranks"][n])
+                                for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        row["mlp_channels"] = sizing["mlp_channels"]
+
+
 def doc_without_usage(doc: str | None) -> str:
     """A benchmark script's docstring as the preamble of its results file: every paragraph but the
     ``Usage:`` one."""

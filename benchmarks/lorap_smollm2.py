@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, dense_row, prune_row, write_results  # noqa: E402
+from common import RESULTS, dense_row, lorap_sizing, prune_row, write_results  # noqa: E402
 
 NAME = "lorap_smollm2"
 TARGETS = ("80%", "60%")
@@ -78,13 +78,8 @@ def main() -> None:
             if (label, target) in done or (args.only and label not in args.only):
                 continue
             row = prune_row(method, target, settings=settings, label=label, full=args.full)
-            sizing = (row.get("notes") or {}).get("sizing")
-            if sizing:
-                row["sparsity"] = sizing["sparsity"]
-                row["ranks"] = "/".join("d" if sizing["ranks"][n] is None else str(sizing["ranks"][n])
-                                        for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-                row["mlp_channels"] = sizing["mlp_channels"]
-            else:
+            lorap_sizing(row)
+            if "mlp_channels" not in row:
                 widths = (row.get("notes") or {}).get("widths") or {}
                 row["mlp_channels"] = widths.get("mlp")
             rows.append(row)

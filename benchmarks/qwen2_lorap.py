@@ -168,8 +168,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    jl = common.RESULTS / f"{NAME}.jsonl"
-    rows: list[dict] = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()] if jl.exists() else []
+    rows = common.read_rows(NAME)
 
     def save() -> None:
         for r in rows:  # the layer-output error after the first, middle and last layer (full list in the jsonl)
@@ -209,26 +208,16 @@ def main() -> None:
                                        keep=kept)
             finally:
                 lorap_mod.mlp_channel_scores = official
-            sizing = (row.get("notes") or {}).get("sizing") or {}
-            row["sparsity"] = sizing.get("sparsity")
-            ranks = sizing.get("ranks") or {}
-            row["ranks"] = "/".join("d" if ranks.get(n) is None else str(ranks[n])
-                                    for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            row["mlp_channels"] = sizing.get("mlp_channels")
-            if settings.get("sublayers") == ["self_attn"]:
+            common.lorap_sizing(row)
+            if method == "lorap":  # against the dense model: drift always, the attention diagnostics too
                 from compress.io.loading import load_model
 
                 lm = load_model(path, dtype="float32")
                 tokens = _calib_tokens(lm.tokenizer)
-                row["proj_err"] = _projection_errors(lm.model, kept[0], tokens)
                 row["drift"] = _drift(lm.model, kept[0], tokens)
-                row["swap"] = _swap_ppl(lm.model, kept[0], lm.tokenizer)
-                del lm
-            elif method == "lorap":
-                from compress.io.loading import load_model
-
-                lm = load_model(path, dtype="float32")
-                row["drift"] = _drift(lm.model, kept[0], _calib_tokens(lm.tokenizer))
+                if settings.get("sublayers") == ["self_attn"]:
+                    row["proj_err"] = _projection_errors(lm.model, kept[0], tokens)
+                    row["swap"] = _swap_ppl(lm.model, kept[0], lm.tokenizer)
                 del lm
             del kept
         row["model"] = model

@@ -87,8 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     name = NAME if args.model == "qwen2" else "smollm2_transact_gqa"
     path = common.qwen2_path() if args.model == "qwen2" else common.smollm2_path()
-    jl = common.RESULTS / f"{name}.jsonl"
-    rows: list[dict] = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()] if jl.exists() else []
+    rows = common.read_rows(name)
     recipe = str(Path(__file__).resolve().parents[1] / "plugins/transact/compress_transact/recipes/transact.yaml")
     from compress.io.recipe import load_recipe
 
@@ -104,9 +103,7 @@ def main() -> None:
     done = {(r["method"], r["target"]) for r in rows}
     if ("dense", "100%") not in done and (not args.only or "dense" in args.only):
         # the same protocol as qwen2_lorap.py: reuse its dense row when it has one
-        other = common.RESULTS / "qwen2_lorap.jsonl"
-        dense = [r for r in map(json.loads, other.read_text().splitlines()) if r["method"] == "dense"
-                 and r.get("model") == args.model] if other.exists() else []
+        dense = [r for r in common.read_rows("qwen2_lorap") if r["method"] == "dense" and r.get("model") == args.model]
         rows.append({k: v for k, v in dense[0].items() if k != "model"} if dense
                     else common.dense_row(model=path, windows=WINDOWS))
         save()

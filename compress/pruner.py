@@ -168,23 +168,24 @@ class PruneContext:
         """``samples`` seeded random windows of ``min(seq_len, context length)`` tokens, ``[N, T]``.
 
         Raises :class:`Unsupported` when the run has no calibration text."""
-        if self.calibration is None:
-            raise Unsupported("this method needs calibration text; pass --calib FILE (or a dataset alias)")
-        ctx_len = self.context_length()
-        seq_len = min(int(seq_len), ctx_len) if ctx_len else int(seq_len)
+        seq_len = self._capped(seq_len)
         blocks = self.calibration.batches(int(samples), seq_len)
         self.drawn.append(DrawnBlocks(int(samples), seq_len, blocks_sha256(blocks)))
         return blocks
+
+    def _capped(self, seq_len: int) -> int:
+        """``seq_len`` capped at the context length; refuses a run without calibration text."""
+        if self.calibration is None:
+            raise Unsupported("this method needs calibration text; pass --calib FILE (or a dataset alias)")
+        ctx_len = self.context_length()
+        return min(int(seq_len), ctx_len) if ctx_len else int(seq_len)
 
     def held_out(self, samples: int, seq_len: int) -> torch.Tensor:
         """``samples`` windows of ``min(seq_len, context length)`` tokens of the calibration text that
         overlap none of the blocks :meth:`draw` returned so far (nor each other), ``[N, T]``: text to
         *score* a choice on that the method did not calibrate on. Recorded in :attr:`drawn` (and so in
         the ``calibration_hash``) like a draw."""
-        if self.calibration is None:
-            raise Unsupported("this method needs calibration text; pass --calib FILE (or a dataset alias)")
-        ctx_len = self.context_length()
-        seq_len = min(int(seq_len), ctx_len) if ctx_len else int(seq_len)
+        seq_len = self._capped(seq_len)
         blocks = self.calibration.held_out(int(samples), seq_len, [(d.samples, d.seq_len) for d in self.drawn])
         self.drawn.append(DrawnBlocks(int(samples), seq_len, blocks_sha256(blocks)))
         return blocks

@@ -99,18 +99,32 @@ def run_calibration(
     return seen
 
 
-def mean_nll(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 1) -> float:
-    """Mean next-token NLL (nats) of ``model`` over ``batches`` (``[N, T]``): every position 1..T-1
-    of every block, logits upcast to fp32, accumulated in fp64. No gradients; the model's own device."""
-    check_batches(batches, None, batch_size)
+def nll_sum(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 1,
+            advance: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Summed next-token NLL (nats) of ``model`` over ``blocks`` (``[N, T]``, positions 1..T-1 of every
+    block predicted from the block's own prefix) and the number of predicted tokens. Logits are upcast to
+    fp32 for the log-softmax, sums accumulated in fp64; no gradients; the model's own device.
+    ``advance(n)`` is called after each mini-batch of ``n`` blocks (a progress bar)."""
+    check_batches(blocks, None, batch_size)
     device = _model_device(model)
-    total, count = 0.0, 0
+    total, predicted = 0.0, 0
     with torch.no_grad():
-        for s in range(0, batches.shape[0], batch_size):
-            ids = batches[s : s + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                    reduction="sum")
-            total += float(nll.double())
-            count += ids[:, 1:].numel()
-    return total / count
+        for s in range(0, blocks.shape[0], batch_size):
+            batch = blocks[s : s + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            shift = logits[:, :-1, :].float()
+            target = batch[:, 1:]
+            loss = torch.nn.functional.cross_entropy(shift.reshape(-1, shift.size(-1)), target.reshape(-1),
+                                                     reduction="sum")
+            total += float(loss.double())
+            predicted += int(target.numel())
+            del logits, shift, loss
+            if advance is not None:
+                advance(batch.size(0))
+    return total, predicted
+
+
+def mean_nll(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 1) -> float:
+    """Mean next-token NLL (nats) of ``model`` over ``batches`` (:func:`nll_sum` / predicted tokens)."""
+    total, predicted = nll_sum(model, batches, batch_size=batch_size)
+    return total / predicted

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from compress.assets import data_text, wikitext2
+from compress.calib.runner import nll_sum
 from compress.errors import UsageError
 from compress.progress import progress_bar
 
@@ -44,13 +45,6 @@ def ppl_text(source: str) -> str:
     raise UsageError(
         f"unknown perplexity source {source!r}; use one of {', '.join(PPL_DATASETS)} or a text file path"
     )
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -135,29 +129,11 @@ def perplexity(
     if prefix:
         blocks = torch.cat([torch.full((windows, 1), prefix[0], dtype=torch.long), blocks], dim=1)
 
-    device = _model_device(model)
-    nll_sum = 0.0
-    predicted = 0
-    with (
-        eval_mode(model),
-        torch.no_grad(),
-        progress_bar(progress, windows, f"perplexity @{seq_len}") as advance,
-    ):
-        for start in range(0, windows, batch_size):
-            batch = blocks[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            # fp32 log-softmax even for bf16/fp16 models; sum per batch, accumulate in fp64.
-            shift = logits[:, :-1, :].float()
-            target = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                shift.reshape(-1, shift.size(-1)), target.reshape(-1), reduction="sum"
-            )
-            nll_sum += float(loss.double())
-            predicted += int(target.numel())
-            del logits, shift, loss
-            advance(batch.size(0))
+    # fp32 log-softmax even for bf16/fp16 models; sums per batch, accumulated in fp64
+    with eval_mode(model), progress_bar(progress, windows, f"perplexity @{seq_len}") as advance:
+        total, predicted = nll_sum(model, blocks, batch_size=batch_size, advance=advance)
 
-    nll = nll_sum / predicted
+    nll = total / predicted
     return {
         "ppl": math.exp(nll),
         "nll": nll,

@@ -182,7 +182,7 @@ class TransActPruner(Pruner):
             except TargetError as e:
                 first_error = first_error or e
                 continue
-            key = (*self._heads_kv(arch, w), w.mlp)
+            key = (*self._heads_kv(arch, w.attn_unit, w.attn_units), w.mlp)
             if key not in seen:
                 seen.add(key)
                 out[label] = w
@@ -192,11 +192,12 @@ class TransActPruner(Pruner):
         return out
 
     @staticmethod
-    def _heads_kv(arch: ArchAdapter, w: Widths) -> tuple[int, int]:
+    def _heads_kv(arch: ArchAdapter, attn_unit: str, units: int) -> tuple[int, int]:
+        """(query heads, KV heads) per layer when ``units`` attention units of kind ``attn_unit`` are kept."""
         g = arch.geometry(0)
-        if w.attn_unit == "kv_group":
-            return w.attn_units * g.group_size, w.attn_units
-        return w.attn_units * g.num_kv_heads, g.num_kv_heads
+        if attn_unit == "kv_group":
+            return units * g.group_size, units
+        return units * g.num_kv_heads, g.num_kv_heads
 
     def final_widths(self, arch: ArchAdapter, target: Target) -> Widths:
         """The widths the last shot lands on (for ``gqa=auto`` without explicit widths: the whole-KV-group
@@ -239,13 +240,9 @@ class TransActPruner(Pruner):
 
     def shot_shapes(self, arch: ArchAdapter, final: Widths) -> list[dict]:
         """Per shot: query heads, KV heads and MLP width of every layer after that shot."""
-        g = arch.geometry(0)
         out = []
         for shot, (units, mlp) in enumerate(self.schedule(arch, final), 1):
-            if final.attn_unit == "kv_group":
-                heads, kv = units * g.group_size, units
-            else:
-                heads, kv = units * g.num_kv_heads, g.num_kv_heads
+            heads, kv = self._heads_kv(arch, final.attn_unit, units)
             out.append({"shot": shot, "heads": heads, "kv_heads": kv, "mlp": mlp})
         return out
 
@@ -267,7 +264,7 @@ class TransActPruner(Pruner):
     def _candidate_table(self, arch: ArchAdapter, cands: dict[str, Widths]) -> dict[str, dict]:
         out = {}
         for label, w in cands.items():
-            heads, kv = self._heads_kv(arch, w)
+            heads, kv = self._heads_kv(arch, w.attn_unit, w.attn_units)
             out[label] = {"heads": heads, "kv_heads": kv, "mlp": w.mlp, "predicted": w.predicted}
         return out
 

@@ -422,12 +422,12 @@ def test_gqa_auto_candidates_are_distinct_and_meet_the_target():
     arch = adapter_for(model)
     for target in ("80%", "60%", "flops:50%"):
         cands = p.candidates(arch, Target.parse(target))
-        shapes = {(*p._heads_kv(arch, w), w.mlp) for w in cands.values()}
+        shapes = {(*p._heads_kv(arch, w.attn_unit, w.attn_units), w.mlp) for w in cands.values()}
         assert len(shapes) == len(cands) >= 3, cands
         assert all(w.predicted <= w.goal for w in cands.values())
         if target != "flops:50%":  # there the MLP alone cannot take the whole cut
             # one candidate keeps the attention whole (labelled groups/up when rounding up already does)
-            assert any(p._heads_kv(arch, w) == (9, 3) for w in cands.values())
+            assert any(p._heads_kv(arch, w.attn_unit, w.attn_units) == (9, 3) for w in cands.values())
     kv = p.candidates(arch, Target.parse("kv:67%"))
     assert set(kv) <= {"groups/down", "groups/up"} and all(w.attn_unit == "kv_group" for w in kv.values())
 
