@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-CALIB = {"calib_samples": 32, "calib_seq_len": 512}
+CALIB = {"calib_samples": 32, "calib_seq_len": 512, "gqa": "groups"}  # measured before gqa=auto became the default
 NAME = "attn_rounding_smollm2"
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-TRANSACT = {"calib_samples": 32, "calib_seq_len": 512}
+TRANSACT = {"calib_samples": 32, "calib_seq_len": 512, "gqa": "groups"}  # measured before gqa=auto became the default
 #: (label, method, target, settings)
 #: TransAct with its default MLP widths (mlp_round_to=auto: multiples of sizing.MLP_KERNEL_MULTIPLE) and
 #: with exact widths (mlp_round_to=1, the default before the width sweep of mlp_widths_llamacpp.py)

@@ -48,7 +48,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
             res = run(RunSpec(method="transact", target="80%", model=smollm2_path(), dtype=dtype, out=str(out),
-                              settings={"calib_samples": 32, "calib_seq_len": 512}, progress=False, evaluate=False),
+                              settings={"calib_samples": 32, "calib_seq_len": 512, "gqa": "groups"}, progress=False,
+                              evaluate=False),
                       log=lambda m: None)
             pruned = (ppl(res.model, res.tokenizer, text, 2048, 8), ppl(res.model, res.tokenizer, text, 128, 64))
             size = (out / "model.safetensors").stat().st_size

@@ -95,7 +95,8 @@ def cell(method: str, mode: str, batch: int, samples: int = CALIB_SAMPLES, seq_l
 
         TransActPruner.collect = timed_collect
     spec = RunSpec(method=method, target=TARGET, model=smollm2_path(), calib="wikitext2", progress=False,
-                   settings={"calib_samples": samples, "calib_seq_len": seq_len, "calib_batch_size": batch},
+                   settings={"calib_samples": samples, "calib_seq_len": seq_len, "calib_batch_size": batch,
+                             **({"gqa": "groups"} if method == "transact" else {})},  # as measured
                    layerwise=mode == "layerwise")
     t = time.perf_counter()
     rec = run(spec, log=lambda m: None).record

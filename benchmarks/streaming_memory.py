@@ -102,7 +102,7 @@ def cell(mode: str, model: str, out: str) -> dict[str, Any]:
     from compress.probes import track_peak_rss
 
     spec = RunSpec(method="transact", target=TARGET, model=model, out=out, calib="tinystories", dtype="float32",
-                   settings={"calib_samples": CALIB_SAMPLES, "calib_seq_len": CALIB_SEQ_LEN}, layerwise=True,
+                   settings={"calib_samples": CALIB_SAMPLES, "calib_seq_len": CALIB_SEQ_LEN, "gqa": "groups"}, layerwise=True,
                    stream_weights=mode == "stream", evaluate=False, progress=False)
     t0 = time.perf_counter()
     with track_peak_rss() as rss:

@@ -52,6 +52,10 @@ class _NaiveWidth(Pruner):
         return solve_uniform(ctx_arch, target, attn_unit=unit, attn_ratio=self.config.attn_ratio,
                              mlp_round_to=self.config.mlp_round_to, attn_round=self.config.attn_round)
 
+    def check(self, model, target: Target) -> None:
+        super().check(model, target)
+        self._widths(model, target, adapter_for(model))  # sized from the shapes alone: an unreachable target now
+
     def plan_shapes(self, model, target: Target) -> dict:
         arch = adapter_for(model)
         widths = self._widths(model, target, arch)

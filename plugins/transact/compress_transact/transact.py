@@ -76,6 +76,7 @@ from pydantic import Field, model_validator
 
 from compress import (
     ArchAdapter,
+    CalibrationError,
     Capabilities,
     Plan,
     PruneContext,
@@ -101,8 +102,8 @@ class TransActConfig(PrunerConfig):
     calib_seq_len: int = Field(2048, ge=2, description="tokens per sequence (official: 4096; capped at context)")
     shots: int = Field(1, ge=1, le=1024, description="pruning steps K (official README example: 8)")
     gqa: Literal["auto", "groups", "heads"] = Field(
-        "groups", description="drop whole KV groups, or heads inside groups; auto: score the candidate plans "
-                              "(groups / heads, rounded down and up, attention dense) on held-out text, keep the best")
+        "auto", description="auto: score the candidate plans (whole KV groups / heads inside groups, rounded down "
+                            "and up, attention dense) on held-out text, keep the best; groups / heads: that one")
     auto_samples: int = Field(4, ge=1, le=4096, description="gqa=auto: held-out blocks the candidates are scored on")
     auto_seq_len: int = Field(512, ge=2, le=1 << 20, description="gqa=auto: tokens per held-out block")
     attn_ratio: float = Field(1.0, gt=0, description="attention keep ratio / MLP keep ratio (1 = balanced)")
@@ -152,6 +153,9 @@ class TransActPruner(Pruner):
             arch = adapter_for(model)
             if arch.geometry(0).group_size > 1:
                 raise Unsupported("gqa=heads keeps every KV head, so it cannot meet a kv: target; use --set gqa=groups")
+        # sized from the shapes alone (gqa=auto: its candidates), so an unreachable target stops here
+        arch = adapter_for(model)
+        self.candidates(arch, target) if self._auto(arch) else self.final_widths(arch, target)
 
     def _attn_unit(self, arch: ArchAdapter) -> str:
         cfg, g = self.config, arch.geometry(0)
@@ -190,6 +194,16 @@ class TransActPruner(Pruner):
             assert first_error is not None
             raise first_error
         return out
+
+    def _whole_groups(self, arch: ArchAdapter, target: Target, cands: dict[str, Widths]) -> str:
+        """The label of the candidate ``gqa=groups`` would have cut (whole KV groups, ``attn_round``): what
+        ``auto`` keeps when it cannot score (identical candidates are listed once, under the first label)."""
+        w = self.final_widths(arch, target)
+        key = (*self._heads_kv(arch, w.attn_unit, w.attn_units), w.mlp)
+        for label, c in cands.items():
+            if (*self._heads_kv(arch, c.attn_unit, c.attn_units), c.mlp) == key:
+                return label
+        raise TargetError(f"gqa=auto: no candidate has the whole-KV-group widths {key}")  # not reached: one is
 
     @staticmethod
     def _heads_kv(arch: ArchAdapter, attn_unit: str, units: int) -> tuple[int, int]:
@@ -277,7 +291,14 @@ class TransActPruner(Pruner):
         arch = ctx.arch
         cands = self.candidates(arch, target)
         table = self._candidate_table(arch, cands)
-        held = ctx.held_out(self.config.auto_samples, min(self.config.auto_seq_len, int(batches.shape[1])))
+        groups = self._whole_groups(arch, target, cands)
+        try:
+            held = ctx.held_out(self.config.auto_samples, min(self.config.auto_seq_len, int(batches.shape[1])))
+        except CalibrationError as e:  # a small corpus the calibration blocks cover: nothing left to score on
+            why = (f"no held-out text to score the candidates on ({e}); whole KV groups kept "
+                   "(lower calib_samples or auto_samples / auto_seq_len, or set gqa)")
+            ctx.log(f"TransAct gqa=auto: {why}")
+            return groups, cands[groups], {"mode": "auto", "chosen": groups, "why": why, "candidates": table}
         report: dict = {"mode": "auto", "held_out": {"samples": int(held.shape[0]), "seq_len": int(held.shape[1])}}
         if len(cands) > 1:
             for label, w in cands.items():
@@ -379,7 +400,7 @@ class TransActPruner(Pruner):
                 if "held_out" in gqa_report:  # the same draws as the first run: the same calibration_hash
                     ctx.held_out(gqa_report["held_out"]["samples"], gqa_report["held_out"]["seq_len"])
             elif ctx.streaming and any(p.is_meta for p in model.parameters()):
-                gqa_report = {"mode": "auto", "chosen": "groups/" + final.attn_round,
+                gqa_report = {"mode": "auto", "chosen": self._whole_groups(arch, target, self.candidates(arch, target)),
                               "why": "streamed weights: the candidates cannot be scored on the whole model; "
                                      "whole KV groups kept (set gqa to choose)"}
             else:
