@@ -27,6 +27,12 @@ class TargetError(UsageError):
     """A target string that does not parse, or that a method cannot reach."""
 
 
+class TargetUnreachable(TargetError):
+    """A valid target below the smallest model this method's structures can cut (one head and one MLP
+    channel per layer, one decoder layer, rank-1 factors): a limit of the method, which a benchmark suite
+    records as the method refusing the cell, not as a broken suite."""
+
+
 class CalibrationError(UsageError):
     """Calibration source missing, empty, or shorter than one block."""
 

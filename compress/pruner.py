@@ -320,7 +320,8 @@ class Pruner:
             if missing:
                 mt = getattr(arch.config, "model_type", type(model).__name__)
                 alt = f"; use {cap.alternative} instead" if cap.alternative else ""
-                raise Unsupported(f"method {self.name!r} cannot prune {mt} models: it needs {FEATURES[missing[0]]}"
+                needs = " and ".join(FEATURES[f] for f in missing)  # every missing feature, not just the first
+                raise Unsupported(f"method {self.name!r} cannot prune {mt} models: it needs {needs}"
                                   f"{alt} (`compress methods --json` lists each method's families)")
 
     def plan_shapes(self, model: nn.Module, target: Target) -> dict:

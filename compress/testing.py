@@ -53,8 +53,11 @@ __all__ = [
 
 TINY_KINDS = ("llama-mha", "llama-gqa", "qwen2")
 #: Further families (tests/test_families.py): Mistral with a sliding window, Qwen3 with q/k norms, Phi-3
-#: with fused qkv and gate_up projections. Not in :data:`TINY_KINDS`, whose tests assume a Llama layout.
-FAMILY_KINDS = ("mistral", "qwen3", "phi3")
+#: with fused qkv and gate_up projections, Gemma-2 (alternating sliding / global layers, logit soft-capping,
+#: (1 + w) RMSNorms before and after each block), Gemma-3 text (a sliding / global pattern, one KV head,
+#: per-head q/k norms) and OLMo-2 (norms after each block, q/k norms over the whole q/k width). Not in
+#: :data:`TINY_KINDS`, whose tests assume a Llama layout.
+FAMILY_KINDS = ("mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2")
 
 
 def tiny_config(kind: str = "llama-gqa"):
@@ -111,6 +114,35 @@ def tiny_config(kind: str = "llama-gqa"):
         return Phi3Config(  # fused qkv_proj [q; k; v] and gate_up_proj [gate; up]
             **common, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
             tie_word_embeddings=False, original_max_position_embeddings=256,
+        )
+    if kind == "gemma2":
+        from transformers import Gemma2Config
+
+        # as Gemma-2-2B: 8 heads of head_dim > hidden / heads over 4 KV heads, sliding / global layers in
+        # turn, tanh soft-capping of the attention scores (50) and the logits (30); the window (4096 there)
+        # is shorter than the tiny calibration blocks so that it binds
+        return Gemma2Config(
+            **common, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+            query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0, tie_word_embeddings=True,
+        )
+    if kind == "gemma3_text":
+        from transformers import Gemma3TextConfig
+
+        # as Gemma-3-270M: one KV head (MQA) under 4 query heads of head_dim 32 (4 × 32 != 64), per-head
+        # q/k norms, sliding layers before a global one (5:1 there, 2:1 here), a short window
+        return Gemma3TextConfig(
+            **common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+            query_pre_attn_scalar=32, sliding_window=8, tie_word_embeddings=True,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        )
+    if kind == "olmo2":
+        from transformers import Olmo2Config
+
+        # no head_dim key, as the real configs: head_dim = hidden / heads (16); q_norm over 4 × 16, k_norm
+        # over 2 × 16 channels
+        return Olmo2Config(
+            **common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
         )
     raise ValueError(f"unknown tiny model kind {kind!r}; use one of {TINY_KINDS + FAMILY_KINDS}")
 

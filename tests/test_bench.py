@@ -409,6 +409,32 @@ def test_unsupported_is_refused_a_bad_target_failed():
     assert fail({}, "eval", Unsupported("x"))["status"] == "failed"
 
 
+@needs_assets
+def test_a_target_below_a_methods_smallest_model_is_refused_not_failed(tmp_path):
+    """The bench preflight of real cells: 1 % of stories260K is below what each method's structures
+    can cut (one head / channel per layer, one layer, rank-1 factors): refused, with the method's reason;
+    a target above the dense model stays a failure (the suite is wrong)."""
+    from compress.bench.record import fail, new_record
+    from compress.bench.runner import preflight
+    from compress.errors import TargetUnreachable
+
+    text = TINY.replace("methods: [random, nosuch]", "methods: [random, transact, llm_pruner, lorap, depth]")
+    suite = load_suite(_write(tmp_path, text.replace('targets: ["50%", "1M"]', 'targets: ["1%", "1M"]')))
+    seen = set()
+    for cell in suite.cells():
+        if cell.method == "dense":
+            continue
+        err = preflight(cell)
+        rec = fail(new_record(cell), "preflight", err)
+        if cell.target == "1%":
+            assert isinstance(err, TargetUnreachable) and rec["status"] == "refused", (cell.method, err)
+            assert "smallest" in rec["error"] or "single decoder layer" in rec["error"]
+            seen.add(cell.method)
+        else:
+            assert not isinstance(err, TargetUnreachable) and rec["status"] == "failed", (cell.method, err)
+    assert seen == {"random", "transact", "llm_pruner", "lorap", "depth"}
+
+
 def test_report_inputs(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

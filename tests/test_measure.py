@@ -23,7 +23,7 @@ from compress.model.footprint import (
     param_breakdown,
 )
 from compress.probes import compare_latency, latency, peak_rss_bytes, track_live_tensors, track_peak_rss
-from compress.testing import TINY_KINDS, tiny_config, tiny_model
+from compress.testing import FAMILY_KINDS, TINY_KINDS, tiny_config, tiny_model
 
 # ----------------------------------------------------------------------------------- helpers
 
@@ -250,6 +250,38 @@ def test_kv_bytes_match_real_cache(kind: str) -> None:
     assert kv_bytes_per_token(model) == expected
     assert kv_bytes_per_token(model) == _cache_bytes_per_token(model, 2, 5)
     assert kv_bytes_per_token(model, torch.bfloat16) == expected // 2
+
+
+# ----------------------------------------------------------------------------------- other families
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+@pytest.mark.parametrize(("B", "T"), [(2, 7), (1, 8)])
+def test_family_flops_match_flop_counter(kind: str, B: int, T: int) -> None:
+    """Fused projections (Phi-3), q/k norms (Qwen3, Gemma-3, OLMo-2), soft-capping and scaled embeddings
+    (Gemma), one KV head and head_dim != hidden / heads (Gemma-3) add no matmul FLOPs. T stays within the
+    tiny Gemma window (8): an eager prefill multiplies the full masked T x T scores (tests/test_families.py
+    counts a windowed decode step)."""
+    model = _eager(tiny_model(kind))
+    assert flops_per_token(model, T) * B * T == _counted_flops(model, B, T)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+@pytest.mark.parametrize("T", [5, 20])
+def test_family_kv_bytes_match_real_cache(kind: str, T: int) -> None:
+    """Bytes the real past_key_values hold after T tokens, / T: Gemma's sliding layers keep W - 1 = 7."""
+    model = tiny_model(kind)
+    assert kv_bytes_per_token(model, seq_len=T) == pytest.approx(_cache_bytes_per_token(model, 2, T), rel=1e-12)
+
+
+@pytest.mark.parametrize(("kind", "norms_per_layer"), [("gemma2", 4), ("gemma3_text", 4), ("olmo2", 2)])
+def test_family_param_breakdown(kind: str, norms_per_layer: int) -> None:
+    """Gemma norms both ends of each block, OLMo-2 the outputs only; q/k norms count as attention."""
+    model = tiny_model(kind)
+    bd = param_breakdown(model)
+    assert bd["total"] == count_params(model) == sum(p.numel() for p in model.parameters())
+    assert bd["norms"] == 64 * (norms_per_layer * 3 + 1) and bd["other"] == 0
+    assert bd["lm_head"] == (0 if model.config.tie_word_embeddings else bd["embedding"])
 
 
 def test_kv_bytes_default_dtype_follows_model() -> None:

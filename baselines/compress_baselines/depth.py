@@ -84,12 +84,15 @@ from compress import (
     PruneResult,
     Target,
     TargetError,
+    TargetUnreachable,
     Unsupported,
     UsageError,
     adapter_for,
     count_params,
     footprint,
     hookimpl,
+    layer_attention_core_flops,
+    layer_kv_bytes_per_token,
     linear_flops_per_token,
 )
 
@@ -159,18 +162,16 @@ class _Sizing:
 
 def layer_costs(arch: ArchAdapter, seq_len: int = FLOPS_SEQ_LEN) -> list[dict[str, float]]:
     """What removing each decoder layer saves: its parameters, FLOPs/token and KV bytes/token
-    (the same conventions as :func:`compress.footprint`)."""
-    fp = footprint(arch.model, seq_len=seq_len, arch=arch)
-    widths = [arch.kv_width(i) for i in range(arch.num_layers)]  # k + v rows (inside a fused qkv_proj too)
-    itemsize = fp.kv_bytes_per_token // max(1, sum(widths))
+    (the same conventions as :func:`compress.footprint`, sliding-window layers included: a layer
+    that attends ``W < seq_len`` keys costs less attention and caches fewer tokens)."""
+    itemsize = next((p.element_size() for p in arch.model.parameters() if p.is_floating_point()), 4)
     out = []
     for i in range(arch.num_layers):
-        g = arch.geometry(i)
         layer = arch.layers[i]
         out.append({
             "params": float(count_params(layer)),
-            "flops": float(linear_flops_per_token(layer) + 4 * g.num_heads * g.head_dim * seq_len),
-            "kv": float(widths[i] * itemsize),
+            "flops": float(linear_flops_per_token(layer) + layer_attention_core_flops(arch, i, seq_len)),
+            "kv": float(layer_kv_bytes_per_token(arch, i, seq_len, itemsize)),
         })
     return out
 
@@ -201,6 +202,10 @@ def solve_depth(arch: ArchAdapter, target: Target, n_prune_layers: int | None = 
     metric = target.metric
     costs = [c[metric] for c in layer_costs(arch, seq_len)]
     if any(c != costs[0] for c in costs):
+        if metric != "params" and len({arch.sliding_window(i) for i in range(arch.num_layers)}) > 1:
+            raise Unsupported(f"the sliding-window and global layers differ in {metric} ({min(costs):.6g} to "
+                              f"{max(costs):.6g}) at {seq_len} tokens; depth pruning sizes equal layers: use a "
+                              "params target")
         raise Unsupported(f"the decoder layers differ in {metric} ({min(costs):.6g} to {max(costs):.6g}); depth "
                           "pruning sizes equal layers; run it on the dense model, before any width pruning")
     n_layers = len(costs)
@@ -225,7 +230,7 @@ def solve_depth(arch: ArchAdapter, target: Target, n_prune_layers: int | None = 
         n = next((k for k in range(n_layers + 1) if value(k) <= goal + tol), n_layers)
         if n >= n_layers:
             keep_one = value(n_layers - 1)
-            raise TargetError(f"target {target} ({goal:.6g} {metric}) is below the model with a single decoder layer "
+            raise TargetUnreachable(f"target {target} ({goal:.6g} {metric}) is below the model with a single decoder layer "
                               f"({keep_one:.6g}: {keep_one / dense:.2%} of dense); depth pruning would remove every "
                               "layer; choose a larger target")
     return _Sizing(metric=metric, num_layers=n_layers, remove=n, dense=dense, goal=goal, per_layer=per,

@@ -121,6 +121,7 @@ from compress import (
     StructureGroup,
     Target,
     TargetError,
+    TargetUnreachable,
     Unsupported,
     adapter_for,
     apply_plan,
@@ -393,6 +394,13 @@ class LLMPruner(Pruner):
         r = self.config.pruning_ratio
         if r is not None:
             sizes = self._ratio_sizes(arch, attn, mlp, r)
+            if attn:  # e.g. Gemma's config refuses a head count that does not divide the hidden size
+                g = arch.geometry(attn[0])
+                kept = sizes.attn[attn[0]]
+                why = arch.heads_refusal(kept * g.group_size, g.hidden) if kept < g.num_kv_heads else ""
+                if why:
+                    raise TargetError(f"pruning_ratio {r} keeps {kept * g.group_size} query heads per layer: {why}; "
+                                      "choose another pruning_ratio, or drop it to let the target set the size")
             sizes.predicted = self._value(arch, target, dense, sizes)
             sizes.how = f"official pruning_ratio {r}"
             if not self.config.global_pruning and sizes.predicted > goal * (1 + 1e-9):
@@ -404,12 +412,13 @@ class LLMPruner(Pruner):
         if attn == mlp or not attn or not mlp:
             w = solve_uniform(arch, target, attn_unit="kv_group", layers=attn or mlp, attn_ratio=1.0,
                               prune_attention=bool(attn), prune_mlp=bool(mlp))
+            how = "solve_uniform over the pruned range" + (f" ({w.note})" if w.note else "")
             return _Sizes(attn={i: w.attn_units for i in attn}, mlp={i: w.mlp for i in mlp},
-                          predicted=w.predicted, how="solve_uniform over the pruned range")
+                          predicted=w.predicted, how=how)
         # different attention and MLP ranges: smallest official ratio that meets the target
         lo, hi = 0.0, 1.0 - 1e-12
         if self._value(arch, target, dense, self._ratio_sizes(arch, attn, mlp, hi)) > goal:
-            raise TargetError(f"target {target} ({goal:.6g}) is below the smallest shape of these layer ranges "
+            raise TargetUnreachable(f"target {target} ({goal:.6g}) is below the smallest shape of these layer ranges "
                               "(one KV group and one MLP channel per pruned layer); widen the ranges")
         for _ in range(60):
             mid = (lo + hi) / 2
@@ -645,7 +654,7 @@ class LLMPruner(Pruner):
                 value -= cands[n_pruned][3]
                 n_pruned += 1
             if check and value > goal * (1 + 1e-9):
-                raise TargetError(f"target {target} ({goal:.6g}) is below the smallest shape of the pruned layer "
+                raise TargetUnreachable(f"target {target} ({goal:.6g}) is below the smallest shape of the pruned layer "
                                   "ranges (one KV group and one MLP channel per layer); widen the ranges")
             how = "global ranking of raw scores until the target is met"
         removed: dict[tuple[str, int], int] = dict.fromkeys(keys, 0)

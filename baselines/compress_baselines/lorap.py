@@ -110,6 +110,7 @@ from compress import (
     PruneResult,
     Target,
     TargetError,
+    TargetUnreachable,
     Unsupported,
     UsageError,
     adapter_for,
@@ -392,7 +393,7 @@ class _Sizer:
         else:
             hi = 1 - 1e-9
             if self.value(hi) > self.goal:
-                raise TargetError(
+                raise TargetUnreachable(
                     f"target {self.target} ({self.goal:.4g} {self.metric}) is below the smallest LoRAP model "
                     f"({self.value(hi):.4g}: rank-1 attention, minimal MLP); choose a larger target"
                 )

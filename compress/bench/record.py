@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.bench.suite import DENSE, Cell
-from compress.errors import Unsupported, UsageError
+from compress.errors import TargetUnreachable, Unsupported, UsageError
 from compress.pipeline.record import RUN_RECORD_KEYS, SCHEMA, empty_run_record, jsonable
 
 __all__ = ["BENCH_KEYS", "RECORD_KEYS", "SCHEMA", "append_record", "fail", "is_refusal", "new_record", "now",
@@ -86,10 +86,11 @@ REFUSAL_STAGES = ("preflight", "prune")
 
 def is_refusal(stage: str, error: BaseException | str) -> bool:
     """Whether ``error`` at ``stage`` is the method declining the cell (e.g. a ``kv:`` target for a
-    method that keeps every head: :class:`~compress.errors.Unsupported`), which a suite records as
-    ``refused`` rather than ``failed``. A target no method can meet (above the dense model, a typo) is a
-    :class:`~compress.errors.TargetError` and stays ``failed``: the suite is wrong, not the method."""
-    return stage in REFUSAL_STAGES and isinstance(error, Unsupported)
+    method that keeps every head: :class:`~compress.errors.Unsupported`; a target below the smallest
+    model the method's structures can cut: :class:`~compress.errors.TargetUnreachable`), which a suite
+    records as ``refused`` rather than ``failed``. Any other :class:`~compress.errors.TargetError` (a
+    typo, a target above the dense model) stays ``failed``: the suite is wrong, not the method."""
+    return stage in REFUSAL_STAGES and isinstance(error, Unsupported | TargetUnreachable)
 
 
 def fail(record: dict[str, Any], stage: str, error: BaseException | str) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def _layerwise_gradients(model, arch, params, tokens, bs, first_order, fisher, d
             for b, s in enumerate(runner._starts):
                 h = final[b].to(dev).detach().requires_grad_(True)
                 labels = tokens[s:s + mb].to(dev)
-                logits = arch.lm_head(arch.final_norm(h))
+                logits = arch.logits(h)  # final norm, lm_head and the family's soft-capping (Gemma)
                 loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
                 _check_loss(loss)
                 (g,) = torch.autograd.grad(loss, h)

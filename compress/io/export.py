@@ -239,6 +239,12 @@ def export_model(
     if kind == "stock" and not ok:
         raise UsageError(f"cannot export as stock: {reason}; use the compress format")
     chosen = "stock" if (kind in ("auto", "stock") and ok) else "compress"
+    mt = getattr(model.config, "model_type", None)
+    if chosen == "compress" and mt != CompressConfig.model_type and "per_layer_shapes" not in arch.features:
+        # phi3, gemma2, gemma3_text, olmo2: CompressForCausalLM does not rebuild their layers
+        why = reason if not ok else "the compress format was asked for"
+        raise UsageError(f"cannot export this {mt} model: {why}, and the compress format does not cover {mt} "
+                         "models; prune to widths its stock config accepts")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import torch
 from torch import nn
 
 from compress.errors import Unsupported
@@ -151,6 +152,32 @@ class ArchAdapter:
     def tied_embeddings(self) -> bool:
         return self.lm_head.weight is self.embed_tokens.weight
 
+    def hidden_norms(self, i: int) -> dict[str, nn.Module]:
+        """Every norm of layer ``i`` whose weight runs along the residual stream (cut with the hidden
+        size), by attribute name in the layer: a Llama block's two pre-norms."""
+        layer = self.layers[i]
+        return {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
+
+    def proj_norms(self, i: int) -> dict[Role, nn.Module]:
+        """Norms of layer ``i`` whose weight runs along a projection's output rows, by role: they are cut
+        with the rows (OLMo-2's ``q_norm`` / ``k_norm`` over the whole q / k width). None here: a
+        Llama block has none, and Qwen3's per-head q/k norms (``head_dim`` wide) are shared by every head."""
+        return {}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the last decoder layer's output ``hidden``, as the model's forward computes them
+        (final norm, lm_head, and whatever the family applies after it)."""
+        return self.lm_head(self.final_norm(hidden))
+
+    def heads_refusal(self, num_heads: int, hidden: int) -> str:
+        """Why the family's stock config refuses ``num_heads`` query heads per layer at residual width
+        ``hidden`` (one line), or "" when it accepts them. Sizing keeps to accepted head counts."""
+        return ""
+
+    def hidden_refusal(self) -> str:
+        """Why the residual (hidden) width of this family cannot be cut (one line), or "" when it can."""
+        return ""
+
     # ----------------------------------------------------------------- geometry
     def head_dim(self, i: int = 0) -> int:
         a = self.attention(i)
@@ -188,7 +215,8 @@ class ArchAdapter:
         """The attention window of layer ``i`` (keys a query reads, itself included), None for full
         attention. Read as transformers 5 reads it: ``layer_types[i] == "sliding_attention"`` with the
         config's ``sliding_window`` (Qwen2/Qwen3 derive ``layer_types`` from ``use_sliding_window`` and
-        ``max_window_layers``); without ``layer_types`` (Mistral) every layer slides when
+        ``max_window_layers``, Gemma-2 alternates, Gemma-3 follows ``sliding_window_pattern``); without
+        ``layer_types`` (Mistral) every layer slides when
         ``sliding_window`` is set. A compress-format model reads its base family's config."""
         base = getattr(self.config, "base_config", None)
 

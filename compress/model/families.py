@@ -8,11 +8,34 @@ distribution, ``pyproject.toml``).
   *config's* ``num_attention_heads``, so every layer must keep the same widths: the family has no
   ``per_layer_shapes`` (and the compress export format does not cover it), and no
   ``separate_projections`` (a method that factorises or rotates q alone cannot run on it).
+* ``gemma2`` (Gemma-2) and ``gemma3_text`` (Gemma-3, text only: ``Gemma3ForCausalLM``): separate
+  projections, but every block norms its input *and* its output (``input_layernorm`` →
+  attention → ``post_attention_layernorm`` → residual; ``pre_feedforward_layernorm`` → MLP →
+  ``post_feedforward_layernorm`` → residual), each RMSNorm scaling by ``1 + w``: nothing folds into the
+  linears (no ``foldable_norms``). The embedding is multiplied by ``sqrt(hidden_size)`` computed from
+  the config at load time and tied to the lm_head, so the hidden size cannot be cut
+  (:meth:`GemmaAdapter.hidden_refusal`); the logits are soft-capped (``final_logit_softcapping``,
+  :meth:`GemmaAdapter.logits`). The attention reshapes with ``-1`` heads of the config's ``head_dim``
+  (which need not be hidden / heads), so the layers *could* differ, but the compress export format
+  does not cover these families: no ``per_layer_shapes``. Their configs refuse a hidden size the head
+  count does not divide, so sizing keeps to head counts that divide it
+  (:meth:`GemmaAdapter.heads_refusal`). Gemma-3's q/k norms are per head (``head_dim`` wide, shared by
+  all heads): nothing to cut. Sliding-window layers come from ``layer_types`` (Gemma-2: every other
+  layer; Gemma-3: ``sliding_window_pattern``), read by :meth:`ArchAdapter.sliding_window`.
+* ``olmo2`` (OLMo-2): separate projections, no input norms: each block norms its attention and MLP
+  outputs before the residual add (no ``foldable_norms``), and ``q_norm`` / ``k_norm`` are RMSNorms over
+  the WHOLE q / k projection (``num_heads · head_dim`` / ``num_kv_heads · head_dim`` channels), so a
+  removed head takes its rows of them too (:meth:`Olmo2Adapter.proj_norms`). The config has no
+  ``head_dim`` (hidden / heads is assumed), so a pruned model's config names it; the compress export
+  format does not cover OLMo-2: no ``per_layer_shapes``.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+import torch
+from torch import nn
 
 from compress.errors import Unsupported
 from compress.hookspecs import hookimpl
@@ -66,6 +89,109 @@ class Phi3Adapter(ArchAdapter):
                     raise Unsupported(f"Phi-3 layer {type(layer).__name__} has no {owner}.{n}")
 
 
+def _require(model: nn.Module, family: str, names: dict[str, tuple[str, ...]]) -> None:
+    """Refuse (one line) a model without the ``model.layers`` / ``lm_head`` layout whose first layer lacks
+    one of ``names`` (``{submodule: attributes}``; ``""``: the layer itself)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model, "lm_head"):
+        raise Unsupported(f"{type(model).__name__} does not have the model.layers / lm_head layout of {family}")
+    layer = layers[0]
+    for owner, attrs in names.items():
+        mod = getattr(layer, owner, None) if owner else layer
+        for n in attrs:
+            if not hasattr(mod, n):
+                where = f"{owner}.{n}" if owner else n
+                raise Unsupported(f"{family} layer {type(layer).__name__} has no {where}; register an ArchAdapter")
+
+
+_SEPARATE = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+class GemmaAdapter(ArchAdapter):
+    """Gemma-2: separate projections; (1 + w) RMSNorms before and after each block; embeddings scaled
+    by ``sqrt(hidden_size)``; soft-capped logits."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("gemma2",)
+    features: ClassVar[frozenset[str]] = frozenset({"separate_projections"})
+    family: ClassVar[str] = "Gemma-2"
+
+    def post_attn_norm(self, i: int) -> nn.Module:
+        """The norm the MLP reads (``pre_feedforward_layernorm``): the role ``post_attention_layernorm``
+        plays in a Llama block. Gemma's ``post_attention_layernorm`` norms the attention's output."""
+        return self.layers[i].pre_feedforward_layernorm
+
+    def hidden_norms(self, i: int) -> dict[str, nn.Module]:
+        layer = self.layers[i]
+        names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+        return {n: getattr(layer, n) for n in names}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().logits(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def heads_refusal(self, num_heads: int, hidden: int) -> str:
+        if num_heads < 1 or hidden % num_heads == 0:
+            return ""
+        return (f"{self.config.model_type}'s config refuses a hidden size ({hidden}) that the number of heads "
+                f"({num_heads}) does not divide")
+
+    def hidden_refusal(self) -> str:
+        return (f"{self.config.model_type} scales its embeddings by sqrt(hidden_size) taken from the config and "
+                "ties them to the lm_head, so a cut hidden size would not reload as the same model; keep the "
+                "hidden size (prune heads and MLP channels)")
+
+    def _check(self) -> None:
+        _require(self.model, self.family, {
+            "": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+            **_SEPARATE,
+        })
+
+
+class Gemma3TextAdapter(GemmaAdapter):
+    """Gemma-3 text (``Gemma3ForCausalLM``): Gemma-2's layout plus per-head q/k norms (``head_dim`` wide,
+    shared by every head, so never cut) and sliding / global layers by ``sliding_window_pattern``."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("gemma3_text",)
+    family: ClassVar[str] = "Gemma-3"
+
+
+class Olmo2Adapter(ArchAdapter):
+    """OLMo-2: separate projections; norms on the block outputs only; q/k norms over the whole q/k width."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("olmo2",)
+    features: ClassVar[frozenset[str]] = frozenset({"separate_projections"})
+
+    def input_norm(self, i: int) -> nn.Module:
+        raise Unsupported("OLMo-2 blocks have no input norm (they norm the attention and MLP outputs); "
+                          "a method that folds input norms cannot run on olmo2")
+
+    def post_attn_norm(self, i: int) -> nn.Module:
+        raise Unsupported("OLMo-2's MLP reads the residual stream without a norm (post_attention_layernorm "
+                          "norms the attention's output); a method that folds input norms cannot run on olmo2")
+
+    def hidden_norms(self, i: int) -> dict[str, nn.Module]:
+        layer = self.layers[i]
+        return {"post_attention_layernorm": layer.post_attention_layernorm,
+                "post_feedforward_layernorm": layer.post_feedforward_layernorm}
+
+    def proj_norms(self, i: int) -> dict[Role, nn.Module]:
+        attn = self.attention(i)
+        return {"q": attn.q_norm, "k": attn.k_norm}
+
+    def _check(self) -> None:
+        _require(self.model, "OLMo-2", {
+            "": ("self_attn", "mlp", "post_attention_layernorm", "post_feedforward_layernorm"),
+            "self_attn": (*_SEPARATE["self_attn"], "q_norm", "k_norm"),
+            "mlp": _SEPARATE["mlp"],
+        })
+
+
 @hookimpl
 def register_architectures(register) -> None:
     register(Phi3Adapter)
+    register(GemmaAdapter)
+    register(Gemma3TextAdapter)
+    register(Olmo2Adapter)

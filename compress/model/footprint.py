@@ -25,14 +25,16 @@ Conventions
   For a uniform Llama layer it reduces to
   ``2·h·(nq+2nkv)·hd + 2·nq·hd·h + 4·nq·hd·T + 6·h·I`` per token, plus ``2·h·V`` for the lm_head.
 * **Sliding-window layers** (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` from
-  ``use_sliding_window`` / ``max_window_layers``; :meth:`ArchAdapter.sliding_window`) read
+  ``use_sliding_window`` / ``max_window_layers``; Gemma-2's alternating and Gemma-3's
+  ``sliding_window_pattern`` layers, both as ``layer_types``; :meth:`ArchAdapter.sliding_window`) read
   ``K = min(T, W)`` keys per query, what a windowed kernel computes and what a decode step at context
   ``T`` reads (``FlopCounterMode`` on a one-token step over transformers' cache counts exactly
   that). An eager *prefill* still multiplies the full ``T×T`` scores and masks them, so
   ``FlopCounterMode`` over a prefill counts ``K = T`` there: the window is not free in eager code.
 * **KV bytes per token** at context ``T`` — the bytes the KV cache of one sequence holds after ``T``
   tokens, divided by ``T``: the sum over layers of the k and v widths (``2·n_kv·head_dim``, read
-  through :meth:`ArchAdapter.kv_width`, fused ``qkv_proj`` included) times the element size, times
+  through :meth:`ArchAdapter.kv_width` from the weights, so one KV head (MQA) and a ``head_dim`` other
+  than hidden / heads are what they are; fused ``qkv_proj`` included) times the element size, times
   ``min(T, W - 1) / T`` on a sliding layer. ``W - 1`` is what transformers 5 keeps
   (``DynamicSlidingWindowLayer`` caches the last ``W - 1`` tokens; the step's own k/v make the ``W``
   keys attention reads). Without sliding layers it does not depend on ``T``.

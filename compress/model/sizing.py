@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from compress.errors import TargetError
+from compress.errors import TargetError, TargetUnreachable
 from compress.model.adapter import ArchAdapter
 from compress.model.footprint import footprint
 from compress.model.plan import LayerPlan, Plan
@@ -110,7 +110,10 @@ def unit_costs(arch: ArchAdapter, layer: int, attn_unit: AttnUnit, seq_len: int,
     vb = hd if getattr(lin[v], "bias", None) is not None else 0
     q_heads = g.group_size if attn_unit == "kv_group" else g.num_kv_heads
     kv_heads = 1 if attn_unit == "kv_group" else 0
-    attn_params = q_heads * (2 * h * hd + qb) + kv_heads * (2 * h * hd + kb + vb)
+    norms = arch.proj_norms(layer)  # OLMo-2: q_norm / k_norm weights go with their rows
+    qn = hd if "q" in norms else 0
+    kn = hd if "k" in norms else 0
+    attn_params = q_heads * (2 * h * hd + qb + qn) + kv_heads * (2 * h * hd + kb + vb + kn)
     attn_lin_w = q_heads * 2 * h * hd + kv_heads * 2 * h * hd
     attn_flops = 2 * attn_lin_w + 4 * q_heads * hd * seq_len
     attn_kv = kv_heads * 2 * hd * dtype_bytes
@@ -170,20 +173,33 @@ def solve_uniform(
             raise TargetError(f"layer {i} has a different shape from layer {layers[0]}; uniform widths need "
                               "equal layers (prune from the dense model)")
     units_dense = g0.num_kv_heads if attn_unit == "kv_group" else g0.group_size
+    heads_per_unit = g0.group_size if attn_unit == "kv_group" else g0.num_kv_heads
     mlp_dense = g0.intermediate
     mlp_round_to = resolve_mlp_round_to(mlp_round_to, mlp_dense)
+
+    def refused(a: int) -> str:  # why the family's stock config refuses a layers of a units ("" if it does not)
+        return arch.heads_refusal(a * heads_per_unit, g0.hidden) if a < units_dense else ""
+
+    def legal_at_most(a: int) -> int:
+        """The most attention units <= ``a`` the family accepts (else the fewest above it; dense is legal)."""
+        for b in range(a, min_attn_units - 1, -1):
+            if not refused(b):
+                return b
+        return next(b for b in range(a + 1, units_dense + 1) if not refused(b))
     ca, cm = (sum(x) for x in zip(*(unit_costs(arch, i, attn_unit, seq_len, dtype_bytes)[target.metric]
                                      for i in layers), strict=True))
 
     if target.metric == "kv" and (attn_unit != "kv_group" or not prune_attention):
         raise TargetError("a kv: target needs whole KV groups to be removed; use gqa=groups")
 
-    def widths(r: float) -> tuple[int, int]:
+    def raw_units(r: float) -> int:
         ra = min(1.0, r * attn_ratio) if prune_attention else 1.0
+        return max(min_attn_units, min(units_dense, math.floor(ra * units_dense + 1e-9)))
+
+    def widths(r: float) -> tuple[int, int]:
         rm = r if prune_mlp else 1.0
-        a = max(min_attn_units, min(units_dense, math.floor(ra * units_dense + 1e-9)))
         m = max(mlp_round_to, (math.floor(rm * mlp_dense + 1e-9) // mlp_round_to) * mlp_round_to)
-        return a, min(m, mlp_dense)
+        return legal_at_most(raw_units(r)), min(m, mlp_dense)
 
     def value(a: int, m: int) -> float:
         return dense - ca * (units_dense - a) - cm * (mlp_dense - m)
@@ -193,12 +209,14 @@ def solve_uniform(
         if not (1 <= a <= units_dense and 1 <= m <= mlp_dense):
             raise TargetError(f"explicit widths ({a} attention units, {m} MLP channels) are outside "
                               f"1..{units_dense} and 1..{mlp_dense}")
+        if refused(a):
+            raise TargetError(f"explicit widths keep {a * heads_per_unit} query heads per layer: {refused(a)}")
         return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
                       predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round="explicit",
                       mlp_round_to=1)
     a_min, m_min = widths(0.0)
     if value(a_min, m_min) > goal:
-        raise TargetError(
+        raise TargetUnreachable(
             f"target {target} ({goal:.4g}) is below the smallest legal shape ({value(a_min, m_min):.4g} with "
             f"{a_min} attention unit(s) and {m_min} MLP channels per layer); choose a larger target"
         )
@@ -216,28 +234,38 @@ def solve_uniform(
         m = min(mlp_dense, m + max(0, extra))
         while m > mlp_round_to and value(a, m) > goal:
             m -= mlp_round_to
-    note = ""
+    notes = []
+    if prune_attention and attn_unit == "kv_group" and units_dense <= min_attn_units:
+        notes.append(f"{units_dense} KV group: removing a whole group would remove the attention, so it is "
+                     "kept dense and the MLP takes the whole cut (query heads inside the group can go instead)")
+    floored = raw_units(lo)
+    if floored != a and refused(floored):
+        notes.append(f"{floored} attention units refused ({refused(floored)}); kept {a}")
     if attn_round != "down" and prune_attention:
         # the unrounded balanced attention width at the solved ratio, then the policy's rounding
         x = min(1.0, lo * attn_ratio) * units_dense
         want = math.floor(x + 0.5 + 1e-9) if attn_round == "nearest" else math.ceil(x - 1e-9)
         want = max(min_attn_units, min(units_dense, want))
+        while want < units_dense and refused(want):  # up to the next width the family accepts
+            want += 1
         for a_try in range(want, a, -1):  # from the policy's width down to the floored one
+            if refused(a_try):
+                continue
             m_try = _fill_mlp(value, a_try, m_balanced, mlp_dense, mlp_round_to, goal) if prune_mlp and cm > 0 \
                 else m_balanced
             if m_try is not None and value(a_try, m_try) <= goal:
                 if a_try < want:
-                    note = (f"attn_round={attn_round}: {want} attention units do not fit under the target "
-                            f"with any MLP width; kept {a_try}, the most that fit")
+                    notes.append(f"attn_round={attn_round}: {want} attention units do not fit under the target "
+                                 f"with any MLP width; kept {a_try}, the most that fit")
                 a, m = a_try, m_try
                 break
         else:
             if want > a:
-                note = (f"attn_round={attn_round}: {want} attention units do not fit under the target "
-                        f"with any MLP width; kept {a}, the most that fit")
+                notes.append(f"attn_round={attn_round}: {want} attention units do not fit under the target "
+                             f"with any MLP width; kept {a}, the most that fit")
     return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
                   predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round=attn_round,
-                  mlp_round_to=mlp_round_to, note=note)
+                  mlp_round_to=mlp_round_to, note="; ".join(notes))
 
 
 def _fill_mlp(value, a: int, m_start: int, mlp_dense: int, round_to: int, goal: float) -> int | None:

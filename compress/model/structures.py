@@ -134,8 +134,8 @@ def _hidden_group(arch: ArchAdapter) -> StructureGroup:
     members = [Member("model.embed_tokens.weight", arch.embed_tokens.weight, 1, 1)]
     for i in range(arch.num_layers):
         p = f"model.layers.{i}"
-        members.append(Member(f"{p}.input_layernorm.weight", arch.input_norm(i).weight, 0, 1))
-        members.append(Member(f"{p}.post_attention_layernorm.weight", arch.post_attn_norm(i).weight, 0, 1))
+        for name, norm in arch.hidden_norms(i).items():
+            members.append(Member(f"{p}.{name}.weight", norm.weight, 0, 1))
         attn, mlp = arch.attention(i), arch.mlp(i)
         q, k, v, o = arch.attn_names
         for n in dict.fromkeys((q, k, v)):  # a fused qkv_proj once

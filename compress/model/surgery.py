@@ -2,8 +2,11 @@
 
 Plain tensor slicing through the adapter's accessors: q/o by query head, k/v by KV head (the query
 heads of a removed KV group go with it), gate/up/down by MLP channel, every block's input and output
-by hidden channel. The result is bit-exact against masking the same structures in the dense model
-(tests/test_graph.py). :func:`sync_config` then writes the new widths into the config and the
+by hidden channel, with the norms that run along any of these (every residual norm of a block:
+:meth:`ArchAdapter.hidden_norms`; OLMo-2's q/k norms over the whole q/k width:
+:meth:`ArchAdapter.proj_norms`). The result is bit-exact against masking the same structures in the
+dense model (tests/test_graph.py) where no norm spans several heads; OLMo-2's q/k norms then average
+over the kept heads only, which is what the family's stock class computes at the pruned widths. :func:`sync_config` then writes the new widths into the config and the
 attention modules' ``num_key_value_groups``.
 """
 
@@ -47,7 +50,7 @@ def slice_linear(old: nn.Module, out_idx: list[int] | torch.Tensor | None = None
     return new
 
 
-def _slice_vector_param(module: nn.Module, idx: list[int]) -> None:
+def _slice_vector_param(module: nn.Module, idx: list[int] | torch.Tensor) -> None:
     w = module.weight
     module.weight = nn.Parameter(w.data.index_select(0, _index(idx, w.device)).clone(), requires_grad=w.requires_grad)
     if hasattr(module, "normalized_shape"):
@@ -60,7 +63,8 @@ def _head_rows(heads: list[int], hd: int, device) -> torch.Tensor:
 
 def _slice_rows(arch: ArchAdapter, i: int, keep: dict[Role, torch.Tensor]) -> None:
     """Keep rows ``keep[role]`` (indices within the role's own rows) of each projection of layer ``i``;
-    the roles sharing a fused linear are cut together, in their order in it."""
+    the roles sharing a fused linear are cut together, in their order in it, and a norm over a role's
+    rows (:meth:`ArchAdapter.proj_norms`) keeps the same ones."""
     fused: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
     owners: dict[tuple[int, str], nn.Module] = {}
     for role, rows in keep.items():
@@ -72,6 +76,10 @@ def _slice_rows(arch: ArchAdapter, i: int, keep: dict[Role, torch.Tensor]) -> No
         owner, attr = owners[key], key[1]
         rows = torch.cat([r for _, r in sorted(parts, key=lambda x: x[0])])
         setattr(owner, attr, slice_linear(getattr(owner, attr), out_idx=rows))
+    norms = arch.proj_norms(i)  # norms over a projection's rows (OLMo-2's q_norm / k_norm) keep the same rows
+    for role, rows in keep.items():
+        if role in norms:
+            _slice_vector_param(norms[role], rows)
 
 
 def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) -> nn.Module:
@@ -106,13 +114,16 @@ def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) ->
 
 
 def _apply_hidden(arch: ArchAdapter, keep: list[int]) -> None:
+    refusal = arch.hidden_refusal()
+    if refusal:
+        raise UsageError(refusal)
     tied = arch.tied_embeddings
     emb = arch.embed_tokens
     emb.weight = nn.Parameter(emb.weight.data[:, keep].clone(), requires_grad=emb.weight.requires_grad)
     emb.embedding_dim = len(keep)
     for i in range(arch.num_layers):
-        _slice_vector_param(arch.input_norm(i), keep)
-        _slice_vector_param(arch.post_attn_norm(i), keep)
+        for norm in arch.hidden_norms(i).values():
+            _slice_vector_param(norm, keep)
         attn, mlp = arch.attention(i), arch.mlp(i)
         q, k, v, o = arch.attn_names
         for n in dict.fromkeys((q, k, v)):  # a fused qkv_proj once

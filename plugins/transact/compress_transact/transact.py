@@ -42,11 +42,14 @@ Deviations (documented, each with a reason):
   ``auto_samples × auto_seq_len`` held-out tokens of the calibration text (windows sharing no token
   with the calibration blocks, :meth:`compress.PruneContext.held_out`), computed by masking the pruned
   heads' ``o_proj`` and channels' ``down_proj`` inputs (what removing them computes), and keeps the
-  lowest; the candidates, their losses and the choice are in the plan (``gqa``). With ``shots > 1``
-  the choice is made once, as one-shot cuts of the dense model, and the shots then reach its widths.
-  A dry run shows the whole-group candidate and lists the others; with streamed weights the
-  candidates cannot be scored and whole groups are kept (said in the plan). See the README for the
-  measurements behind the default.
+  lowest (on OLMo-2, whose q/k norms span every head, masking only approximates the cut: the kept
+  heads' norms still see the masked heads); the candidates, their losses and the choice are in the plan
+  (``gqa``). Where it cannot score (no held-out text left in the corpus, streamed weights) it keeps
+  the whole-group plan (or, where whole groups cannot reach the target, the first candidate that can)
+  and the plan says why. With ``shots > 1`` the choice is made once, as one-shot cuts of the dense
+  model, and the shots then reach its widths. A dry run shows that unscored candidate and lists the
+  others. ``auto`` is the default (the committed recipe ``transact.yaml`` keeps ``groups``, the setting
+  its records were measured with); see the README for the measurements behind it.
 * **Target arithmetic**: the official tool takes the final widths (``-a`` attention width, ``-f`` MLP
   width). Ours solves them from any target (params, FLOPs/token, KV bytes/token) with a balanced keep
   ratio (the paper finds balanced MHA/MLP compression best) — ``attn_ratio`` shifts the balance —
@@ -195,15 +198,17 @@ class TransActPruner(Pruner):
             raise first_error
         return out
 
-    def _whole_groups(self, arch: ArchAdapter, target: Target, cands: dict[str, Widths]) -> str:
-        """The label of the candidate ``gqa=groups`` would have cut (whole KV groups, ``attn_round``): what
-        ``auto`` keeps when it cannot score (identical candidates are listed once, under the first label)."""
-        w = self.final_widths(arch, target)
+    def _unscored(self, arch: ArchAdapter, target: Target, cands: dict[str, Widths]) -> str:
+        """The candidate ``auto`` keeps when it cannot score them (and a dry run shows): the one ``gqa=groups``
+        would cut (whole KV groups at ``attn_round``; identical candidates are listed once, under the first
+        label), else — whole groups cannot reach the target, e.g. one KV head — the first that can."""
+        try:
+            w = self.final_widths(arch, target)
+        except TargetError:
+            return next(iter(cands))
         key = (*self._heads_kv(arch, w.attn_unit, w.attn_units), w.mlp)
-        for label, c in cands.items():
-            if (*self._heads_kv(arch, c.attn_unit, c.attn_units), c.mlp) == key:
-                return label
-        raise TargetError(f"gqa=auto: no candidate has the whole-KV-group widths {key}")  # not reached: one is
+        return next((label for label, c in cands.items()
+                     if (*self._heads_kv(arch, c.attn_unit, c.attn_units), c.mlp) == key), next(iter(cands)))
 
     @staticmethod
     def _heads_kv(arch: ArchAdapter, attn_unit: str, units: int) -> tuple[int, int]:
@@ -262,13 +267,17 @@ class TransActPruner(Pruner):
 
     def plan_shapes(self, model, target: Target) -> dict:
         arch = adapter_for(model)
-        final = self.final_widths(arch, target)
-        shots = self.shot_shapes(arch, final)
         gqa = None
         if self._auto(arch):  # the shape shown is one candidate; the run scores them all
-            gqa = {"mode": "auto", "shown": "groups (the run keeps the candidate with the lowest held-out loss; "
+            cands = self.candidates(arch, target)
+            shown = self._unscored(arch, target, cands)
+            final = cands[shown]
+            gqa = {"mode": "auto", "shown": f"{shown} (the run keeps the candidate with the lowest held-out loss; "
                                             "every candidate meets the target)",
-                   "candidates": self._candidate_table(arch, self.candidates(arch, target))}
+                   "candidates": self._candidate_table(arch, cands)}
+        else:
+            final = self.final_widths(arch, target)
+        shots = self.shot_shapes(arch, final)
         apply_plan(model, shape_plan(arch, final), arch)
         return {**self._summary(arch, final), "shots": shots, **({"gqa": gqa} if gqa else {})}
 
@@ -291,11 +300,11 @@ class TransActPruner(Pruner):
         arch = ctx.arch
         cands = self.candidates(arch, target)
         table = self._candidate_table(arch, cands)
-        groups = self._whole_groups(arch, target, cands)
+        groups = self._unscored(arch, target, cands)
         try:
             held = ctx.held_out(self.config.auto_samples, min(self.config.auto_seq_len, int(batches.shape[1])))
         except CalibrationError as e:  # a small corpus the calibration blocks cover: nothing left to score on
-            why = (f"no held-out text to score the candidates on ({e}); whole KV groups kept "
+            why = (f"no held-out text to score the candidates on ({e}); {groups} kept "
                    "(lower calib_samples or auto_samples / auto_seq_len, or set gqa)")
             ctx.log(f"TransAct gqa=auto: {why}")
             return groups, cands[groups], {"mode": "auto", "chosen": groups, "why": why, "candidates": table}
@@ -385,7 +394,8 @@ class TransActPruner(Pruner):
         arch = ctx.arch
         if ctx.calibration is None:
             raise Unsupported("TransAct needs calibration text; pass --calib FILE (or a dataset alias)")
-        final = self.final_widths(arch, target)
+        cands = self.candidates(arch, target) if self._auto(arch) else {}
+        final = cands[self._unscored(arch, target, cands)] if cands else self.final_widths(arch, target)
         batches = ctx.draw(cfg.calib_samples, cfg.calib_seq_len)  # capped at the model's context
         seq_len = int(batches.shape[1])
         resumed = ctx.resume_point()
@@ -396,13 +406,14 @@ class TransActPruner(Pruner):
         if self._auto(arch):
             if resumed is not None and resumed.state.get("gqa"):  # the choice the interrupted run made
                 gqa_report = dict(resumed.state["gqa"])
-                final = self.candidates(arch, target)[gqa_report["chosen"]]
+                final = cands[gqa_report["chosen"]]
                 if "held_out" in gqa_report:  # the same draws as the first run: the same calibration_hash
                     ctx.held_out(gqa_report["held_out"]["samples"], gqa_report["held_out"]["seq_len"])
             elif ctx.streaming and any(p.is_meta for p in model.parameters()):
-                gqa_report = {"mode": "auto", "chosen": self._whole_groups(arch, target, self.candidates(arch, target)),
-                              "why": "streamed weights: the candidates cannot be scored on the whole model; "
-                                     "whole KV groups kept (set gqa to choose)"}
+                label = self._unscored(arch, target, cands)
+                gqa_report = {"mode": "auto", "chosen": label,
+                              "why": f"streamed weights: the candidates cannot be scored on the whole model; {label} "
+                                     "kept (set gqa to choose)"}
             else:
                 first_sal = self.collect(model, ctx, batches)
                 _, final, gqa_report = self.choose(model, target, ctx, batches, first_sal)

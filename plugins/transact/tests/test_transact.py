@@ -9,7 +9,7 @@ import pytest
 import torch
 from compress_transact.transact import TransActConfig, TransActPruner
 
-from compress import PruneContext, Target, adapter_for
+from compress import PruneContext, Target, TargetError, adapter_for
 from compress.testing import CalibrationSource, load_config, tiny_model, tiny_tokenizer
 from conftest import needs_assets
 
@@ -472,6 +472,52 @@ def test_gqa_auto_keeps_the_candidate_with_the_lowest_held_out_loss():
         scores = {i: p.attention_unit_scores(arch, i, sal[i][0], w.attn_unit) for i in sal}
         apply_plan(cut, plan_from_scores(arch, w, scores, {i: sal[i][1] for i in sal}), adapter_for(cut))
         assert abs(fresh.loss(cut, held) - nll[label]) < 1e-4, label
+
+
+def test_gqa_auto_is_the_default_and_keeps_whole_groups_when_no_text_is_left_to_score_on():
+    """The default (no setting) is gqa=auto. On a corpus its calibration blocks cover (nothing left for
+    held-out windows) it cannot score, so it keeps the whole-KV-group plan, gqa=groups' exact cut, and
+    says why in the plan; the run does not fail."""
+    import copy
+
+    assert TransActConfig().gqa == "auto"
+    tok = tiny_tokenizer()
+    text = " ".join(f"w{i % 97} x{i % 13}" for i in range(40))
+    logs: list[str] = []
+
+    def ctx(model):
+        src = CalibrationSource.from_text(text, tok, seed=0)
+        return PruneContext(arch=adapter_for(model), tokenizer=tok, calibration=src, seed=0, progress=False,
+                            log=logs.append)
+
+    dense = tiny_model("llama-gqa")
+    n_tok = CalibrationSource.from_text(text, tok, seed=0).num_tokens
+    assert n_tok <= 256  # the tiny model's context: one block of the whole corpus is every token
+    cal = {"calib_samples": 2, "calib_seq_len": n_tok}
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    got = TransActPruner(cal).prune(a, Target.parse("60%"), ctx(a))
+    ref = TransActPruner({**cal, "gqa": "groups"}).prune(b, Target.parse("60%"), ctx(b))
+    rep = got.plan.pop("gqa")
+    assert rep["chosen"] == "groups/down" and "no held-out text" in rep["why"] and "nll" not in str(rep)
+    assert set(rep["candidates"]) >= {"groups/down", "attention dense"}  # what it would have scored
+    assert json.dumps(got.plan, sort_keys=True) == json.dumps(ref.plan, sort_keys=True)
+    assert any("no held-out text" in line for line in logs)
+
+
+def test_gqa_auto_on_one_kv_head_chooses_among_the_candidates_that_reach_the_target():
+    """Gemma-3's single KV head: whole groups cannot cut attention, so at 60 % of the tiny model only
+    heads inside the group reach the target; check() accepts it and auto picks among those."""
+    model = tiny_model("gemma3_text")
+    target = Target.parse("60%")
+    p = TransActPruner({"calib_samples": 4, "calib_seq_len": 32})
+    with pytest.raises(TargetError):
+        TransActPruner({"gqa": "groups"}).check(model, target)
+    p.check(model, target)
+    res = p.prune(model, target, _ctx(model))
+    rep = res.plan["gqa"]
+    assert set(rep["candidates"]) <= {"heads/down", "heads/up"} and rep["chosen"] in rep["candidates"]
+    assert res.notes["widths"]["predicted"] <= res.notes["widths"]["goal"]
+    assert adapter_for(res.model).geometry(0).num_kv_heads == 1
 
 
 def test_held_out_blocks_share_no_token_with_the_calibration_blocks():
