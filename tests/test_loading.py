@@ -139,3 +139,32 @@ def test_gguf_smollm2_loads_dequantized_and_saves(smollm2_loaded, tmp_path):
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
     assert (tmp_path / "saved" / "model.safetensors").stat().st_size > 4 * 100e6  # fp32, dequantized
     # reloading the saved copy with stock transformers and equal logits: tests/test_cli.py (slow)
+
+
+def test_a_hub_id_of_an_unsupported_family_is_refused_from_its_config(tmp_path, monkeypatch):
+    """A hub id resolves to its config.json alone (here from an offline hub cache holding only that file,
+    no weights): an architecture no adapter knows is refused there, by the CLI's run preflight, with the
+    list of supported ones and no weight fetched (none could be: the cache has none)."""
+    import json as _json
+
+    from compress.cli import main
+    from compress.pipeline.preflight import preflight
+    from compress.target import Target
+
+    snap = tmp_path / "hub" / "models--some-org--tiny-mamba" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(_json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"],
+                                                    "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512}))
+    (tmp_path / "hub" / "models--some-org--tiny-mamba" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--tiny-mamba" / "refs" / "main").write_text("0" * 40)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at call time by transformers
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="architecture 'mamba' is not supported; supported: .*llama") as e:
+        preflight(method="transact", target=Target.parse("80%"), model="some-org/tiny-mamba", read_calibration=False)
+    assert "\n" not in str(e.value)
+    out = tmp_path / "out"
+    assert main(["run", "--method", "transact", "--target", "80%", "--model", "some-org/tiny-mamba",
+                 "--out", str(out)]) == 2
+    assert not out.exists()  # nothing half-written

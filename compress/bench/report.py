@@ -547,8 +547,9 @@ def _recovered(r: dict[str, Any]) -> int:
     return int(_get(r, "recovery", "tokens") or 0)
 
 
-#: Perplexities above this multiple of the dense model's are drawn on the plot's top edge (with their
-#: value), so the floors' 10⁶ do not squeeze the region a user chooses in.
+#: Perplexities above this multiple of the dense model's are drawn on the plot's top edge (one note
+#: says how many; the values are in the table), so the floors' 10⁶ do not squeeze the region a user
+#: chooses in.
 OFF_SCALE = 1000.0
 
 
@@ -599,11 +600,10 @@ def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, 
                 if src is not None:
                     ax.annotate("", xy=(x, y), xytext=src, zorder=2,
                                 arrowprops={"arrowstyle": "->", "color": colour, "lw": 0.9, "alpha": 0.8})
-    off = [(axis.value(r), plain(r)) for r in rows if (plain(r) or 0) > cap and axis.value(r) is not None]
-    stacked: dict[float, int] = {}
-    for x, v in sorted(off, key=lambda p: -p[1]):  # a cell beyond the scale sits on its top edge, with its value
-        k = stacked[round(x, 2)] = stacked.get(round(x, 2), -1) + 1
-        ax.annotate(f"↑{v:.0e}", (x * scale, cap), fontsize=6, xytext=(3, -9 - 7 * k), textcoords="offset points")
+    off = [r for r in rows if (plain(r) or 0) > cap and axis.value(r) is not None]
+    if off:  # one note, not a label per cell (they overlap): the values are in the report's table
+        ax.text(0.01, 0.985, f"{len(off)} cell(s) above {cap:,.0f} (= {OFF_SCALE:g}× dense) drawn on the top edge; "
+                "values in report.md", transform=ax.transAxes, fontsize=6.5, va="top", ha="left", color="0.3")
     ax.set_yscale("log")
     if off:
         low = min((v for r in rows if (v := y_of(r)) is not None), default=cap / 10)
