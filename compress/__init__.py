@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "CompressError": "compress.errors",
     "CompressForCausalLM": "compress.modeling",
     "DrawnBlocks": "compress.pruner",
+    "ExpertStats": "compress.calib.stats",
+    "Experts": "compress.model.adapter",
     "Footprint": "compress.model.footprint",
     "LayerGeometry": "compress.model.adapter",
     "LayerPlan": "compress.model.plan",
@@ -72,6 +74,8 @@ _EXPORTS: dict[str, str] = {
     "plan_from_scores": "compress.model.sizing",
     "prune": "compress.pipeline.api",
     "record": "compress.calib.stats",
+    "record_experts": "compress.calib.stats",
+    "record_routing": "compress.calib.stats",
     "shape_plan": "compress.model.sizing",
     "slice_linear": "compress.model.surgery",
     "solve_uniform": "compress.model.sizing",
@@ -88,6 +92,8 @@ __all__ = [
     "CompressError",
     "CompressForCausalLM",
     "DrawnBlocks",
+    "ExpertStats",
+    "Experts",
     "Footprint",
     "LayerGeometry",
     "LayerPlan",
@@ -126,6 +132,8 @@ __all__ = [
     "plan_from_scores",
     "prune",
     "record",
+    "record_experts",
+    "record_routing",
     "shape_plan",
     "slice_linear",
     "solve_uniform",
@@ -190,7 +198,7 @@ elif not any(isinstance(f, _AfterTransformers) for f in sys.meta_path):
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from compress.calib.layerwise import LayerStep, LayerwiseRunner
-    from compress.calib.stats import ChannelStats, record
+    from compress.calib.stats import ChannelStats, ExpertStats, record, record_experts, record_routing
     from compress.errors import (
         CalibrationError,
         CompressError,
@@ -202,7 +210,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         UsageError,
     )
     from compress.hookspecs import hookimpl, hookspec
-    from compress.model.adapter import ArchAdapter, LayerGeometry, adapter_for
+    from compress.model.adapter import ArchAdapter, Experts, LayerGeometry, adapter_for
     from compress.model.footprint import (
         Footprint,
         count_params,

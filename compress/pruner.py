@@ -124,6 +124,7 @@ class PruneContext:
     * :meth:`draw` — seeded calibration blocks, capped at the model's context length; what was
       drawn is recorded (:attr:`drawn`), and the run's ``calibration_hash`` is of exactly those blocks;
     * :meth:`calibrate` — one pass over blocks that feeds :func:`compress.record` hooks;
+    * :meth:`router_load` — a Mixture-of-Experts model's load per expert over some blocks;
     * :meth:`layers` — the layer-wise engine, for methods that change layer ``i`` before layer
       ``i + 1`` sees its inputs (SliceGPT, LoRAP);
     * :meth:`gradients` — LM-loss gradients of chosen parameters (whole or layer by layer);
@@ -225,6 +226,20 @@ class PruneContext:
         return run_calibration(model, batches, batch_size=batch_size, progress=self._bar(),
                                description=description, layerwise=self.layerwise, logits=logits,
                                **self._placement(), **({"stream": self.stream} if self.stream is not None else {}))
+
+    def router_load(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int) -> dict[int, list[float]]:
+        """Per Mixture-of-Experts layer of ``model``, the fraction of the routed (token, expert) pairs each
+        expert received over ``batches`` (one :meth:`calibrate` pass with hooks on the routers; each
+        layer's fractions sum to 1). Empty for a model without experts."""
+        from compress.calib.stats import record_routing
+
+        arch = adapter_for(model)
+        experts = {str(i): ex for i in range(arch.num_layers) if (ex := arch.experts(i)) is not None}
+        if not experts:
+            return {}
+        with record_routing(experts) as counts:
+            self.calibrate(model, batches, batch_size=batch_size, description="router load")
+        return {int(k): [float(x) for x in (c.double() / max(1, int(c.sum()))).tolist()] for k, c in counts.items()}
 
     def layers(self, model: nn.Module, batches: torch.Tensor, *, batch_size: int,
                description: str = "layers") -> Any:

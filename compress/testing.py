@@ -55,9 +55,10 @@ TINY_KINDS = ("llama-mha", "llama-gqa", "qwen2")
 #: Further families (tests/test_families.py): Mistral with a sliding window, Qwen3 with q/k norms, Phi-3
 #: with fused qkv and gate_up projections, Gemma-2 (alternating sliding / global layers, logit soft-capping,
 #: (1 + w) RMSNorms before and after each block), Gemma-3 text (a sliding / global pattern, one KV head,
-#: per-head q/k norms) and OLMo-2 (norms after each block, q/k norms over the whole q/k width). Not in
-#: :data:`TINY_KINDS`, whose tests assume a Llama layout.
-FAMILY_KINDS = ("mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2")
+#: per-head q/k norms), OLMo-2 (norms after each block, q/k norms over the whole q/k width) and Qwen3-MoE
+#: (a top-2 router over 4 fused experts in every layer). Not in :data:`TINY_KINDS`, whose tests assume a
+#: Llama layout.
+FAMILY_KINDS = ("mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "qwen3_moe")
 
 
 def tiny_config(kind: str = "llama-gqa"):
@@ -144,6 +145,16 @@ def tiny_config(kind: str = "llama-gqa"):
         return Olmo2Config(
             **common, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
         )
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        # as Qwen3-30B-A3B (128 experts, top 8, norm_topk_prob, no shared expert, untied), scaled down: 4 experts
+        # of 32 channels, top 2, in every layer; Qwen3's per-head q/k norms
+        return Qwen3MoeConfig(
+            **common, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown tiny model kind {kind!r}; use one of {TINY_KINDS + FAMILY_KINDS}")
 
 
@@ -161,6 +172,8 @@ def tiny_model(kind: str = "llama-gqa", seed: int = 0):
             if p.dim() == 2:
                 scale = torch.rand(p.shape[0], 1, generator=g) * 1.5 + 0.25
                 p.mul_(scale)
+            elif p.dim() == 3:  # fused experts [E, out, in]: every expert's rows
+                p.mul_(torch.rand(p.shape[0], p.shape[1], 1, generator=g) * 1.5 + 0.25)
     return model.eval()
 
 

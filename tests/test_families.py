@@ -1,5 +1,6 @@
 """Families beyond Llama: every registered method passes the conformance suite on Mistral, Qwen3, Phi-3,
-Gemma-2, Gemma-3 (text) and OLMo-2 or is refused before any weight is loaded; Qwen3's q/k norms, Phi-3's
+Gemma-2, Gemma-3 (text), OLMo-2 and Qwen3-MoE (tests/test_moe.py for its experts) or is refused before any
+weight is loaded; Qwen3's q/k norms, Phi-3's
 fused projections, Gemma-3's one-KV-head attention and OLMo-2's whole-width q/k norms are sliced
 correctly (against references built by hand from the dense weights); footprints read each layer's
 sliding window as transformers does (against FlopCounterMode and real KV caches)."""
@@ -30,7 +31,7 @@ def _target(name: str, kind: str) -> str:
     return TARGET.get(name) or TARGET.get(kind) or "60%"
 IDS = torch.tensor([[1, 17, 250, 33, 401, 5, 98, 12, 7, 300]])
 #: families whose layers must keep equal widths (no per_layer_shapes): every method that needs them is refused
-EQUAL_WIDTHS = ("phi3", "gemma2", "gemma3_text", "olmo2")
+EQUAL_WIDTHS = ("phi3", "gemma2", "gemma3_text", "olmo2", "qwen3_moe")
 NEW = ("gemma2", "gemma3_text", "olmo2")
 
 
@@ -63,10 +64,12 @@ def test_families_are_registered_through_the_hook():
     assert set(EQUAL_WIDTHS) <= set(fam[0].architectures)
     names = {k: type(_REGISTRY.adapter_for(tiny_model(k))).__name__ for k in EQUAL_WIDTHS}
     assert names == {"phi3": "Phi3Adapter", "gemma2": "GemmaAdapter", "gemma3_text": "Gemma3TextAdapter",
-                     "olmo2": "Olmo2Adapter"}
-    # none has per_layer_shapes (the compress format does not cover them); Gemma's and OLMo-2's norms do not fold
+                     "olmo2": "Olmo2Adapter", "qwen3_moe": "Qwen3MoeAdapter"}
+    # none has per_layer_shapes (the compress format does not cover them); Gemma's and OLMo-2's norms do not fold;
+    # Qwen3-MoE routes to fused experts: no dense MLP, no separate gate / up
     assert {k: set(_REGISTRY.architectures[k].features) for k in EQUAL_WIDTHS} == {
-        "phi3": {"foldable_norms"}, **{k: {"separate_projections"} for k in NEW}}
+        "phi3": {"foldable_norms", "dense_mlp"}, **{k: {"separate_projections", "dense_mlp"} for k in NEW},
+        "qwen3_moe": {"foldable_norms"}}
 
 
 @pytest.mark.parametrize("kind", NEW)
@@ -93,7 +96,11 @@ def test_llama_shaped_families_refuse_nothing(kind):
 #: what each refused method lacks on each equal-width family
 _MISSING = {("slicegpt", "phi3"): ("separate_projections",), ("lorap", "phi3"): ("separate_projections",),
             **{("slicegpt", k): ("per_layer_shapes", "foldable_norms") for k in NEW},
-            **{("lorap", k): ("per_layer_shapes",) for k in NEW}}
+            **{("lorap", k): ("per_layer_shapes",) for k in NEW},
+            # Mixture of experts: no single gated MLP per layer (tests/test_moe.py)
+            ("slicegpt", "qwen3_moe"): ("dense_mlp", "separate_projections", "per_layer_shapes"),
+            ("lorap", "qwen3_moe"): ("dense_mlp", "separate_projections", "per_layer_shapes"),
+            ("llm_pruner", "qwen3_moe"): ("dense_mlp",)}
 
 
 @pytest.mark.parametrize(("name", "kind"), sorted(_MISSING))
@@ -109,7 +116,7 @@ def test_refusals_come_before_weights_with_an_alternative(name, kind):
     assert all(FEATURES[f] in msg for f in _MISSING[(name, kind)]), msg
 
 
-@pytest.mark.parametrize("kind", EQUAL_WIDTHS)
+@pytest.mark.parametrize("kind", [k for k in EQUAL_WIDTHS if k != "qwen3_moe"])  # llm_pruner refuses MoE outright
 def test_llm_pruner_on_equal_width_families_needs_every_layer_pruned_alike(kind):
     cls = _REGISTRY.pruners["llm_pruner"]
     model = _meta(kind, num_hidden_layers=32)  # the official 4..30-of-32 range: layers would differ
@@ -596,8 +603,11 @@ def test_compress_families_json(capsys):
     assert set(EQUAL_WIDTHS) <= set(out["families"])
     for kind in EQUAL_WIDTHS:
         assert out["methods"]["slicegpt"][kind] == "no" and out["methods"]["transact"][kind] == "yes"
-        assert out["methods"]["llm_pruner"][kind] == "settings"
+        assert out["methods"]["llm_pruner"][kind] == ("no" if kind == "qwen3_moe" else "settings")
     assert {k: out["methods"]["lorap"][k] for k in EQUAL_WIDTHS} == dict.fromkeys(EQUAL_WIDTHS, "no")
+    assert {n: row["qwen3_moe"] for n, row in out["methods"].items()} == {
+        "depth": "yes", "llm_pruner": "no", "lorap": "no", "magnitude": "yes", "random": "yes", "slicegpt": "no",
+        "transact": "yes"}
     assert all(v == "yes" for n, row in out["methods"].items() for f, v in row.items() if f not in EQUAL_WIDTHS), out
     for kind in FAMILY_KINDS:  # the matrix says what check() does on the family
         for name, row in out["methods"].items():

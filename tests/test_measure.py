@@ -30,6 +30,8 @@ from compress.testing import FAMILY_KINDS, TINY_KINDS, tiny_config, tiny_model
 
 def _eager(model: nn.Module) -> nn.Module:
     model.config._attn_implementation = "eager"
+    if getattr(model.config, "num_experts", None):  # FlopCounterMode does not count the grouped_mm experts kernel
+        model.set_experts_implementation("eager")
     return model
 
 

@@ -315,6 +315,7 @@ class LLMPruner(Pruner):
         summary="Taylor (element¹/element²/vector) importance of coupled head/KV-group and MLP-channel "
                 "groups, layer range 4..30/32 scaled, local or global; LoRA recovery",
         reference="Ma, Fang, Wang. LLM-Pruner, NeurIPS 2023 (horseee/LLM-Pruner hf_prune.py / llama3.py)",
+        requires=("dense_mlp",),  # its dependency groups are gate/up/down linears
         conditional=("per_layer_shapes",),  # else every layer in both ranges, local pruning (check says so)
         alternative="transact",
     )

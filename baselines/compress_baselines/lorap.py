@@ -451,7 +451,7 @@ class LorapPruner(Pruner):
         summary="activation-weighted SVD of q/k/v/o (V,O:Q,K = 3:1) + Wanda-style MLP channel pruning "
         "keeping the bottom 1%, layer by layer",
         reference="Li et al., ICML 2024, arXiv 2404.09695; github.com/lihuang258/LoRAP",
-        requires=("separate_projections", "per_layer_shapes"),
+        requires=("dense_mlp", "separate_projections", "per_layer_shapes"),
         alternative="transact",
         streams_weights=True,  # every layer is compressed in its own step of the engine
     )

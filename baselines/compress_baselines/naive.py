@@ -9,6 +9,10 @@ a floor run with TransAct's settings lands on TransAct's widths.
 * ``random``    — units chosen uniformly at random (seeded).
 * ``magnitude`` — units with the largest weight L2 norm over all their coupled parameters
   (torch-pruning's ``GroupMagnitudeImportance(p=2)``: squared norms summed over the group's members).
+
+On a Mixture-of-Experts layer (``qwen3_moe``) an MLP unit is one channel of one expert: both floors
+score every channel of every expert (magnitude: its gate and up rows and its down column of that
+expert) and keep the same number in every expert, each its own set, as TransAct does.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ class RandomPruner(_NaiveWidth):
     )
 
     def scores(self, ctx: PruneContext, kind: str, layer: int) -> torch.Tensor:
-        g = ctx.arch.geometry(layer)
-        n = {"kv_group": g.num_kv_heads, "head": g.num_heads, "mlp": g.intermediate}[kind]
+        g, experts = ctx.arch.geometry(layer), ctx.arch.experts(layer)
+        mlp = g.intermediate * (experts.num_experts if experts is not None else 1)  # every expert's channels
+        n = {"kv_group": g.num_kv_heads, "head": g.num_heads, "mlp": mlp}[kind]
         gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + layer * 7 + len(kind))
         return torch.rand(n, generator=gen)
 

@@ -671,7 +671,7 @@ class SliceGPTPruner(Pruner):
         summary="fuse norms, PCA-rotate the residual stream layer by layer and slice the hidden width "
                 "(shortcut rotations between blocks)",
         reference="Ashkboos et al., ICLR 2024, arXiv 2401.15024; github.com/microsoft/TransformerCompression",
-        requires=("separate_projections", "per_layer_shapes", "foldable_norms"),
+        requires=("dense_mlp", "separate_projections", "per_layer_shapes", "foldable_norms"),
         alternative="transact",
         streams_weights=True,
     )

@@ -8,6 +8,10 @@ positions are left out::
     with record({"l0.o_proj": layer0.self_attn.o_proj}) as stats:
         ctx.calibrate(ctx.draw(128, 512))
     salience = stats["l0.o_proj"].l2
+
+A Mixture-of-Experts layer has no down-projection module to hook: :func:`record_experts` hooks its
+experts module and computes each expert's down-projection input over exactly the tokens the router
+sent to it (:class:`ExpertStats`); :func:`record_routing` counts what the routers chose.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from compress.errors import NumericalError
+from compress.model.adapter import Experts
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -184,6 +189,121 @@ def record(
             else:
                 handles.append(mod.register_forward_hook(fn))
         yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class ExpertStats:
+    """Per-expert :class:`ChannelStats` of the down-projection input of one Mixture-of-Experts layer,
+    each over only the tokens routed to that expert (``experts[e].count`` of them); ``tokens`` counts
+    the tokens the layer saw."""
+
+    def __init__(self, num_experts: int):
+        self.experts = [ChannelStats() for _ in range(num_experts)]
+        self.tokens = 0
+
+    @property
+    def routed(self) -> torch.Tensor:
+        """Tokens routed to each expert ``[E]`` (they sum to ``tokens · top_k``)."""
+        return torch.tensor([st.count for st in self.experts], dtype=torch.long)
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """``[E, I]``: the L2 norm of each channel of each expert over the tokens routed to it (0 for an
+        expert no token reached)."""
+        seen = [st for st in self.experts if st.count]
+        if not seen:
+            raise NumericalError("no token was routed to any expert; run the model inside record_experts(...) first")
+        ref = seen[0].sumsq
+        assert ref is not None
+        return torch.stack([st.l2 if st.count else torch.zeros_like(ref) for st in self.experts])
+
+    def check_finite(self, name: str = "expert activations") -> None:
+        for e, st in enumerate(self.experts):
+            st.check_finite(f"{name}, expert {e}")
+
+    def __repr__(self) -> str:
+        return f"ExpertStats(experts={len(self.experts)}, tokens={self.tokens}, routed={self.routed.tolist()})"
+
+
+def _expert_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden_states [N, H], top_k_index [N, k])`` of a call of a transformers-5 experts module."""
+    x = args[0] if args else kwargs["hidden_states"]
+    idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    return x, idx
+
+
+def _token_mask(n: int) -> torch.Tensor | None:
+    mask = CURRENT_MASK.get()
+    if mask is None:
+        return None
+    if mask.numel() != n:
+        raise ValueError(f"token mask of shape {tuple(mask.shape)} does not match {n} routed tokens")
+    return mask.reshape(-1).bool()
+
+
+@contextlib.contextmanager
+def record_experts(experts: Mapping[str, Experts]) -> Iterator[dict[str, ExpertStats]]:
+    """Collect :class:`ExpertStats` of each Mixture-of-Experts layer while inside.
+
+    A pre-hook on the experts module reads the tokens and the router's top-k choice the module is given
+    and computes, for each expert, ``act(gate_e(x)) * up_e(x)`` of the tokens routed to it
+    (:meth:`Experts.down_input`, the eager experts forward's own arithmetic, whatever kernel then runs
+    the module): the input of that expert's down projection. It costs one more gate/up product per
+    routed token. Masked (padded) positions are left out; hooks are removed on exit."""
+    stats = {name: ExpertStats(ex.num_experts) for name, ex in experts.items()}
+    handles = []
+
+    def make_hook(ex: Experts, st: ExpertStats) -> Callable[..., None]:
+        def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x, idx = _expert_inputs(args, kwargs)
+            m = _token_mask(x.shape[0])
+            if m is not None:
+                m = m.to(x.device)
+                x, idx = x[m], idx[m]
+            st.tokens += int(x.shape[0])
+            with torch.no_grad():
+                for e in range(ex.num_experts):
+                    rows = (idx == e).any(dim=-1)
+                    if bool(rows.any()):
+                        st.experts[e].update(ex.down_input(x[rows], e))
+
+        return pre_hook
+
+    try:
+        for name, ex in experts.items():
+            handles.append(ex.module.register_forward_pre_hook(make_hook(ex, stats[name]), with_kwargs=True))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def record_routing(experts: Mapping[str, Experts]) -> Iterator[dict[str, torch.Tensor]]:
+    """Count, per Mixture-of-Experts layer, the tokens its router sends to each expert while inside
+    (``[E]`` int64; each token counts once for each of its top-k experts). A forward hook on the router
+    reads its chosen indices; masked positions are left out."""
+    counts = {name: torch.zeros(ex.num_experts, dtype=torch.long) for name, ex in experts.items()}
+    handles = []
+
+    def make_hook(ex: Experts, name: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, _args: tuple, output: Any) -> None:
+            idx = output[ex.router_indices].detach()
+            m = _token_mask(idx.shape[0])
+            if m is not None:
+                idx = idx[m.to(idx.device)]
+            idx = idx.reshape(-1)
+            idx = idx[idx < ex.num_experts].cpu()
+            counts[name] += torch.bincount(idx, minlength=ex.num_experts)
+
+        return hook
+
+    try:
+        for name, ex in experts.items():
+            handles.append(ex.router.register_forward_hook(make_hook(ex, name)))
+        yield counts
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,9 @@ builds a config object or a model (``compress run``, ``--dry-run``, ``inspect``,
    (their headers only, no tensor is read) against the parameters the config implies (a model built on
    the meta device): a config with fewer layers than the weights (a silently truncated model), more
    layers, a missing tensor (it would be random) or a shape that differs (e.g. ``hidden_size``) is
-   refused. Only the header is read, and the result is cached by the files' sizes and mtimes.
+   refused. Only the header is read, and the result is cached by the files' sizes and mtimes. Where
+   transformers converts the checkpoint's tensors on load (a Mixture-of-Experts model's experts are
+   saved one by one and fused into 3-D weights), the weights are compared with that checkpoint layout.
 
 GGUF sources get (1) only: their tensors are named and laid out differently and are checked by
 transformers when it de-quantizes them.
@@ -198,6 +200,14 @@ class _Expected:
     prefix: str  # base_model_prefix: checkpoints of the bare model lack it
     ignore_missing: list[str]  # transformers' own patterns
     ignore_unexpected: list[str]
+    saved: dict[str, tuple[int, ...]] | None = None  # the checkpoint layout where transformers converts on load
+
+    def as_saved(self) -> _Expected:
+        """The same expectation in the checkpoint layout (:func:`_saved_layout`)."""
+        assert self.saved is not None
+        others = {n for n in self.known if n not in self.shapes}  # tied duplicates, buffers
+        return _Expected(shapes=dict(self.saved), known=set(self.saved) | others, prefix=self.prefix,
+                         ignore_missing=self.ignore_missing, ignore_unexpected=self.ignore_unexpected)
 
 
 def _expected_shapes(cfg: Any) -> _Expected:
@@ -209,10 +219,26 @@ def _expected_shapes(cfg: Any) -> _Expected:
         model = AutoModelForCausalLM.from_config(cfg)
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     known |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    return _Expected(shapes={n: tuple(p.shape) for n, p in model.named_parameters()}, known=known,
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return _Expected(shapes=shapes, known=known,
                      prefix=str(getattr(model, "base_model_prefix", "") or ""),
                      ignore_missing=list(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
-                     ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []))
+                     ignore_unexpected=list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
+                     saved=_saved_layout(model, shapes))
+
+
+def _saved_layout(model: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """The parameters as ``save_pretrained`` writes them, when transformers converts them on load and back
+    on save (a Mixture-of-Experts model's fused ``experts.gate_up_proj`` is ``experts.{e}.gate_proj.weight``
+    and ``up_proj.weight`` in its checkpoints); None when they are written as they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        out = revert_weight_conversion(model, dict(model.named_parameters()))
+    except Exception:  # noqa: BLE001 - no conversion (older transformers, nothing to revert): the names as they are
+        return None
+    saved = {n: tuple(t.shape) for n, t in out.items()}
+    return saved if set(saved) != set(shapes) else None
 
 
 #: Tensors old checkpoints carry that a model recomputes (rotary frequencies): not weights.
@@ -262,6 +288,8 @@ def _culprit(cfg: Any, name: str, got: tuple[int, ...], want: tuple[int, ...]) -
         return f"{key}={getattr(cfg, key, '?')}"
 
     for suffix, keys in _DIM_KEYS:
+        if ".experts." in name and "intermediate_size" in keys:  # one expert of a Mixture of Experts
+            keys = tuple("moe_intermediate_size" if k == "intermediate_size" else k for k in keys)
         if name.endswith(suffix) and len(keys) == len(want):
             for dim, key in enumerate(keys):
                 if got[dim] != want[dim]:
@@ -324,6 +352,8 @@ def _check_uncached(cfg: Any, folder: Path, source: str) -> None:
         raise UsageError(f"{where} says num_hidden_layers={n_cfg} but its weights hold {n_have} layers: layers "
                          f"{n_have}..{n_cfg - 1} would be random; set num_hidden_layers to {n_have} or re-save the model")
 
+    if exp.saved is not None and len(set(have) & set(exp.saved)) > len(set(have) & set(exp.shapes)):
+        exp = exp.as_saved()  # the weights are in the checkpoint layout transformers converts from
     prefix = exp.prefix
 
     def in_file(name: str) -> str | None:

@@ -55,7 +55,8 @@ def layer_specs(model: nn.Module, arch: ArchAdapter | None = None) -> list[dict[
         q, _, _, o = arch.attn_names
         h_in = int(getattr(arch.attention(i), q).in_features)
         h_mid = int(getattr(arch.attention(i), o).out_features)
-        h_out = int(arch.down_proj(i).out_features)
+        experts = arch.experts(i)
+        h_out = experts.hidden if experts is not None else int(arch.down_proj(i).out_features)
         spec: dict[str, Any] = {
             "num_attention_heads": g.num_heads,
             "num_key_value_heads": g.num_kv_heads,
@@ -99,8 +100,8 @@ def _uniform_config(model: nn.Module, arch: ArchAdapter) -> tuple[Any | None, st
     s = specs[0]
     d = cfg.to_dict()
     d.update(num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_key_value_heads"],
-             intermediate_size=s["intermediate_size"], head_dim=arch.head_dim(0),
-             hidden_size=int(arch.embed_tokens.weight.shape[1]))
+             head_dim=arch.head_dim(0), hidden_size=int(arch.embed_tokens.weight.shape[1]))
+    d[arch.intermediate_key] = s["intermediate_size"]  # a Mixture-of-Experts family: each expert's width
     kwargs = {k: v for k, v in d.items() if k not in _DROP_KEYS}
     try:
         return type(cfg)(**kwargs), "uniform shapes accepted by the stock config"

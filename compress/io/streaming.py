@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from compress.errors import NumericalError, UsageError
+from compress.errors import NumericalError, Unsupported, UsageError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -173,6 +173,10 @@ class WeightStream:
                 if b is not None and not b.is_meta:  # a persistent buffer the files hold: read it with its module
                     module._buffers[attr] = torch.empty_like(b, device="meta")
         for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) not in tied and p.dim() == 3 and ".experts." in name:
+                raise Unsupported(f"--stream-weights reads each tensor by its name in the files, but {name} is fused "
+                                  "on load from one tensor per expert (a Mixture-of-Experts checkpoint); drop "
+                                  "--stream-weights")
             if id(p) not in tied:
                 raise UsageError(f"no shard of {self.source} holds {name} ({origin} has no entry for it): the "
                                  "checkpoint is incomplete or of another layout; re-download or re-save the model")

@@ -7,7 +7,9 @@ gated (SwiGLU) MLP. Other families register their own adapter through the
 ``register_architectures`` hook.
 
 Geometry (heads, KV heads, MLP width) is read from the weights, not the config, so it is correct
-for models whose layers were pruned to different widths.
+for models whose layers were pruned to different widths. A Mixture-of-Experts family says where each
+layer's routed experts live (:meth:`ArchAdapter.experts`, :class:`Experts`); its MLP width is the width
+of each expert.
 
 Every stage gets its adapter from :func:`adapter_for`, which asks the plugin registry
 (:mod:`compress.plugins` installs itself as the resolver when it is imported, and ``import compress``
@@ -49,11 +51,13 @@ class LayerGeometry:
 #: refused (before any weight is loaded) on a family that lacks one.
 FEATURES: dict[str, str] = {
     "separate_projections": "q, k, v and gate, up as separate linears, to replace, factorise or rotate one alone "
-                            "(this family fuses them into qkv_proj / gate_up_proj)",
+                            "(this family fuses some of them, into qkv_proj and / or gate_up_proj)",
     "per_layer_shapes": "layers of different widths, low-rank factors or shortcuts (this family's layers must "
                         "keep equal widths, and the compress export format does not cover it)",
     "foldable_norms": "plain RMSNorms that fold into the linears reading them (this family scales by (1 + w) "
                       "or normalises block outputs)",
+    "dense_mlp": "one gated MLP of gate / up / down linears per layer, to score, factorise or rotate (this family "
+                 "routes each token to a few of many experts held as fused 3-D weights)",
 }
 
 #: A projection's role: q/k/v/o in attention, gate/up/down in the MLP.
@@ -79,6 +83,50 @@ class ProjRows:
         return self.start != 0 or self.count != _out_features(self.linear)
 
 
+@dataclass(frozen=True)
+class Experts:
+    """Where one layer's routed experts live (a Mixture-of-Experts MLP in transformers 5's fused layout).
+
+    ``module`` holds every expert's weights as two 3-D parameters: ``gate_up`` ``[E, 2I, H]`` (the gate
+    rows of each expert, then its up rows) and ``down`` ``[E, H, I]``; its forward takes
+    ``(hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k])`` and returns ``[N, H]`` (every
+    ``@use_experts_implementation`` class of transformers 5 does, whatever kernel runs it). ``router``
+    scores the experts; its output tuple holds the chosen experts' indices ``[N, k]`` at
+    ``router_indices``. Expert ``e`` computes ``down[e] @ (act(gate[e] @ x) * up[e] @ x)`` for the tokens
+    routed to it: :meth:`down_input` is the input of its down projection."""
+
+    module: nn.Module
+    router: nn.Module
+    num_experts: int
+    top_k: int
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    router_indices: int = 2
+
+    @property
+    def gate_up_weight(self) -> torch.Tensor:
+        return getattr(self.module, self.gate_up)
+
+    @property
+    def down_weight(self) -> torch.Tensor:
+        return getattr(self.module, self.down)
+
+    @property
+    def intermediate(self) -> int:
+        """Channels of each expert (the experts are cut to equal widths)."""
+        return int(self.down_weight.shape[-1])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.down_weight.shape[1])
+
+    def down_input(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``act(gate_e(x)) * up_e(x)`` of expert ``expert`` for the rows ``x`` ``[n, H]``: what its down
+        projection reads (computed as the eager experts forward does)."""
+        gate, up = torch.nn.functional.linear(x, self.gate_up_weight[expert]).chunk(2, dim=-1)
+        return self.module.act_fn(gate) * up
+
+
 class ArchAdapter:
     """Adapter for Llama-shaped causal LMs. Subclass and override the accessors for other layouts.
 
@@ -91,6 +139,11 @@ class ArchAdapter:
     attn_names: ClassVar[tuple[str, str, str, str]] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_names: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
     features: ClassVar[frozenset[str]] = frozenset(FEATURES)
+    #: the config key :func:`compress.model.surgery.sync_config` writes the MLP width to (a Mixture-of-Experts
+    #: family: the width of each expert, e.g. ``moe_intermediate_size``)
+    intermediate_key: ClassVar[str] = "intermediate_size"
+    #: MLP widths the family's kernels run: a pruned width is a multiple of this (or the dense width)
+    mlp_multiple: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -123,6 +176,11 @@ class ArchAdapter:
     def mlp_linears(self, i: int) -> dict[str, nn.Module]:
         m = self.mlp(i)
         return {n: getattr(m, n) for n in self.mlp_names}
+
+    def experts(self, i: int) -> Experts | None:
+        """Layer ``i``'s routed experts, or None when its MLP is one dense gated MLP (every family but a
+        Mixture-of-Experts one)."""
+        return None
 
     def o_proj(self, i: int) -> nn.Module:
         return getattr(self.attention(i), self.attn_names[3])
@@ -234,6 +292,9 @@ class ArchAdapter:
     def sync_attention(self, i: int, geometry: LayerGeometry) -> None:
         """Write layer ``i``'s head counts into its attention module after surgery."""
         self.attention(i).num_key_value_groups = geometry.group_size
+
+    def sync_mlp(self, i: int, geometry: LayerGeometry) -> None:
+        """Write layer ``i``'s MLP width into its modules after surgery (a Llama MLP reads it from the weights)."""
 
     def geometries(self) -> list[LayerGeometry]:
         return [self.geometry(i) for i in range(self.num_layers)]

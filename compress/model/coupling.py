@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from compress.errors import Unsupported
 from compress.model.adapter import ArchAdapter, adapter_for
 from compress.model.structures import StructureGroup, structure_group
 
@@ -107,6 +108,9 @@ def check_adapter_coupling(model: nn.Module, arch: ArchAdapter | None = None) ->
     Returns the disagreements, one line each (empty: the adapter agrees).
     """
     arch = arch or adapter_for(model)
+    if any(arch.experts(i) is not None for i in range(arch.num_layers)):
+        raise Unsupported(f"{model.config.model_type}: torch-pruning's dependency graph does not trace experts held "
+                          "as fused 3-D weights; the expert cut is checked against hand-sliced stock models instead")
     problems = []
     for layer in range(arch.num_layers):
         mine, traced = _declared(structure_group(arch, "mlp", layer)), torch_pruning_coupling(model, "mlp", layer)

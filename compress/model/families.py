@@ -28,6 +28,23 @@ distribution, ``pyproject.toml``).
   removed head takes its rows of them too (:meth:`Olmo2Adapter.proj_norms`). The config has no
   ``head_dim`` (hidden / heads is assumed), so a pruned model's config names it; the compress export
   format does not cover OLMo-2: no ``per_layer_shapes``.
+* ``qwen3_moe`` (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention (separate q/k/v/o, per-head q/k
+  norms) and, in place of the MLP, a sparse Mixture-of-Experts block: a router (``gate``, a bare
+  ``[E, H]`` weight: softmax over the experts, top-k, renormalised when ``norm_topk_prob``) and E experts
+  stored as fused 3-D parameters (``experts.gate_up_proj`` ``[E, 2I, H]``, ``experts.down_proj``
+  ``[E, H, I]``, :class:`compress.model.adapter.Experts`); checkpoints hold them per expert
+  (``experts.{e}.gate_proj.weight``), which transformers converts on load and back on save. It is the
+  cleanest family for a faithful per-expert cut: no shared expert and no router jitter (Mixtral's
+  training-time noise), and its q/k norms are per head (OLMoE's span the whole q/k width, so masked
+  candidates would only approximate a cut). An MLP channel is one channel of one expert; every
+  expert keeps the same number (the config has one ``moe_intermediate_size``), each its own set
+  (:attr:`compress.model.plan.LayerPlan.experts`); the router and the number of experts are kept, so
+  the routing changes only through its input. Expert widths are multiples of 8 (transformers' default
+  ``grouped_mm`` experts kernel refuses rows that are not a multiple of 16 bytes). No ``dense_mlp`` (a method that needs one gated MLP per
+  layer cannot run on it), no ``separate_projections`` (gate and up are fused per expert), no
+  ``per_layer_shapes``; its RMSNorms are plain (``foldable_norms``). The hidden size is kept (the router
+  and every expert would be cut with it). Configs with dense-MLP layers among the sparse ones
+  (``mlp_only_layers``, ``decoder_sparse_step`` > 1) are refused: every layer must route.
 """
 
 from __future__ import annotations
@@ -39,7 +56,15 @@ from torch import nn
 
 from compress.errors import Unsupported
 from compress.hookspecs import hookimpl
-from compress.model.adapter import ArchAdapter, LayerGeometry, ProjRows, Role, _in_features, _out_features
+from compress.model.adapter import (
+    ArchAdapter,
+    Experts,
+    LayerGeometry,
+    ProjRows,
+    Role,
+    _in_features,
+    _out_features,
+)
 
 
 class Phi3Adapter(ArchAdapter):
@@ -48,7 +73,7 @@ class Phi3Adapter(ArchAdapter):
     model_types: ClassVar[tuple[str, ...]] = ("phi3",)
     attn_names: ClassVar[tuple[str, str, str, str]] = ("qkv_proj", "qkv_proj", "qkv_proj", "o_proj")
     mlp_names: ClassVar[tuple[str, str, str]] = ("gate_up_proj", "gate_up_proj", "down_proj")
-    features: ClassVar[frozenset[str]] = frozenset({"foldable_norms"})
+    features: ClassVar[frozenset[str]] = frozenset({"foldable_norms", "dense_mlp"})
 
     def geometry(self, i: int) -> LayerGeometry:
         hd = self.head_dim(i)
@@ -112,7 +137,7 @@ class GemmaAdapter(ArchAdapter):
     by ``sqrt(hidden_size)``; soft-capped logits."""
 
     model_types: ClassVar[tuple[str, ...]] = ("gemma2",)
-    features: ClassVar[frozenset[str]] = frozenset({"separate_projections"})
+    features: ClassVar[frozenset[str]] = frozenset({"separate_projections", "dense_mlp"})
     family: ClassVar[str] = "Gemma-2"
 
     def post_attn_norm(self, i: int) -> nn.Module:
@@ -162,7 +187,7 @@ class Olmo2Adapter(ArchAdapter):
     """OLMo-2: separate projections; norms on the block outputs only; q/k norms over the whole q/k width."""
 
     model_types: ClassVar[tuple[str, ...]] = ("olmo2",)
-    features: ClassVar[frozenset[str]] = frozenset({"separate_projections"})
+    features: ClassVar[frozenset[str]] = frozenset({"separate_projections", "dense_mlp"})
 
     def input_norm(self, i: int) -> nn.Module:
         raise Unsupported("OLMo-2 blocks have no input norm (they norm the attention and MLP outputs); "
@@ -189,9 +214,82 @@ class Olmo2Adapter(ArchAdapter):
         })
 
 
+class Qwen3MoeAdapter(ArchAdapter):
+    """Qwen3-MoE: Qwen3's attention; a router and E fused experts in place of every MLP."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("qwen3_moe",)
+    features: ClassVar[frozenset[str]] = frozenset({"foldable_norms"})
+    intermediate_key: ClassVar[str] = "moe_intermediate_size"
+    #: transformers' default experts kernel (``grouped_mm``) needs each expert's rows to be a multiple of 16
+    #: bytes ("strides should be multiple of 16 bytes" otherwise): 8 channels in bf16 / fp16, 4 in fp32
+    mlp_multiple: ClassVar[int] = 8
+
+    def experts(self, i: int) -> Experts:
+        block = self.mlp(i)
+        return Experts(module=block.experts, router=block.gate, num_experts=int(block.experts.gate_up_proj.shape[0]),
+                       top_k=int(block.gate.top_k))
+
+    def geometry(self, i: int) -> LayerGeometry:
+        lin = self.attn_linears(i)
+        hd = self.head_dim(i)
+        return LayerGeometry(
+            hidden=int(self.embed_tokens.weight.shape[1]),
+            num_heads=int(_out_features(lin["q_proj"]) // hd),
+            num_kv_heads=int(_out_features(lin["k_proj"]) // hd),
+            head_dim=hd,
+            intermediate=self.experts(i).intermediate,  # per expert
+        )
+
+    def _no_linear(self, i: int) -> Unsupported:
+        return Unsupported(f"layer {i} of this qwen3_moe model routes tokens to {self.experts(i).num_experts} "
+                           "experts held as fused 3-D weights: it has no single gate / up / down linear "
+                           "(use the adapter's experts(i))")
+
+    def mlp_linears(self, i: int) -> dict[str, nn.Module]:
+        raise self._no_linear(i)
+
+    def down_proj(self, i: int) -> nn.Module:
+        raise self._no_linear(i)
+
+    def proj_rows(self, i: int, role: Role) -> ProjRows:
+        if role in ("gate", "up", "down"):
+            raise self._no_linear(i)
+        return super().proj_rows(i, role)
+
+    def hidden_refusal(self) -> str:
+        return ("qwen3_moe's hidden size runs through the router and every expert; cutting it is not supported "
+                "(prune heads and expert channels)")
+
+    def sync_mlp(self, i: int, geometry: LayerGeometry) -> None:
+        self.mlp(i).experts.intermediate_dim = geometry.intermediate
+
+    def _check(self) -> None:
+        cfg = self.config
+        dense = list(getattr(cfg, "mlp_only_layers", None) or [])
+        step = getattr(cfg, "decoder_sparse_step", 1)
+        if not getattr(cfg, "num_experts", 0) or dense or step != 1:
+            why = (f"mlp_only_layers={dense}" if dense else f"decoder_sparse_step={step}" if step != 1
+                   else "num_experts=0")
+            raise Unsupported(f"this qwen3_moe config has dense-MLP layers ({why}); compress prunes qwen3_moe models "
+                              "whose every layer routes to experts (as Qwen3-30B-A3B and Qwen3-235B-A22B)")
+        _require(self.model, "Qwen3-MoE", {
+            "": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+            "self_attn": _SEPARATE["self_attn"],
+            "mlp": ("experts", "gate"),
+        })
+        for i, layer in enumerate(self.layers):
+            ex, gate = getattr(layer.mlp, "experts", None), getattr(layer.mlp, "gate", None)
+            up, down = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+            if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.dim() == down.dim() == 3
+                    and hasattr(gate, "top_k")):
+                raise Unsupported(f"qwen3_moe layer {i} does not hold its experts as fused 3-D gate_up_proj / "
+                                  "down_proj weights with a top-k router (transformers >= 5 layout)")
+
+
 @hookimpl
 def register_architectures(register) -> None:
     register(Phi3Adapter)
     register(GemmaAdapter)
     register(Gemma3TextAdapter)
     register(Olmo2Adapter)
+    register(Qwen3MoeAdapter)

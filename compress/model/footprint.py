@@ -24,6 +24,13 @@ Conventions
   :class:`torch.utils.flop_counter.FlopCounterMode` counts under ``attn_implementation="eager"``.
   For a uniform Llama layer it reduces to
   ``2·h·(nq+2nkv)·hd + 2·nq·hd·h + 4·nq·hd·T + 6·h·I`` per token, plus ``2·h·V`` for the lm_head.
+* **Mixture-of-Experts layers** (transformers 5's fused experts: a block with ``experts`` holding 3-D
+  ``gate_up_proj`` ``[E, 2I, H]`` / ``down_proj`` ``[E, H, I]`` and a top-k router ``gate``;
+  :func:`routed_experts_flops`): every token runs the router (``2·H·E``) and the ``top_k`` experts it
+  is routed to (``6·H·I`` each), so FLOPs/token count the ACTIVE experts, ``2·H·E + k·6·H·I``, while the
+  parameters count all E. This is what ``FlopCounterMode`` counts over the eager (or ``batched_mm``)
+  experts forward for any batch: each token meets exactly k experts. (The ``grouped_mm`` kernel, the
+  default where it can run, is not counted by ``FlopCounterMode`` at all.)
 * **Sliding-window layers** (Mistral's ``sliding_window``; Qwen2/Qwen3 ``layer_types`` from
   ``use_sliding_window`` / ``max_window_layers``; Gemma-2's alternating and Gemma-3's
   ``sliding_window_pattern`` layers, both as ``layer_types``; :meth:`ArchAdapter.sliding_window`) read
@@ -182,6 +189,13 @@ def linear_flops_per_token(module: nn.Module) -> float:
         if isinstance(m, FlopCounted) and not isinstance(m, nn.Linear):
             total += float(m.flops_per_token())
             return
+        routed = routed_experts_flops(m)
+        if routed is not None:  # a Mixture-of-Experts block: the router and the top-k experts
+            total += routed
+            for name, child in m.named_children():
+                if name not in ("experts", "gate"):  # e.g. a shared expert: a plain MLP
+                    visit(child)
+            return
         if isinstance(m, nn.Linear):
             total += 2.0 * m.in_features * m.out_features
             return
@@ -190,6 +204,20 @@ def linear_flops_per_token(module: nn.Module) -> float:
 
     visit(module)
     return total
+
+
+def routed_experts_flops(block: nn.Module) -> float | None:
+    """FLOPs per token of a Mixture-of-Experts block's router and routed experts (``2·H·E`` + ``top_k ·
+    (2·H·2I + 2·I·H)``), or None when ``block`` is not one (see the module doc). Read from the shapes."""
+    experts, router = getattr(block, "experts", None), getattr(block, "gate", None)
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    top_k = getattr(router, "top_k", None)
+    weight = getattr(router, "weight", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == 3 and down.dim() == 3
+            and isinstance(top_k, int) and isinstance(weight, torch.Tensor)):
+        return None
+    per_expert = 2.0 * (gu.shape[1] * gu.shape[2] + down.shape[1] * down.shape[2])
+    return 2.0 * weight.numel() + top_k * per_expert
 
 
 def attended_tokens(arch: ArchAdapter, layer: int, seq_len: int) -> int:

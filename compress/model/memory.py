@@ -112,7 +112,9 @@ class MemoryModel:
         self.nq = max(g.num_heads for g in geoms)
         self.nkv = max(g.num_kv_heads for g in geoms)
         self.d = max(g.head_dim for g in geoms)
-        self.I = max(g.intermediate for g in geoms)
+        # a Mixture-of-Experts layer computes top-k experts' channels per token
+        self.I = max(g.intermediate * (ex.top_k if (ex := arch.experts(i)) is not None else 1)
+                     for i, g in enumerate(geoms))
         self.b = next(p for p in model.parameters() if p.is_floating_point()).element_size()
         self.weights = model_bytes(model)
         self.layer_bytes = max(sum(t.numel() * t.element_size() for t in _unique(layer.parameters()))

@@ -1,7 +1,8 @@
 """Pruning plans: what each decoder layer KEEPS.
 
 A :class:`Plan` lists the kept query heads, KV heads, MLP channels (and model-wide hidden channels)
-of each layer, in the layer's current numbering. Plans compose (:meth:`Plan.compose`), so an
+of each layer, in the layer's current numbering; on a Mixture-of-Experts layer, the kept channels of
+each expert (``experts``: one list per expert, all of one length). Plans compose (:meth:`Plan.compose`), so an
 iterative method records its final plan in the dense model's numbering. :func:`resolve_attention`
 turns a layer's kept heads into the (q heads, KV heads) pair the surgery cuts.
 """
@@ -27,10 +28,13 @@ class LayerPlan:
     heads: list[int] | None = None
     kv_heads: list[int] | None = None
     mlp: list[int] | None = None
+    #: a Mixture-of-Experts layer: ``experts[e]`` lists the kept channels of expert ``e`` (every expert
+    #: keeps the same number; the router and the experts themselves are kept)
+    experts: list[list[int]] | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in (("heads", self.heads), ("kv_heads", self.kv_heads), ("mlp", self.mlp))
-                if v is not None}
+        return {k: v for k, v in (("heads", self.heads), ("kv_heads", self.kv_heads), ("mlp", self.mlp),
+                                  ("experts", self.experts)) if v is not None}
 
 
 @dataclass
@@ -48,8 +52,10 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        layers = {int(i): LayerPlan(**{k: [int(x) for x in v] for k, v in lp.items()})
-                  for i, lp in d.get("layers", {}).items()}
+        def ints(k: str, v: list) -> list:
+            return [[int(x) for x in e] for e in v] if k == "experts" else [int(x) for x in v]
+
+        layers = {int(i): LayerPlan(**{k: ints(k, v) for k, v in lp.items()}) for i, lp in d.get("layers", {}).items()}
         hidden = d.get("hidden")
         return cls(layers=layers, hidden=[int(x) for x in hidden] if hidden is not None else None)
 
@@ -97,7 +103,15 @@ class Plan:
         for i in sorted(set(self.layers) | set(later.layers)):
             a, b = self.layers.get(i, LayerPlan()), later.layers.get(i, LayerPlan())
             heads, kv = attn(i, a, b)
-            out.layers[i] = LayerPlan(heads=heads, kv_heads=kv, mlp=comp(a.mlp, b.mlp))
+            experts = None
+            if a.experts is not None or b.experts is not None:
+                firsts = a.experts or [None] * len(b.experts or [])
+                seconds = b.experts or [None] * len(firsts)
+                if len(firsts) != len(seconds):
+                    raise UsageError(f"cannot compose the expert plans of layer {i}: {len(firsts)} and "
+                                     f"{len(seconds)} experts")
+                experts = [comp(x, y) for x, y in zip(firsts, seconds, strict=True)]
+            out.layers[i] = LayerPlan(heads=heads, kv_heads=kv, mlp=comp(a.mlp, b.mlp), experts=experts)
         return out
 
 

@@ -100,7 +100,11 @@ class Widths:
 
 def unit_costs(arch: ArchAdapter, layer: int, attn_unit: AttnUnit, seq_len: int,
                dtype_bytes: int) -> dict[str, tuple[float, float]]:
-    """Cost of ONE attention unit and ONE MLP channel of ``layer`` per metric: ``{metric: (attn, mlp)}``."""
+    """Cost of ONE attention unit and ONE MLP channel of ``layer`` per metric: ``{metric: (attn, mlp)}``.
+
+    On a Mixture-of-Experts layer the MLP unit is one channel of every expert (the experts keep equal
+    widths): its parameters are those of all E experts, its FLOPs per token those of the top-k experts a
+    token is routed to."""
     g = arch.geometry(layer)
     lin = arch.attn_linears(layer)
     q, k, v, o = arch.attn_names
@@ -117,6 +121,13 @@ def unit_costs(arch: ArchAdapter, layer: int, attn_unit: AttnUnit, seq_len: int,
     attn_lin_w = q_heads * 2 * h * hd + kv_heads * 2 * h * hd
     attn_flops = 2 * attn_lin_w + 4 * q_heads * hd * seq_len
     attn_kv = kv_heads * 2 * hd * dtype_bytes
+    experts = arch.experts(layer)
+    if experts is not None:  # one channel in EVERY expert: E experts' weights, top-k experts' FLOPs per token
+        return {
+            "params": (attn_params, experts.num_experts * 3 * h),
+            "flops": (attn_flops, experts.top_k * 6 * h),
+            "kv": (attn_kv, 0),
+        }
     mlp = arch.mlp_linears(layer)
     gate, up, down = arch.mlp_names
     mb = sum(1 for n in (gate, up) if getattr(mlp[n], "bias", None) is not None)
@@ -154,7 +165,8 @@ def solve_uniform(
     ``attn_round`` (``down``: floor, today's and the default; ``nearest``: half up; ``up``: ceil), and
     the MLP then takes whatever budget the attention granularity left over. A rounded-up width that
     does not fit even with the smallest MLP falls back to the largest width that fits (``Widths.note``).
-    ``mlp_round_to`` is a width multiple or ``"auto"`` (:func:`resolve_mlp_round_to`).
+    ``mlp_round_to`` is a width multiple or ``"auto"`` (:func:`resolve_mlp_round_to`), combined with the
+    multiple the family's kernels need (:attr:`ArchAdapter.mlp_multiple`; the widths record the result).
     """
     if attn_round not in ATTN_ROUNDING:
         raise TargetError(f"attn_round must be one of {', '.join(ATTN_ROUNDING)}, got {attn_round!r}")
@@ -176,6 +188,9 @@ def solve_uniform(
     heads_per_unit = g0.group_size if attn_unit == "kv_group" else g0.num_kv_heads
     mlp_dense = g0.intermediate
     mlp_round_to = resolve_mlp_round_to(mlp_round_to, mlp_dense)
+    kernel = arch.mlp_multiple  # widths the family's kernels run (Qwen3-MoE's grouped_mm experts: 8)
+    if kernel > 1 and mlp_dense % kernel == 0:
+        mlp_round_to = math.lcm(mlp_round_to, kernel)
 
     def refused(a: int) -> str:  # why the family's stock config refuses a layers of a units ("" if it does not)
         return arch.heads_refusal(a * heads_per_unit, g0.hidden) if a < units_dense else ""
@@ -211,6 +226,9 @@ def solve_uniform(
                               f"1..{units_dense} and 1..{mlp_dense}")
         if refused(a):
             raise TargetError(f"explicit widths keep {a * heads_per_unit} query heads per layer: {refused(a)}")
+        if m % arch.mlp_multiple and m != mlp_dense:
+            raise TargetError(f"an MLP width of {m} does not run: {arch.config.model_type}'s kernels need a multiple "
+                              f"of {arch.mlp_multiple}")
         return Widths(attn_unit=attn_unit, attn_units=a, attn_units_dense=units_dense, mlp=m, mlp_dense=mlp_dense,
                       predicted=value(a, m), goal=goal, dense=dense, metric=target.metric, attn_round="explicit",
                       mlp_round_to=1)
@@ -292,7 +310,9 @@ def plan_from_scores(
 
     ``attn_scores[i]`` has one score per KV group (``kv_group`` units) or per query head (``head``
     units: the top ``widths.attn_units`` heads of EVERY group are kept, so GQA stays valid).
-    ``mlp_scores[i]`` has one score per MLP channel. Ties break towards the lower index.
+    ``mlp_scores[i]`` has one score per MLP channel; on a Mixture-of-Experts layer one per channel of each
+    expert (``[E, I]``, or flat expert by expert), and the top ``widths.mlp`` of EVERY expert are kept
+    (``LayerPlan.experts``). Ties break towards the lower index.
     """
     layers = list(range(arch.num_layers)) if layers is None else list(layers)
     plan = Plan()
@@ -308,7 +328,13 @@ def plan_from_scores(
                 lp.heads = sorted(k * g.group_size + j for k in range(g.num_kv_heads)
                                   for j in _topk(per_group[k], widths.attn_units))
         if mlp_scores is not None and widths.mlp < widths.mlp_dense:
-            lp.mlp = _topk(mlp_scores[i].detach().float().cpu(), widths.mlp)
+            s = mlp_scores[i].detach().float().cpu()
+            experts = arch.experts(i)
+            if experts is not None:  # the top channels of each expert, the same number in every expert
+                s = s.reshape(experts.num_experts, g.intermediate)
+                lp.experts = [_topk(s[e], widths.mlp) for e in range(experts.num_experts)]
+            else:
+                lp.mlp = _topk(s, widths.mlp)
         if lp.to_dict():
             plan.layers[i] = lp
     return plan
@@ -320,8 +346,13 @@ def shape_plan(arch: ArchAdapter, widths: Widths, layers: list[int] | None = Non
     g = arch.geometry(layers[0])
     n_attn = g.num_kv_heads if widths.attn_unit == "kv_group" else g.num_heads
     scores = {i: -torch.arange(n_attn, dtype=torch.float32) for i in layers}
-    mlp = {i: -torch.arange(g.intermediate, dtype=torch.float32) for i in layers}
+    mlp = {i: -torch.arange(g.intermediate, dtype=torch.float32).repeat(_experts_of(arch, i), 1) for i in layers}
     return plan_from_scores(arch, widths, scores, mlp, layers)
+
+
+def _experts_of(arch: ArchAdapter, layer: int) -> int:
+    experts = arch.experts(layer)
+    return experts.num_experts if experts is not None else 1
 
 
 def _topk(scores: torch.Tensor, k: int) -> list[int]:

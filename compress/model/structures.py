@@ -2,7 +2,9 @@
 
 * ``kv_group`` — one KV head with every query head that reads it (q rows, k rows, v rows, o columns);
 * ``head``     — one query head (q rows, o columns); a plan keeps the same number per KV group;
-* ``mlp``      — one MLP channel (gate rows, up rows, down columns);
+* ``mlp``      — one MLP channel (gate rows, up rows, down columns); on a Mixture-of-Experts layer one
+  channel of one expert (its rows of the fused ``gate_up`` and its column of ``down``), numbered expert
+  by expert (``e · I + j``);
 * ``hidden``   — one residual-stream channel, model-wide (embedding, norms, every block in/out).
 
 A :class:`StructureGroup` names the coupled slices of one structure through the adapter, so a
@@ -29,7 +31,8 @@ class Member:
     """One parameter of a structure group: units are contiguous blocks of ``width`` along ``dim``.
 
     A fused linear (Phi-3's ``qkv_proj``) holds several projections: ``start`` / ``count`` then say
-    which slice along ``dim`` is this member's (``count`` None: the whole dimension)."""
+    which slice along ``dim`` is this member's (``count`` None: the whole dimension). ``experts``: the
+    parameter is a 3-D stack of experts (dim 0), and the units of every expert follow one another."""
 
     name: str
     param: nn.Parameter
@@ -37,15 +40,18 @@ class Member:
     width: int
     start: int = 0
     count: int | None = None
+    experts: bool = False
 
     def blocks(self, t: torch.Tensor | None = None) -> torch.Tensor:
         """``t`` (default: the parameter, or a tensor of its shape: a gradient, a salience) restricted
         to this member's slice and reshaped to ``[units, width, rest]``."""
         t = self.param if t is None else t
-        t = t.movedim(self.dim, 0)
+        lead = 1 if self.experts else 0  # the expert dimension stays in front
+        t = t.movedim(self.dim, lead)
         if self.count is not None:
-            t = t.narrow(0, self.start, self.count)
-        return t.reshape(t.shape[0] // self.width, self.width, -1)
+            t = t.narrow(lead, self.start, self.count)
+        n = t.shape[0] * t.shape[1] if self.experts else t.shape[0]
+        return t.reshape(n // self.width, self.width, -1)
 
 
 @dataclass
@@ -120,6 +126,14 @@ def structure_group(arch: ArchAdapter, kind: Kind, layer: int | None = None) -> 
             rows("v", geom.head_dim)
         columns("self_attn", o, arch.o_proj(layer), qw)
         units = geom.num_kv_heads if kind == "kv_group" else geom.num_heads
+    elif kind == "mlp" and arch.experts(layer) is not None:
+        ex = arch.experts(layer)
+        inter = ex.intermediate
+        base = f"{prefix}.mlp.experts"
+        members += [Member(f"{base}.{ex.gate_up}", ex.gate_up_weight, 1, 1, 0, inter, experts=True),
+                    Member(f"{base}.{ex.gate_up}", ex.gate_up_weight, 1, 1, inter, inter, experts=True),
+                    Member(f"{base}.{ex.down}", ex.down_weight, 2, 1, experts=True)]
+        units = ex.num_experts * inter
     elif kind == "mlp":
         rows("gate", 1)
         rows("up", 1)
@@ -131,6 +145,8 @@ def structure_group(arch: ArchAdapter, kind: Kind, layer: int | None = None) -> 
 
 
 def _hidden_group(arch: ArchAdapter) -> StructureGroup:
+    if any(arch.experts(i) is not None for i in range(arch.num_layers)):
+        raise UsageError(arch.hidden_refusal() or "hidden channels of a Mixture-of-Experts model are not a structure group")
     members = [Member("model.embed_tokens.weight", arch.embed_tokens.weight, 1, 1)]
     for i in range(arch.num_layers):
         p = f"model.layers.{i}"

@@ -2,7 +2,9 @@
 
 Plain tensor slicing through the adapter's accessors: q/o by query head, k/v by KV head (the query
 heads of a removed KV group go with it), gate/up/down by MLP channel, every block's input and output
-by hidden channel, with the norms that run along any of these (every residual norm of a block:
+by hidden channel, each expert of a Mixture-of-Experts layer by its own kept channels (rows of its
+slices of the fused ``gate_up`` weight, columns of its ``down`` weight; the router is kept), with the
+norms that run along any of these (every residual norm of a block:
 :meth:`ArchAdapter.hidden_norms`; OLMo-2's q/k norms over the whole q/k width:
 :meth:`ArchAdapter.proj_norms`). The result is bit-exact against masking the same structures in the
 dense model (tests/test_graph.py) where no norm spans several heads; OLMo-2's q/k norms then average
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.errors import UsageError
-from compress.model.adapter import ArchAdapter, Role, adapter_for
+from compress.model.adapter import ArchAdapter, Experts, Role, adapter_for
 from compress.model.plan import Plan, resolve_attention
 from compress.modeling import LowRankLinear
 
@@ -98,7 +100,15 @@ def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) ->
             o = arch.attn_names[3]
             setattr(attn, o, slice_linear(getattr(attn, o), in_idx=q_rows))
             attn.num_key_value_groups = len(heads) // len(kv)
+        experts = arch.experts(i)
+        if lp.experts is not None:
+            if experts is None:
+                raise UsageError(f"plan lists expert channels for layer {i}, whose MLP is dense; use mlp")
+            _apply_experts(experts, lp.experts, i, arch.mlp_multiple)
         if lp.mlp is not None:
+            if experts is not None:
+                raise UsageError(f"layer {i} routes tokens to {experts.num_experts} experts: the plan must list the "
+                                 "kept channels of each expert (experts), not mlp")
             if not lp.mlp:
                 raise UsageError(f"plan removes every MLP channel of layer {i}; keep at least one")
             if max(lp.mlp) >= geom.intermediate or min(lp.mlp) < 0:
@@ -111,6 +121,31 @@ def apply_plan(model: nn.Module, plan: Plan, arch: ArchAdapter | None = None) ->
         _apply_hidden(arch, sorted(set(plan.hidden)))
     sync_config(model, arch)
     return model
+
+
+def _apply_experts(experts: Experts, keep: list[list[int]], i: int, multiple: int = 1) -> None:
+    """Keep channels ``keep[e]`` of each expert ``e``: rows ``keep[e]`` of its gate and of its up slice of
+    ``gate_up`` ``[E, 2I, H]``, columns of ``down`` ``[E, H, I]``. Every expert keeps the same number
+    (the family's config has one expert width)."""
+    E, inter = experts.num_experts, experts.intermediate
+    if len(keep) != E:
+        raise UsageError(f"plan lists {len(keep)} experts for layer {i}, which has {E}")
+    kept = [sorted(set(int(x) for x in k)) for k in keep]
+    if len({len(k) for k in kept}) != 1 or not kept[0]:
+        raise UsageError(f"plan keeps {sorted({len(k) for k in kept})} channels per expert in layer {i}; every "
+                         "expert must keep the same number, at least one")
+    if min(min(k) for k in kept) < 0 or max(max(k) for k in kept) >= inter:
+        raise UsageError(f"plan names an expert channel outside 0..{inter - 1} in layer {i}")
+    if len(kept[0]) % multiple and len(kept[0]) != inter:
+        raise UsageError(f"plan keeps {len(kept[0])} channels per expert in layer {i}; the family's experts kernel "
+                         f"runs multiples of {multiple} only")
+    gu, down = experts.gate_up_weight, experts.down_weight
+    idx = torch.as_tensor(kept, dtype=torch.long, device=gu.device)  # [E, I']
+    rows = torch.cat([idx, idx + inter], dim=1)  # gate rows, then up rows, of each expert
+    new_gu = gu.data.gather(1, rows.unsqueeze(-1).expand(-1, -1, gu.shape[2]))
+    new_down = down.data.gather(2, idx.unsqueeze(1).expand(-1, down.shape[1], -1))
+    setattr(experts.module, experts.gate_up, nn.Parameter(new_gu.contiguous(), requires_grad=gu.requires_grad))
+    setattr(experts.module, experts.down, nn.Parameter(new_down.contiguous(), requires_grad=down.requires_grad))
 
 
 def _apply_hidden(arch: ArchAdapter, keep: list[int]) -> None:
@@ -154,11 +189,12 @@ def sync_config(model: nn.Module, arch: ArchAdapter | None = None) -> None:
                          "count from the shared config); this plan makes them differ")
     for i, g in enumerate(geoms):
         arch.sync_attention(i, g)
+        arch.sync_mlp(i, g)
     cfg = model.config
     cfg.hidden_size = geoms[0].hidden if geoms else cfg.hidden_size
     if len(set(geoms)) == 1:
         g = geoms[0]
         cfg.num_attention_heads = g.num_heads
         cfg.num_key_value_heads = g.num_kv_heads
-        cfg.intermediate_size = g.intermediate
+        setattr(cfg, arch.intermediate_key, g.intermediate)
         cfg.head_dim = g.head_dim

@@ -50,6 +50,15 @@ Deviations (documented, each with a reason):
   model, and the shots then reach its widths. A dry run shows that unscored candidate and lists the
   others. ``auto`` is the default (the committed recipe ``transact.yaml`` keeps ``groups``, the setting
   its records were measured with); see the README for the measurements behind it.
+* **Mixture of experts** (``qwen3_moe``; the paper prunes dense models only): attention exactly as
+  above; an MLP channel is one channel of one expert, and its salience is the L2 norm of THAT expert's
+  ``down_proj`` input over the calibration tokens the router sent to it (:func:`compress.record_experts`).
+  Every expert keeps the same number of channels (the family's config has one expert width), each its
+  own top set; the router is not pruned. One MLP unit costs E experts' channels in parameters and the
+  top-k experts' in FLOPs/token (:func:`compress.unit_costs`). ``gqa=auto`` masks an expert's pruned
+  channels by zeroing their columns of its fused down weight for the scoring forward. The notes report
+  the router's behaviour after the cut: each expert's share of the routed tokens on the first
+  ``ROUTER_LOAD_SAMPLES`` calibration blocks before and after (``router_load``).
 * **Target arithmetic**: the official tool takes the final widths (``-a`` attention width, ``-f`` MLP
   width). Ours solves them from any target (params, FLOPs/token, KV bytes/token) with a balanced keep
   ratio (the paper finds balanced MHA/MLP compression best) — ``attn_ratio`` shifts the balance —
@@ -95,9 +104,13 @@ from compress import (
     hookimpl,
     plan_from_scores,
     record,
+    record_experts,
     shape_plan,
     solve_uniform,
 )
+
+#: calibration blocks the router load is measured on, before and after pruning (a Mixture-of-Experts model)
+ROUTER_LOAD_SAMPLES = 8
 
 
 class TransActConfig(PrunerConfig):
@@ -240,7 +253,8 @@ class TransActPruner(Pruner):
         Attention: ``next = cur - (cur - target) // remaining`` in channels, rounded UP to whole units
         (``ceil(next / unit)``; a unit is one head of ``head_dim`` channels for MHA, a KV group of
         ``head_dim · group_size`` with ``gqa=groups``, one head in every group with ``gqa=heads``), and
-        the next shot starts from the rounded width. MLP: the same interpolation, unrounded."""
+        the next shot starts from the rounded width. MLP: the same interpolation, unrounded (rounded up to
+        the multiple a family's kernels need, :attr:`ArchAdapter.mlp_multiple`: Qwen3-MoE's experts)."""
         g = arch.geometry(0)
         unit_ch = g.head_dim * (g.group_size if final.attn_unit == "kv_group" else g.num_kv_heads)
         cur_mha, tgt_mha = final.attn_units_dense * unit_ch, final.attn_units * unit_ch
@@ -251,6 +265,8 @@ class TransActPruner(Pruner):
             remaining = K - shot
             units = math.ceil((cur_mha - (cur_mha - tgt_mha) // remaining) / unit_ch)
             cur_mlp = cur_mlp - (cur_mlp - tgt_mlp) // remaining
+            if arch.mlp_multiple > 1:  # up to a width the family's kernels run (Qwen3-MoE's experts: 8)
+                cur_mlp = min(final.mlp_dense, -(-cur_mlp // arch.mlp_multiple) * arch.mlp_multiple)
             if shot == K - 1:  # remaining == 1 lands on the target already; kept explicit
                 units, cur_mlp = final.attn_units, final.mlp
             cur_mha = units * unit_ch  # the kept width: the next shot interpolates from it
@@ -325,9 +341,12 @@ class TransActPruner(Pruner):
 
     @staticmethod
     def _summary(arch: ArchAdapter, widths: Widths) -> dict:
-        g = arch.geometry(0)
-        return {**widths.to_dict(), "heads": g.num_heads, "kv_heads": g.num_kv_heads, "head_dim": g.head_dim,
-                "a": g.num_heads * g.head_dim, "f": g.intermediate}
+        g, ex = arch.geometry(0), arch.experts(0)
+        out = {**widths.to_dict(), "heads": g.num_heads, "kv_heads": g.num_kv_heads, "head_dim": g.head_dim,
+               "a": g.num_heads * g.head_dim, "f": g.intermediate}
+        if ex is not None:  # f is the width of EACH expert
+            out.update(experts=ex.num_experts, top_k=ex.top_k)
+        return out
 
     # ------------------------------------------------------------------ scoring
     def collect(self, model, ctx: PruneContext, batches: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -338,16 +357,22 @@ class TransActPruner(Pruner):
         activations or logits."""
         arch = ctx.arch
         mods = {}
+        experts = {}
         for i in range(arch.num_layers):
             mods[f"{i}.attn"] = arch.o_proj(i)
-            mods[f"{i}.mlp"] = arch.down_proj(i)
-        with record(mods, where="input") as stats:
+            ex = arch.experts(i)
+            if ex is not None:  # Mixture of experts: each expert's down_proj input over its routed tokens
+                experts[f"{i}.mlp"] = ex
+            else:
+                mods[f"{i}.mlp"] = arch.down_proj(i)
+        with record(mods, where="input") as stats, record_experts(experts) as expert_stats:
             ctx.calibrate(model, batches, batch_size=self.config.calib_batch_size, description="TransAct scoring")
+        stats = {**stats, **expert_stats}
         out = {}
         for i in range(arch.num_layers):
             for key in (f"{i}.attn", f"{i}.mlp"):
                 stats[key].check_finite(f"transitional activations of layer {key}")
-            out[i] = (stats[f"{i}.attn"].l2, stats[f"{i}.mlp"].l2)
+            out[i] = (stats[f"{i}.attn"].l2, stats[f"{i}.mlp"].l2)  # MLP of an MoE layer: [experts, channels]
         return out
 
     def collect_and_cut(self, model, ctx: PruneContext, batches: torch.Tensor, widths: Widths) -> Plan:
@@ -432,6 +457,10 @@ class TransActPruner(Pruner):
                 ctx.stream.allocate(model)
             resumed.load_into(model)
             ctx.log(f"TransAct: resuming after shot {done}/{cfg.shots} ({resumed.path})")
+        moe = any(arch.experts(i) is not None for i in range(arch.num_layers))
+        load_blocks = batches[:ROUTER_LOAD_SAMPLES]
+        load_before = (ctx.router_load(model, load_blocks, batch_size=cfg.calib_batch_size)
+                       if moe and resumed is None and not ctx.streaming else None)
         recovery = self._recovery(ctx)
         if recovery is not None:  # continue the training stream after the finished shots
             recovery.consumed += sum(h.get("recovery", {}).get("tokens", 0) for h in history)
@@ -472,6 +501,11 @@ class TransActPruner(Pruner):
                                        "history": history, "gqa": gqa_report})
         notes = {"widths": self._summary(arch, final), "shots": history,
                  "calibration": {"samples": cfg.calib_samples, "seq_len": seq_len}}
+        if load_before is not None:
+            after = ctx.router_load(model, load_blocks, batch_size=cfg.calib_batch_size)
+            notes["router_load"] = router_load_report(load_before, after, int(load_blocks.numel()))
+            ctx.log(f"TransAct router load: largest change of an expert's share "
+                    f"{notes['router_load']['max_change']:.4f} over {load_blocks.numel()} tokens")
         plan_doc = total_plan.to_dict()
         if gqa_report is not None:
             notes["gqa"] = gqa_report
@@ -506,11 +540,23 @@ class TransActPruner(Pruner):
         return ctx.recovery()
 
 
+def router_load_report(before: dict[int, list[float]], after: dict[int, list[float]], tokens: int) -> dict:
+    """The router's behaviour after pruning: per MoE layer, the share of routed (token, expert) pairs each
+    expert got on the same calibration tokens before and after (the router itself is not pruned; its
+    input changes with the layers below), and the largest change of one expert's share."""
+    layers = {str(i): {"before": [round(x, 6) for x in before[i]], "after": [round(x, 6) for x in after[i]]}
+              for i in sorted(before)}
+    change = max((abs(a - b) for i in before for a, b in zip(after[i], before[i], strict=True)), default=0.0)
+    return {"tokens": tokens, "layers": layers, "max_change": round(change, 6)}
+
+
 @contextmanager
 def _masked(arch: ArchAdapter, plan: Plan) -> Iterator[None]:
     """The model computes as if cut to ``plan`` (whole-layer forward only): the o_proj inputs of the
     pruned query heads and the down_proj inputs of the pruned MLP channels are zeroed, which is what
-    removing them computes (a pruned KV head only feeds its own group's query heads)."""
+    removing them computes (a pruned KV head only feeds its own group's query heads). An expert has no
+    down_proj module to hook: its fused down weight ``[E, H, I]`` is replaced, for the experts module's
+    forward only, by a copy whose pruned channels' columns are zero (the same product)."""
     hooks = []
 
     def scale(mask: torch.Tensor):
@@ -519,6 +565,13 @@ def _masked(arch: ArchAdapter, plan: Plan) -> Iterator[None]:
         return hook
 
     try:
+        for i, lp in plan.layers.items():
+            ex = arch.experts(i)
+            if ex is not None and lp.experts is not None:
+                m = torch.zeros(ex.num_experts, 1, ex.intermediate)
+                for e, kept in enumerate(lp.experts):
+                    m[e, 0, kept] = 1
+                hooks += _masked_param(ex.module, ex.down, m)
         for i, lp in plan.layers.items():
             g = arch.geometry(i)
             heads = lp.heads
@@ -537,6 +590,28 @@ def _masked(arch: ArchAdapter, plan: Plan) -> Iterator[None]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def _masked_param(module: torch.nn.Module, name: str, mask: torch.Tensor) -> list:
+    """Hooks that make ``module.<name>`` read as ``<name> · mask`` during ``module``'s forward and
+    restore the parameter after it (the masked copy lives for one call only)."""
+    saved: list = []
+
+    def pre(mod, _args):
+        p = mod._parameters[name]
+        saved.append(p)
+        mod._parameters[name] = torch.nn.Parameter(p.detach() * mask.to(device=p.device, dtype=p.dtype),
+                                                   requires_grad=False)
+
+    def post(mod, _args, _out):
+        mod._parameters[name] = saved.pop()
+
+    class _Restore:  # also restores when the forward raised between the two hooks
+        def remove(self) -> None:
+            while saved:
+                module._parameters[name] = saved.pop()
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post), _Restore()]
 
 
 @hookimpl
