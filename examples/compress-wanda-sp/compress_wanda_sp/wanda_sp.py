@@ -22,6 +22,7 @@ from compress import (
 class WandaSP(Pruner):
     name = "wanda_sp"
     capabilities = Capabilities(structures=("kv_groups", "mlp_channels"), targets=("params", "flops", "kv"),
+                                requires=("dense_mlp",),  # one down_proj per layer: refused on MoE up front
                                 summary="|W|·‖X‖ of o_proj / down_proj input columns (example plugin)")
 
     def prune(self, model, target, ctx):
