@@ -84,6 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     log = (lambda m: None) if args.json else _phase_logger(Console())
     rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
+    from compress.pipeline.handoff import launch_from_env
+
+    launch = launch_from_env()
+    if launch is not None and not launch.is_main:  # under accelerate launch rank 0 reports the run
+        return 0
     if args.json:
         print(_dumps_json(rec, indent=1, sort_keys=True))
         return 0
@@ -621,6 +626,14 @@ def _disable_hf_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _after_error_reported() -> None:
+    """A launched run that failed before rank 0 handed its pruned model over: let every process print
+    its line before any exits (:func:`compress.pipeline.handoff.after_error_reported`)."""
+    handoff = sys.modules.get("compress.pipeline.handoff")
+    if handoff is not None:
+        handoff.after_error_reported()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
@@ -645,10 +658,12 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {msg.removeprefix('error: ')}", file=sys.stderr)
+        print(f"error: {msg.removeprefix('error: ')}", file=sys.stderr, flush=True)
+        _after_error_reported()
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr, flush=True)
+        _after_error_reported()
         return 130
     except Exception as e:  # noqa: BLE001
         if getattr(args, "verbose", False):
@@ -657,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
         name = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"  # struct.error
-        print(f"error: {name}: {first} (run with -v for the traceback)", file=sys.stderr)
+        print(f"error: {name}: {first} (run with -v for the traceback)", file=sys.stderr, flush=True)
+        _after_error_reported()
         return 1
 
 

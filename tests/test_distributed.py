@@ -1,4 +1,6 @@
-"""``compress recover``: recovery of a saved model, alone and under ``accelerate launch`` (2 CPU processes, gloo).
+"""``compress recover``: recovery of a saved model, alone and under ``accelerate launch`` (2 CPU processes, gloo);
+``compress run --recover-tokens`` under ``accelerate launch``: rank 0 prunes once and hands the pruned
+model to the other process (:mod:`compress.pipeline.handoff`).
 
 The two-process run trains on the same global batch (per-device batch × processes) in the same data
 order as the one-process run, so the logged loss curves must agree to float rounding, and only the
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +301,251 @@ def test_export_on_main_process_releases_the_barrier_when_it_fails(monkeypatch, 
     calls.clear()
     assert recover.on_main_process(lambda: "saved", launched=False) == "saved"  # no process group: no barrier
     assert calls == []
+
+
+# ---------------------------------------------------------------------------- compress run: prune once
+def _run_args(model: Path, out: Path, text: Path, recipe: Path, method: list[str], *extra: str) -> list[str]:
+    return ["run", "--model", str(model), *method, "--target", "70%", "--calib", str(text), "--recipe", str(recipe),
+            "--recover-tokens", str(TOKENS), "--seed", "3", "--no-eval", "--no-progress", "--out", str(out), *extra]
+
+
+def _recovery_recipe(folder: Path, batch: int) -> Path:
+    """The recovery settings of the recover tests (a run takes them from a recipe)."""
+    folder.mkdir(exist_ok=True)
+    path = folder / f"recover_b{batch}.yaml"
+    path.write_text(f"recover_settings:\n  seq_len: {SEQ}\n  batch_size: {batch}\n  lr: 0.001\n  logging_steps: 1\n")
+    return path
+
+
+def _debris(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate launcher not installed")
+@pytest.mark.parametrize(("method", "mode", "kind"), [
+    (["--method", "transact", "--set", "calib_samples=4", "--set", "calib_seq_len=32"], "full", "stock"),
+    (["--method", "lorap", "--set", "calib_samples=4", "--set", "calib_seq_len=32"], "kd", "compress"),
+], ids=["transact-stock-full", "lorap-compress-kd"])
+def test_run_prunes_once_under_accelerate_launch(tmp_path, capsys, stories_dir, text, method, mode, kind):
+    """`compress run --recover-tokens` on 2 processes: rank 0 alone loads the dense model and prunes, rank 1
+    loads the pruned model rank 0 staged (both export formats; with kd rank 1 loads the dense model only as
+    its teacher); both train from the same weights (sha256 in the record), the result equals a 1-process
+    run with the same global batch, and the staging folder is gone."""
+    recipes = tmp_path / "recipes"
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("--recover-mode", mode)
+    assert main(_run_args(stories_dir, one, text, _recovery_recipe(recipes, BATCH), method, *extra)) == 0
+    capsys.readouterr()
+    r2 = _launch(["--multi_gpu", "--num_processes", "2"],
+                 _run_args(stories_dir, two, text, _recovery_recipe(recipes, BATCH // 2), method, *extra), tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    out = r2.stdout
+    # rank 0 alone loaded the dense model and pruned; rank 1 waited and loaded the staged model
+    assert out.count("loaded stories260k") == 1 and out.count("pruning with") == 1, out
+    assert out.count("rank 1: waiting for rank 0 to prune") == 1 and "rank 1: training from the pruned model" in out
+    assert out.count("] saved ") == 1 and out.count("┏") == 1  # one export and one summary, rank 0's
+    assert ("rank 1: distillation teacher: stories260k (the dense model)" in out) == (mode == "kd")
+
+    rec1 = json.loads((one / "compress_run.json").read_text())
+    rec2 = json.loads((two / "compress_run.json").read_text())
+    assert "distributed" not in rec1 and set(rec2) - set(rec1) == {"distributed"}
+    assert rec1["format"] == rec2["format"] == kind
+    d = rec2["distributed"]
+    assert (d["world_size"], d["mode"], d["pruned_on"]) == (2, "prune_once", [0])
+    r0, r1 = d["ranks"]
+    assert (r0["rank"], r0["pruned"], r0["loaded"]) == (0, True, "the dense model")
+    assert (r1["rank"], r1["pruned"], r1["loaded"]) == (1, False, "the pruned model staged by rank 0")
+    assert r0["staged_format"] == kind and r1["teacher_loaded_dense"] == (mode == "kd")
+    assert r0["pruned_weights_sha256"] == r1["pruned_weights_sha256"] == d["pruned_weights_sha256"]
+    assert r0["training_tokens_sha256"] == r1["training_tokens_sha256"]
+    assert rec2["plan_hash"] == rec1["plan_hash"] and rec2["achieved"] == rec1["achieved"]  # the same prune
+    res1, res2 = rec1["recovery_result"], rec2["recovery_result"]
+    assert res1["world_size"] == 1 and res2["world_size"] == 2 and res1["steps"] == res2["steps"]
+    assert abs(res1["final_loss"] - res2["final_loss"]) <= 1e-4 * max(1.0, abs(res1["final_loss"]))
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert set(w1) == set(w2) and max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    assert _debris(tmp_path) == [], _debris(tmp_path)  # no staging folder, no temporary export
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate launcher not installed")
+def test_run_failure_on_rank_0_stops_every_process(tmp_path, stories_dir):
+    """Rank 0 fails while pruning (the calibration text is shorter than one calibration block): every
+    process exits non-zero with rank 0's one-line error instead of waiting, and nothing is left."""
+    short = tmp_path / "short.txt"
+    short.write_text("Spot. Spot saw the shiny car and said, \"Wow, Kitty, your car is so bright and clean!\"\n")
+    recipe = _recovery_recipe(tmp_path / "recipes", BATCH // 2)
+    out = tmp_path / "out"
+    args = _run_args(stories_dir, out, short, recipe,
+                     ["--method", "transact", "--set", "calib_samples=4", "--set", "calib_seq_len=128"])
+    r = _launch(["--multi_gpu", "--num_processes", "2"], args, tmp_path)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], r.stderr[-3000:]  # one line from each process
+    assert "fewer than one block of seq_len=128" in errors[0]
+    codes = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.M)  # torchrun's report, one per process
+    # rank 0 exits 2 (bad input); rank 1 too, unless the launcher, seeing rank 0 exit, stopped it first
+    assert len(codes) == 2 and "2" in codes and "0" not in codes, r.stderr[-3000:]
+    assert r.stdout.count("pruning with") == 1 and "rank 1: waiting for rank 0" in r.stdout
+    assert not out.exists() and _debris(tmp_path) == []
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate launcher not installed")
+def test_run_prunes_on_every_process_when_the_method_trains_between_shots(tmp_path, stories_dir, text):
+    """TransAct with training between its shots needs every process in that training, so every process
+    prunes (as before the hand-off existed); rank 0 alone reports, checkpoints and saves, and every
+    process is checked to end its pruning with the same weights."""
+    out = tmp_path / "out"
+    args = _run_args(stories_dir, out, text, _recovery_recipe(tmp_path / "recipes", BATCH // 2),
+                     ["--method", "transact", "--set", "calib_samples=4", "--set", "calib_seq_len=32",
+                      "--set", "shots=2", "--set", "recover_tokens_per_shot=1024"])
+    r = _launch(["--multi_gpu", "--num_processes", "2"], args, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("pruning with") == 1 and "rank 1" not in r.stdout  # rank 1 works silently
+    d = json.loads((out / "compress_run.json").read_text())["distributed"]
+    assert (d["mode"], d["pruned_on"]) == ("every_rank", [0, 1]) and [e["pruned"] for e in d["ranks"]] == [True, True]
+    assert d["ranks"][0]["pruned_weights_sha256"] == d["ranks"][1]["pruned_weights_sha256"]
+    assert _debris(tmp_path) == []  # no checkpoint folder left either
+
+
+def test_launched_run_without_training_is_refused(tmp_path, capsys, monkeypatch, stories_dir, text):
+    """Under a launch, a run that trains nothing would only repeat one prune in every process: one line,
+    before any weight is read, nothing written; bad launch variables too."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    base = ["run", "--model", str(stories_dir), "--method", "random", "--target", "70%", "--out", str(out)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "without it nothing is trained" in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RANK", "2")
+    assert main([*base, "--recover-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "RANK=2 is not within WORLD_SIZE=2" in err and err.count("\n") == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_launch_from_env():
+    from compress.errors import UsageError
+    from compress.pipeline.handoff import Launch, launch_from_env
+
+    assert launch_from_env({}) is None and launch_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert launch_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Launch(3, 4, 1)
+    assert launch_from_env({"PMI_SIZE": "2", "PMI_RANK": "1"}) == Launch(1, 2, 0)  # MPI (accelerate --cpu)
+    with pytest.raises(UsageError, match="not integers"):
+        launch_from_env({"WORLD_SIZE": "two"})
+
+
+def _handoff(root: Path, rank: int = 1):
+    from compress.pipeline.handoff import Handoff, Launch
+
+    root.mkdir(exist_ok=True)
+    return Handoff(launch=Launch(rank, 2), root=root, nonce="n1")
+
+
+def test_waiting_process_reports_rank_0_failure_stale_heartbeat_and_takeover(tmp_path):
+    """What a waiting process does with each state of the staging folder, without a launch."""
+    from compress.errors import CompressError
+    from compress.pipeline import handoff as h
+
+    root = tmp_path / ".out.compress-pruned"
+    w = _handoff(root)
+    (root / h.HEARTBEAT_FILE).touch()
+    (root / h.STATUS_FILE).write_text(json.dumps({"nonce": "n1", "state": "pruning"}))
+    with pytest.raises(CompressError, match="no heartbeat .* for 0 s"):  # rank 0 died without a word
+        w.wait(stale_s=0.3, poll_s=0.05)
+    (root / h.STATUS_FILE).write_text(json.dumps({"nonce": "other", "state": "pruning"}))
+    with pytest.raises(CompressError, match="another run took over"):
+        w.wait(poll_s=0.05)
+    (root / h.STATUS_FILE).write_text(json.dumps({"nonce": "n1", "state": "failed", "message": "bad calib",
+                                                  "exit_code": 2}))
+    with pytest.raises(h.PeerFailure, match="^bad calib$") as e:
+        w.wait(poll_s=0.05)
+    assert e.value.exit_code == 2 and (root / "seen-1").exists()  # rank 0 may now report and exit
+    h._pending.clear()
+    (root / h.STATUS_FILE).write_text(json.dumps({"nonce": "n1", "state": "done"}))
+    assert w.wait(poll_s=0.05) == root / h.MODEL_DIR
+    shutil.rmtree(root)
+    with pytest.raises(CompressError, match="gone or not visible"):
+        w.wait(poll_s=0.05)
+
+
+def test_rank_0_failure_waits_for_the_others_then_cleans_up(tmp_path, monkeypatch):
+    from compress.errors import CalibrationError
+    from compress.pipeline import handoff as h
+
+    monkeypatch.setattr(h, "ACK_S", 0.2)
+    root = tmp_path / ".out.compress-pruned"
+    zero = _handoff(root, rank=0)
+    zero.fail(CalibrationError("too short\nsecond line"))
+    status = json.loads((root / h.STATUS_FILE).read_text())
+    assert (status["state"], status["message"], status["exit_code"]) == ("failed", "too short", 2)
+    assert root.exists()  # kept until rank 0 has printed its line
+    h.after_error_reported()
+    assert not root.exists() and h._pending == []
+    zero.fail(RuntimeError("again"))  # a no-op once failed (or handed over)
+    assert not root.exists()
+    assert h.failure_line(RuntimeError("boom")) == ("RuntimeError: boom (run with -v for the traceback)", 1)
+    assert h.failure_line(KeyboardInterrupt()) == ("interrupted", 130)
+
+
+def test_staging_folder_not_written_by_compress_is_refused(tmp_path):
+    from compress.errors import UsageError
+    from compress.pipeline.handoff import Handoff, stage_dir_for
+
+    out = tmp_path / "out"
+    stage = stage_dir_for(out)
+    stage.mkdir()
+    (stage / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="compress did not write it"):
+        Handoff._prepare(out)
+    assert (stage / "notes.txt").exists()
+    (stage / "status.json").write_text("{}")  # a killed launch's: replaced
+    assert Handoff._prepare(out) == stage and list(stage.iterdir()) == []
+
+
+def test_processes_that_would_train_from_other_weights_stop(monkeypatch):
+    """The agreement check: every process hashes its weights and tokens; any difference is one line."""
+    import torch.distributed as dist
+
+    from compress.errors import CompressError
+    from compress.pipeline import handoff as h
+    from compress.testing import tiny_model
+
+    model = tiny_model("llama-gqa")
+    other = {"rank": 1, "pruned_weights_sha256": "f" * 64, "training_tokens_sha256": None}
+    monkeypatch.setattr("compress.train.distributed.process_state", lambda: None)
+
+    def gather(into, entry):
+        into[0], into[1] = entry, {**entry, **other}
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    with pytest.raises(CompressError, match=r"^rank 1 would train from other pruned weights than rank 0 \(sha256 "
+                                            r"ffffffffffff vs [0-9a-f]{12}\): the pruned model does not load back"):
+        h.agree(h.Launch(0, 2), {}, model, None, mode=h.PRUNE_ONCE)
+    other["pruned_weights_sha256"] = h.params_sha256(model)
+    info = h.agree(h.Launch(0, 2), {"pruned": True}, model, None, mode=h.PRUNE_ONCE)
+    assert info["pruned_on"] == [0] and [e["rank"] for e in info["ranks"]] == [0, 1]
+    tied = tiny_model("llama-gqa")
+    tied.load_state_dict(model.state_dict())
+    assert h.params_sha256(tied) == h.params_sha256(model)
+    with torch.no_grad():
+        tied.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6
+    assert h.params_sha256(tied) != h.params_sha256(model)
+
+
+def test_guarded_recovery_refuses_training_while_rank_0_prunes_alone():
+    from compress.errors import UsageError
+    from compress.pipeline.handoff import GuardedRecovery
+
+    class Rec:
+        consumed = 7
+
+        def __call__(self, model, **kw):
+            return ("trained", model)
+
+    g = GuardedRecovery(Rec(), "mymethod")
+    with pytest.raises(UsageError, match="method mymethod trains between its pruning steps"):
+        g("m")
+    assert g.consumed == 7
+    g.armed = False
+    assert g("m") == ("trained", "m")

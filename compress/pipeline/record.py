@@ -52,6 +52,14 @@ RUN_RECORD_KEYS: dict[str, str] = {
     "versions": "installed versions of the pinned stack",
 }
 
+#: Keys a run record has only in some runs (absent, not None, elsewhere), with their meaning.
+OPTIONAL_RUN_RECORD_KEYS: dict[str, str] = {
+    "distributed": "a run under accelerate launch (compress.pipeline.handoff): {world_size, mode (prune_once: rank 0 "
+                   "pruned, the others loaded its staged model; every_rank), pruned_on, pruned_weights_sha256, "
+                   "training_tokens_sha256, ranks: one entry per process (what it loaded, seconds before training, "
+                   "peak RSS, the hashes it trained from)}",
+}
+
 #: Distributions of the pinned stack (constraints.txt) whose installed versions every record carries,
 #: besides python, torch and transformers; the key is the name with "-" as "_".
 STACK = ("torch-pruning", "lm_eval", "peft", "accelerate", "datasets", "huggingface_hub", "tokenizers",

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,79 +314,119 @@ def dry_run(spec: RunSpec, log=print) -> dict[str, Any]:
 
 
 def run(spec: RunSpec, log=print) -> RunResult:
-    """Prune (and optionally recover and export) a model."""
+    """Prune (and optionally recover and export) a model.
+
+    Under ``accelerate launch`` (``WORLD_SIZE`` > 1) with ``--recover-tokens``, only rank 0 loads the
+    dense model and prunes; the other processes train from the pruned model it stages
+    (:mod:`compress.pipeline.handoff`, which says why)."""
     from compress.calib.layerwise import resolve_layerwise
     from compress.io.loading import load_model
+    from compress.pipeline.handoff import PRUNE_ONCE, GuardedRecovery, Handoff, launch_from_env, launch_mode
 
+    t_start = time.perf_counter()
     if spec.dry_run:
         raise UsageError("a dry run plans shapes only: call compress.pipeline.run.dry_run (compress run --dry-run)")
     registry = get_registry()
     target: Target = spec.target  # type: ignore[assignment]  # parsed in RunSpec
     if spec.resume and not spec.out:
         raise UsageError("--resume continues an interrupted run into its --out folder; give the same --out")
+    launch = launch_from_env()
     check_run_output(spec)
     checked = _preflight(spec)
     pruner = checked.pruner
     assert pruner is not None
     out = checked.out
+    mode = launch_mode(launch, pruner, spec.recover_tokens) if launch is not None else None
+    if mode == PRUNE_ONCE and out is not None:
+        from compress.io.outpath import check_apart
+        from compress.pipeline.handoff import stage_dir_for
+
+        check_apart(stage_dir_for(out), run_inputs(spec), option="the staging folder of --out")
+    side = launch is not None and not launch.is_main  # a process other than rank 0: rank 0 alone reports
     key = run_key(spec, pruner, checked.source)
     state_dir = state_dir_for(out) if out is not None else None
-    discard_state = _resume_state(state_dir, key, spec, log) if state_dir is not None else False
+    discard_state = _resume_state(state_dir, key, spec, _quiet if side else log) if state_dir is not None else False
     resumed_from = _resumed_checkpoint(state_dir, key) if spec.resume and not discard_state else None
-
     check_stream_weights(spec, pruner, checked.recovery, source=checked.source)
-    t0 = time.perf_counter()
-    stream = None
-    if spec.stream_weights:  # decoder layers on meta: read one by one as the engine visits them
-        from compress.io.loading import parse_dtype
-        from compress.io.streaming import open_streamed
 
-        loaded, stream = open_streamed(checked.source, dtype=parse_dtype(spec.dtype, checked.source),
-                                       trust_remote_code=spec.trust_remote_code)
-    else:
-        loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
-    model, tok = loaded.model, loaded.tokenizer
-    layerwise = stream is not None or resolve_layerwise(checked.layerwise_forced, model)
-    if not layerwise and spec.device != "cpu":
-        model.to(spec.device)  # whole-model: all weights on the device; layer-wise: they stay in CPU RAM
-    arch = registry.adapter_for(model)
-    with registry.reported(pruner.name, "check"):  # the weights' shapes, which the config may misstate
-        pruner.check(model, target)
-    dense = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
-    target.check_reachable(dense.of(target.metric))
-    check_finite_weights(model, "of the input model")
-    load_s = time.perf_counter() - t0
+    handoff = None
+    if mode == PRUNE_ONCE:
+        assert launch is not None
+        handoff = Handoff.open(launch, out)  # the one collective before training: all processes start together
+        if side:
+            from compress.pipeline.handoff import train_from_staged
 
-    calib = checked.calibration.with_tokenizer(tok) if checked.calibration is not None else None
-    rec_obj = None
-    if checked.recovery is not None:
-        from compress.train.recovery import Recovery
-
-        rec_obj = Recovery(calib, checked.recovery, progress=spec.progress,
-                           teacher=kd_teacher(checked.recovery, model, spec.teacher, dtype=spec.dtype,
-                                              trust_remote_code=spec.trust_remote_code, tokenizer=tok, log=log))
-    ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
-                       recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
-                       layerwise=layerwise, stream=stream,
-                       offload_dir=Path(spec.offload_dir).expanduser() if spec.offload_dir else None)
-    if discard_state:
-        from compress.io.checkpoint import discard_checkpoint
-
-        discard_checkpoint(state_dir)  # --overwrite: the interrupted run is discarded
-    log(f"loaded {display_path(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters"
-        + (" (decoder layers streamed from the files as they are visited)" if stream is not None else ""))
-    try:
-        result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
-                                 load_s=load_s, log=log)
-    except PluginError as e:
+            return RunResult(**train_from_staged(spec, checked, handoff, t_start=t_start, log=log))
+    elif side:  # every process prunes (the method trains between its steps): rank 0 alone speaks and saves
+        log = _quiet
+        discard_state = False
         if resumed_from is None:
-            raise
-        # the method read the checkpoint's state and choked on it: the checkpoint is the suspect
-        cause = e.__cause__ or e
-        first = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""
-        raise UsageError(f"resuming from the checkpoint {resumed_from} failed ({type(cause).__name__}: {first}): it "
-                         "is damaged or was written by another version of the method; pass --overwrite to start "
-                         "over") from e
+            state_dir = None  # nor reads a checkpoint rank 0 is about to discard
+    try:
+        t0 = time.perf_counter()
+        stream = None
+        if spec.stream_weights:  # decoder layers on meta: read one by one as the engine visits them
+            from compress.io.loading import parse_dtype
+            from compress.io.streaming import open_streamed
+
+            loaded, stream = open_streamed(checked.source, dtype=parse_dtype(spec.dtype, checked.source),
+                                           trust_remote_code=spec.trust_remote_code)
+        else:
+            loaded = load_model(spec.model, dtype=spec.dtype, device="cpu", trust_remote_code=spec.trust_remote_code)
+        model, tok = loaded.model, loaded.tokenizer
+        layerwise = stream is not None or resolve_layerwise(checked.layerwise_forced, model)
+        if not layerwise and spec.device != "cpu":
+            model.to(spec.device)  # whole-model: all weights on the device; layer-wise: they stay in CPU RAM
+        arch = registry.adapter_for(model)
+        with registry.reported(pruner.name, "check"):  # the weights' shapes, which the config may misstate
+            pruner.check(model, target)
+        dense = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
+        target.check_reachable(dense.of(target.metric))
+        check_finite_weights(model, "of the input model")
+        load_s = time.perf_counter() - t0
+
+        calib = checked.calibration.with_tokenizer(tok) if checked.calibration is not None else None
+        rec_obj: Any = None
+        if checked.recovery is not None:
+            from compress.train.recovery import Recovery
+
+            rec_obj = Recovery(calib, checked.recovery, progress=spec.progress,
+                               teacher=kd_teacher(checked.recovery, model, spec.teacher, dtype=spec.dtype,
+                                                  trust_remote_code=spec.trust_remote_code, tokenizer=tok, log=log))
+        before_training = None
+        if launch is not None:
+            if handoff is not None:
+                rec_obj = GuardedRecovery(rec_obj, pruner.name)
+            before_training = _before_training(launch, mode, handoff, rec_obj, tok, calib, method=pruner.name,
+                                               dense=dense, spec=spec, t_start=t_start, load_s=load_s)
+        ctx = PruneContext(arch=arch, tokenizer=tok, calibration=calib, seed=spec.seed, device=spec.device,
+                           recover=rec_obj, log=log, progress=spec.progress, state_dir=state_dir, state_key=key,
+                           layerwise=layerwise, stream=stream,
+                           offload_dir=Path(spec.offload_dir).expanduser() if spec.offload_dir else None)
+        if side:  # every-rank pruning: rank 0 writes the checkpoints
+            ctx.checkpoint = lambda model, state: None  # type: ignore[method-assign]
+        if discard_state:
+            from compress.io.checkpoint import discard_checkpoint
+
+            discard_checkpoint(state_dir)  # --overwrite: the interrupted run is discarded
+        log(f"loaded {display_path(loaded.source)} in {load_s:.1f}s: {dense.params:,} parameters"
+            + (" (decoder layers streamed from the files as they are visited)" if stream is not None else ""))
+        try:
+            result = prune_in_memory(pruner, target, model, tok, ctx, dense=dense, spec=spec, source=loaded.source,
+                                     load_s=load_s, log=log, before_training=before_training)
+        except PluginError as e:
+            if resumed_from is None:
+                raise
+            # the method read the checkpoint's state and choked on it: the checkpoint is the suspect
+            cause = e.__cause__ or e
+            first = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else ""
+            raise UsageError(f"resuming from the checkpoint {resumed_from} failed ({type(cause).__name__}: {first}): "
+                             "it is damaged or was written by another version of the method; pass --overwrite to "
+                             "start over") from e
+    except BaseException as e:
+        if handoff is not None:
+            handoff.fail(e)  # before the hand-off: every process stops with this line (a no-op after it)
+        raise
     if out is not None:
 
         def export() -> None:
@@ -400,8 +441,44 @@ def run(spec: RunSpec, log=print) -> RunResult:
         from compress.train.distributed import on_main_process
 
         # trained through the HF Trainer: under `accelerate launch` only rank 0 writes, the others wait
-        on_main_process(export, launched=rec_obj is not None)
+        on_main_process(export, launched=rec_obj is not None or launch is not None)
     return result
+
+
+def _quiet(_msg: str) -> None:
+    """The log of a process that repeats rank 0's work (rank 0 alone reports it)."""
+
+
+def _before_training(launch: Any, mode: str | None, handoff: Any, rec_obj: Any, tok: Any, calib: Any, *,
+                     method: str, dense: Footprint, spec: RunSpec, t_start: float,
+                     load_s: float) -> Callable[..., dict[str, Any]]:
+    """What a launched run does between pruning and training, as :func:`prune_in_memory`'s
+    ``before_training`` hook: rank 0 of a prune-once run stages the pruned model for the others; every
+    process then checks that all train from the same weights and tokens (the record's ``distributed``)."""
+    from compress.pipeline.handoff import GuardedRecovery, agree
+
+    def hook(model: torch.nn.Module, result: Any, achieved: Footprint, prune_s: float) -> dict[str, Any]:
+        entry: dict[str, Any] = {"pruned": True, "loaded": "the dense model", "load_s": round(load_s, 3),
+                                 "prune_s": round(prune_s, 3)}
+        if handoff is not None:
+            t = time.perf_counter()
+            rec = {"method": method, "target": str(spec.target), "seed": spec.seed, "dense": dense.to_dict(),
+                   "achieved": achieved.to_dict()}
+            staged = handoff.publish(model, tok, kind=result.export, record=rec,
+                                     plan={"method": method, "target": rec["target"], "seed": spec.seed,
+                                           "plan": result.plan})
+            entry.update(stage_s=round(time.perf_counter() - t, 3), staged_format=staged["kind"])
+        entry["ready_s"] = round(time.perf_counter() - t_start, 3)
+        try:
+            info = agree(launch, entry, model, calib, mode=str(mode))
+        finally:
+            if handoff is not None:
+                handoff.close()  # every process holds the pruned model now (or all stop)
+        if isinstance(rec_obj, GuardedRecovery):
+            rec_obj.armed = False  # the others hold the pruned model: training may start
+        return info
+
+    return hook
 
 
 def kd_teacher(recovery: Any, model: torch.nn.Module, teacher: str | None, *, dtype: str | None = "auto",
@@ -460,10 +537,14 @@ def quick_quality(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
 
 
 def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok: Any, ctx: PruneContext, *,
-                    dense: Footprint, spec: RunSpec, source: str, load_s: float = 0.0, log=print) -> RunResult:
+                    dense: Footprint, spec: RunSpec, source: str, load_s: float = 0.0, log=print,
+                    before_training: Callable[..., dict[str, Any]] | None = None) -> RunResult:
     """Prune a loaded (or user-given) model with its context, recover if asked, measure, record.
 
-    The part of a run after loading, shared by :func:`run` and :func:`compress.pipeline.api.prune`."""
+    The part of a run after loading, shared by :func:`run` and :func:`compress.pipeline.api.prune`.
+    ``before_training(model, result, achieved, prune_s)``: called once pruning is done, before the
+    recovery training (a launched run's hand-off, :mod:`compress.pipeline.handoff`); what it returns is
+    the record's ``distributed`` entry."""
     from compress.io.loading import source_metadata
     from compress.io.recipe import resolved_recipe
 
@@ -490,6 +571,7 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
     achieved = footprint(model, seq_len=spec.seq_len_flops, arch=arch)
     _goal_check(target, dense, achieved, pruner.name)
     log(f"pruned in {prune_s:.1f}s: {achieved.params:,} parameters ({achieved.params / dense.params:.1%})")
+    distributed = before_training(model, result, achieved, prune_s) if before_training is not None else None
     recovery_info = None
     rec_obj = ctx.recover
     if rec_obj is not None and spec.recover_tokens > 0 and not result.notes.get("recovered_inside"):
@@ -543,6 +625,8 @@ def prune_in_memory(pruner: Pruner, target: Target, model: torch.nn.Module, tok:
         "layerwise": ctx.layerwise,
         "versions": versions(),
     })
+    if distributed is not None:  # launched runs only (OPTIONAL_RUN_RECORD_KEYS)
+        record["distributed"] = distributed
     return RunResult(model=model, tokenizer=tok, plan=result.plan, dense=dense, achieved=achieved,
                      record=jsonable(record), export_kind=result.export)
 
