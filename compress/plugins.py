@@ -358,6 +358,9 @@ class Registry:
                 "distribution": info.distribution,
                 "version": info.version,
                 **cls.capabilities.to_dict(),
+                # the method × family matrix, one row of it: yes / settings / no per registered family
+                "families": {t: cls.capabilities.support(a) for t, a in sorted(self.architectures.items())
+                             if t != "compress"},
             })
         return rows
 

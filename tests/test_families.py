@@ -612,3 +612,19 @@ def test_compress_families_json(capsys):
     for kind in FAMILY_KINDS:  # the matrix says what check() does on the family
         for name, row in out["methods"].items():
             assert _supported(name, kind) == (row[kind] != "no"), (name, kind)
+
+
+def test_compress_methods_json_carries_the_family_matrix(capsys):
+    """`compress methods --json` has each method's row of the method × family matrix, the same as
+    `compress families --json`."""
+    import json
+
+    from compress.cli import main
+
+    assert main(["families", "--json"]) == 0
+    families = json.loads(capsys.readouterr().out)
+    assert main(["methods", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    rows = rows["methods"] if isinstance(rows, dict) else rows
+    ours = {r["name"]: r["families"] for r in rows if r["name"] in families["methods"]}
+    assert ours == families["methods"] and "gemma3_text" in ours["transact"]
