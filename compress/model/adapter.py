@@ -244,16 +244,19 @@ class ArchAdapter:
             hd = self.config.hidden_size // self.config.num_attention_heads
         return int(hd)
 
+    def mlp_width(self, i: int) -> int:
+        """MLP channels of layer ``i`` (of each expert in a Mixture-of-Experts layer)."""
+        return int(_out_features(self.mlp_linears(i)["gate_proj"]))
+
     def geometry(self, i: int) -> LayerGeometry:
         lin = self.attn_linears(i)
-        mlp = self.mlp_linears(i)
         hd = self.head_dim(i)
         return LayerGeometry(
             hidden=int(self.embed_tokens.weight.shape[1]),
             num_heads=int(_out_features(lin["q_proj"]) // hd),
             num_kv_heads=int(_out_features(lin["k_proj"]) // hd),
             head_dim=hd,
-            intermediate=int(_out_features(mlp["gate_proj"])),
+            intermediate=self.mlp_width(i),
         )
 
     def proj_rows(self, i: int, role: Role) -> ProjRows:

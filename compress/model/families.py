@@ -229,16 +229,8 @@ class Qwen3MoeAdapter(ArchAdapter):
         return Experts(module=block.experts, router=block.gate, num_experts=int(block.experts.gate_up_proj.shape[0]),
                        top_k=int(block.gate.top_k))
 
-    def geometry(self, i: int) -> LayerGeometry:
-        lin = self.attn_linears(i)
-        hd = self.head_dim(i)
-        return LayerGeometry(
-            hidden=int(self.embed_tokens.weight.shape[1]),
-            num_heads=int(_out_features(lin["q_proj"]) // hd),
-            num_kv_heads=int(_out_features(lin["k_proj"]) // hd),
-            head_dim=hd,
-            intermediate=self.experts(i).intermediate,  # per expert
-        )
+    def mlp_width(self, i: int) -> int:
+        return self.experts(i).intermediate  # per expert
 
     def _no_linear(self, i: int) -> Unsupported:
         return Unsupported(f"layer {i} of this qwen3_moe model routes tokens to {self.experts(i).num_experts} "
