@@ -98,3 +98,23 @@ def calib():
     if tok is None:
         pytest.skip("needs $COMPRESS_ASSETS")
     return CalibrationSource.from_spec("tinystories", tok, seed=0, max_chars=150_000)
+
+
+def hand_sliced_attention(key: str, w, heads: list[int], kv: list[int], hd: int):
+    """The dense tensor ``w`` of state-dict entry ``key`` cut by hand to query heads ``heads`` and KV heads
+    ``kv`` of ``hd`` channels: rows of q/k/v, columns of o, and rows of q/k norms that span every head
+    (OLMo-2's; a per-head norm, ``hd`` wide, is shared and stays). Any other entry comes back as it is.
+    The reference the families' surgery tests compare a pruned model with."""
+    import torch
+
+    def rows(t, hs):
+        return torch.cat([t[h * hd:(h + 1) * hd] for h in hs])
+
+    spans_heads = w.shape[0] > hd
+    if key.endswith("q_proj.weight") or (key.endswith("q_norm.weight") and spans_heads):
+        return rows(w, heads)
+    if key.endswith(("k_proj.weight", "v_proj.weight")) or (key.endswith("k_norm.weight") and spans_heads):
+        return rows(w, kv)
+    if key.endswith("o_proj.weight"):
+        return rows(w.T, heads).T
+    return w

@@ -18,6 +18,7 @@ from compress.model.surgery import apply_plan
 from compress.plugins import get_registry
 from compress.target import Target
 from compress.testing import FAMILY_KINDS, check_adapter, check_pruner, tiny_config, tiny_model
+from conftest import hand_sliced_attention
 
 _REGISTRY = get_registry()
 METHODS = sorted(_REGISTRY.pruners)
@@ -155,18 +156,7 @@ def test_qwen3_head_removal_keeps_qk_norms_and_matches_a_hand_sliced_model():
     cfg.num_attention_heads, cfg.num_key_value_heads = len(heads), len(kv_keep)
     ref = AutoModelForCausalLM.from_config(cfg).eval()
 
-    def rows(w, hs):
-        return torch.cat([w[h * hd:(h + 1) * hd] for h in hs])
-
-    new = {}
-    for k, v in sd.items():
-        if k.endswith("q_proj.weight"):
-            v = rows(v, heads)
-        elif k.endswith(("k_proj.weight", "v_proj.weight")):
-            v = rows(v, kv_keep)
-        elif k.endswith("o_proj.weight"):
-            v = rows(v.T, heads).T
-        new[k] = v
+    new = {k: hand_sliced_attention(k, v, heads, kv_keep, hd) for k, v in sd.items()}
     ref.load_state_dict(new, strict=False)
     ref.tie_weights()
     with torch.no_grad():
@@ -269,19 +259,10 @@ def _hand_sliced(kind: str, sd: dict, heads: list[int], kv: list[int], hd: int, 
         cfg.intermediate_size = len(mlp)
     ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
 
-    def rows(w, hs):
-        return torch.cat([w[h * hd:(h + 1) * hd] for h in hs])
-
     new = {}
     for k, v in sd.items():
-        spans_heads = v.shape[0] > hd  # OLMo-2's q/k norms span every head; Gemma-3's are one head wide
-        if k.endswith("q_proj.weight") or (k.endswith("q_norm.weight") and spans_heads):
-            v = rows(v, heads)
-        elif k.endswith(("k_proj.weight", "v_proj.weight")) or (k.endswith("k_norm.weight") and spans_heads):
-            v = rows(v, kv)
-        elif k.endswith("o_proj.weight"):
-            v = rows(v.T, heads).T
-        elif mlp is not None and k.endswith(("gate_proj.weight", "up_proj.weight")):
+        v = hand_sliced_attention(k, v, heads, kv, hd)  # OLMo-2's whole-width q/k norms too
+        if mlp is not None and k.endswith(("gate_proj.weight", "up_proj.weight")):
             v = v[mlp]
         elif mlp is not None and k.endswith("down_proj.weight"):
             v = v[:, mlp]

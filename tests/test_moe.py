@@ -37,6 +37,7 @@ from compress.model.surgery import apply_plan
 from compress.plugins import get_registry
 from compress.target import Target
 from compress.testing import check_adapter, check_pruner, tiny_config, tiny_model
+from conftest import hand_sliced_attention
 
 REG = get_registry()
 E, K, W, H, V, L = 4, 2, 32, 64, 512, 3  # experts, top-k, expert width, hidden, vocabulary, layers
@@ -163,18 +164,10 @@ def _hand_sliced(sd: dict, heads: list[int], kv: list[int], keep: list[list[int]
     cfg.moe_intermediate_size = len(keep[0])
     ref = AutoModelForCausalLM.from_config(cfg).eval()
 
-    def rows(t, hs):
-        return torch.cat([t[h * hd:(h + 1) * hd] for h in hs])
-
     new = {}
     for k, v in sd.items():
-        if k.endswith("q_proj.weight"):
-            v = rows(v, heads)
-        elif k.endswith(("k_proj.weight", "v_proj.weight")):
-            v = rows(v, kv)
-        elif k.endswith("o_proj.weight"):
-            v = rows(v.T, heads).T
-        elif k.endswith("experts.gate_up_proj"):
+        v = hand_sliced_attention(k, v, heads, kv, hd)
+        if k.endswith("experts.gate_up_proj"):
             v = torch.stack([torch.cat([v[e, :W][ks], v[e, W:][ks]]) for e, ks in enumerate(keep)])
         elif k.endswith("experts.down_proj"):
             v = torch.stack([v[e][:, ks] for e, ks in enumerate(keep)])
