@@ -300,10 +300,15 @@ def _without_auto_map(config: Any) -> Iterator[None]:
 
 
 def weights_sha256(folder: Path) -> str:
-    """sha256 over the folder's safetensors files in name order (determinism checks, run records)."""
+    """sha256 over the folder's safetensors files in name order (determinism checks, run records).
+
+    Read in 16 MiB chunks: reading a file whole would hold a second copy of the model's weights in
+    memory (it raised a streamed run's peak RSS from 0.66x to 1.09x of the dense weights)."""
     h = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):
-        h.update(f.read_bytes())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 
