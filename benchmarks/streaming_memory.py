@@ -1,4 +1,4 @@
-"""Peak memory of layer-wise TransAct with and without weight streaming (``--stream-weights``).
+"""Peak memory of layer-wise pruning (TransAct, SliceGPT) with and without weight streaming (``--stream-weights``).
 
 Usage: ``python benchmarks/streaming_memory.py [--small] [--resume] [--results DIR]``.
 
@@ -6,17 +6,17 @@ Writes a synthetic Llama-shaped model with random float32 weights to safetensors
 folder (never in the repository): hidden 2048, 24 layers, MLP 5504, vocabulary 32000, untied head —
 1.35 B parameters, 5.4 GB of weights (more than 4 GiB). ``--small`` writes a 4-layer, 256-wide one
 instead, to check that the script works in seconds. Then prunes it with TransAct to 50 % and to 30 % of
-the parameters and with SliceGPT to 50 % (``--small``: 60 % and 50 %, SliceGPT 60 %; calibration 8 × 128 tokens of TinyStories, the stories260K
-tokenizer), each target twice, each in its own subprocess, through ``compress.pipeline.run.run`` (the
-``compress run`` code path: load, prune, save):
+the parameters and with SliceGPT to 50 % (``--small``: 60 % and 50 %, SliceGPT 60 %; calibration 8 × 128
+tokens of TinyStories, the stories260K tokenizer), each cell twice, each in its own subprocess, through
+``compress.pipeline.run.run`` (the ``compress run`` code path: load, prune, save):
 
 * ``in-ram``: layer-wise calibration of the model loaded whole (``layerwise=True``);
 * ``stream``: the same with ``stream_weights=True`` (each decoder layer read when visited).
 
 Records per cell the process's peak RSS over load + prune + save (``compress.probes.track_peak_rss``,
 the kernel's high-water mark) divided by the weight bytes, the wall time, and whether the two plans of a
-target (their sha256) and their saved weights are equal. Writes ``results/streaming_memory.{jsonl,md}`` (``--small``:
-``streaming_memory_small.*``). torch runs on 1 thread. Needs ``$COMPRESS_ASSETS`` (tokenizer, text).
+cell (their sha256) and their saved weights are equal. Writes ``results/streaming_memory.{jsonl,md}``
+(``--small``: ``streaming_memory_small.*``). torch runs on 1 thread. Needs ``$COMPRESS_ASSETS`` (tokenizer, text).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def cell(mode: str, model: str, out: str, method: str, target: str, settings: di
         res = run(spec, log=lambda m: None)
     wall = time.perf_counter() - t0
     rec = res.record
-    return {"mode": mode, "method": method, "target": target, "settings": settings, "peak_rss_bytes": rss.peak_bytes, "rss_increase_bytes": rss.increase_bytes,
-            "rss_method": rss.method,
+    return {"mode": mode, "method": method, "target": target, "settings": settings, "peak_rss_bytes": rss.peak_bytes,
+            "rss_increase_bytes": rss.increase_bytes, "rss_method": rss.method,
             "prune_peak_rss_bytes": rec["peak_rss_bytes"], "wall_s": round(wall, 2),
             "load_s": rec["timing_s"]["load"], "prune_s": rec["timing_s"]["prune"], "plan_hash": rec["plan_hash"],
             "weights_sha256": rec["weights_sha256"], "params_after": rec["achieved"]["params"]}
@@ -194,7 +194,7 @@ def main() -> None:
     with open(args.results / f"{name}.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r, sort_keys=True) + "\n")
-    lines = [f"# Layer-wise TransAct: streamed vs in-RAM weights ({name})", "",
+    lines = [f"# Layer-wise pruning: streamed vs in-RAM weights ({name})", "",
              f"Synthetic Llama (hidden {shape['hidden']}, {shape['layers']} layers, MLP {shape['intermediate']}, "
              f"vocab {shape['vocab']}, untied), random float32 weights, {nbytes / 2**30:.2f} GiB in "
              f"{shape['layers'] + 1} safetensors shards; TransAct (`gqa: groups`) and SliceGPT to each target, calibration "
