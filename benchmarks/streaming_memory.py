@@ -148,10 +148,8 @@ def main() -> None:
     if args.resume and results.is_file():
         for line in results.read_text().splitlines():
             r = json.loads(line)
-            key = (r.get("method", "transact"), r["target"], r["mode"])
-            if r.get("shape") == shape and any(key[:2] == c[:2] for c in cells):
-                r.setdefault("method", "transact")
-                done[key] = r
+            if r.get("shape") == shape and (r.get("method"), r["target"], r.get("settings")) in cells:
+                done[(r["method"], r["target"], r["mode"])] = r
     tmp = Path(tempfile.mkdtemp(prefix="compress-streaming-bench-"))
     try:
         t = time.perf_counter()
@@ -203,10 +201,10 @@ def main() -> None:
              "high-water mark) over load + prune + save; 'prune peak' is the run record's peak at the end of "
              "pruning; 'peak − start' leaves out the interpreter and libraries resident before the run; "
              "'pruned' is the pruned model's float32 bytes ÷ the dense weight bytes (a lower bound of any peak); "
-             "'load' is the 1-minute load average when the cell ended (2 cores: above ~1, other work shared them).",
+             "'load avg' is the 1-minute load average when the cell ended (2 cores: above ~1, other work shared them).",
              "",
              "| method | target | weights | pruned ÷ weights | peak RSS | peak ÷ weight bytes | prune peak ÷ weight bytes "
-             "| peak − start ÷ weight bytes | wall (s) | load (s) | prune (s) | load |",
+             "| peak − start ÷ weight bytes | wall (s) | load (s) | prune (s) | load avg |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['target']} | {r['mode']} | {r['pruned_over_weights']:.2f} | "
