@@ -593,10 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--targets", help="only these targets (comma list, e.g. 80%%,50%%; the dense row stays)")
     b.add_argument("--verify", metavar="RECORDS", help="re-run the selected cells and compare them exactly with "
                    "these committed records (records.jsonl or its folder); exit 1 on a mismatch")
-    b.add_argument("--max-windows", type=lim.count(1, lim.MAX_SETTING_INT), default=None,
-                   help="override eval.max_windows (changes cell ids)")
-    b.add_argument("--max-tokens", type=lim.count(2, lim.MAX_SETTING_INT), default=None,
-                   help="override eval.max_tokens (changes cell ids)")
+    b.add_argument("--max-windows", type=lim.count_or_all(1, lim.MAX_SETTING_INT), default=None,
+                   help="override eval.max_windows; 'all' lifts the suite's limit (changes cell ids)")
+    b.add_argument("--max-tokens", type=lim.count_or_all(2, lim.MAX_SETTING_INT), default=None,
+                   help="override eval.max_tokens; 'all' lifts the suite's limit, e.g. a quick suite on "
+                   "the full test set (changes cell ids)")
     b.add_argument("--limit", type=lim.limit, default=None, help="override eval.limit (changes cell ids)")
     b.add_argument("--list", action="store_true", help="list the cells and their status; run nothing")
     b.add_argument("--no-report", action="store_true", help="do not write <out>/report at the end")

@@ -95,9 +95,25 @@ def test_suite_cells_dense_first_and_stable_ids(tmp_path):
     assert cells[1].model_copy(update={"threads": 7, "label": "x"}).id == ids[1]
     quick = load_suite(SUITES / "smoke.yaml", max_windows=1).cells()
     assert quick[1].eval["max_windows"] == 1 and quick[1].id != ids[1]
+    # 'all' lifts a suite's limit: the quick suite's cells on every window, under their own ids
+    lifted = load_suite(SUITES / "smoke.yaml", max_windows="all").cells()
+    assert lifted[1].eval["max_windows"] is None and lifted[1].id not in ids
+    assert lifted[1].id == load_suite(SUITES / "smoke.yaml", max_windows="all", max_tokens="all").cells()[1].id
     assert [c.method for c in suite.cells(methods=["transact"])] == ["transact"]
     with pytest.raises(UsageError, match="no method 'nosuch'"):
         suite.cells(methods=["nosuch"])
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-tokens", "most", "argument --max-tokens: 'most' is not an integer"),
+    ("--max-tokens", "1", "argument --max-tokens: 1 is outside 2.."),
+    ("--max-windows", "0", "argument --max-windows: 0 is outside 1.."),
+])
+def test_bad_eval_override_is_a_usage_error(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", str(SUITES / "smoke.yaml"), "--out", str(tmp_path / "o"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and not (tmp_path / "o").exists(), err
 
 
 @needs_assets

@@ -446,11 +446,11 @@ def _one_line(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: int | None = None,
+def load_suite(path: str | Path, *, max_windows: int | str | None = None, max_tokens: int | str | None = None,
                limit: int | float | None = None) -> Suite:
     """Read and validate a suite YAML; ``max_windows``/``max_tokens``/``limit`` override its eval
-    protocol (they change the cell ids, so quick and full runs never mix). Every problem is a
-    one-line UsageError."""
+    protocol (they change the cell ids, so quick and full runs never mix; ``"all"`` lifts a window or
+    token limit: every window of the text). Every problem is a one-line UsageError."""
     from compress.io.limits import MAX_RECIPE_BYTES
     from compress.io.safe_io import parse_yaml, read_text
 
@@ -479,10 +479,9 @@ def load_suite(path: str | Path, *, max_windows: int | None = None, max_tokens: 
                              f"use one of {', '.join(PPL_DATASETS)} or a text file")
     if max_windows is not None or max_tokens is not None or limit is not None:
         upd: dict[str, Any] = {}
-        if max_windows is not None:
-            upd["max_windows"] = max_windows
-        if max_tokens is not None:
-            upd["max_tokens"] = max_tokens
+        for key, value in (("max_windows", max_windows), ("max_tokens", max_tokens)):
+            if value is not None:
+                upd[key] = None if value == "all" else value
         if limit is not None:
             upd["limit"] = int(limit) if float(limit) >= 1 and float(limit) == int(limit) else limit
         try:

@@ -124,6 +124,20 @@ def count(low: int, high: int):
     return parse
 
 
+#: What :func:`count_or_all` returns for ``all`` (no limit): distinct from ``None`` (no override).
+ALL = "all"
+
+
+def count_or_all(low: int, high: int):
+    """An argparse type: :func:`count`'s integer, or ``all`` (:data:`ALL`) to lift a limit."""
+    inner = count(low, high)
+
+    def parse(text: str) -> int | str:
+        return ALL if text.strip().lower() == ALL else inner(text)
+
+    return parse
+
+
 def check_limit(value: float | int | None) -> int | float | None:
     """An lm-eval ``limit``: a count >= 1 (an integer) or a fraction in (0, 1); None is no limit.
     Raises ``ValueError`` with the reason otherwise."""
