@@ -19,12 +19,12 @@ from compress.cli import main
 from compress.errors import UsageError
 from compress.evaluate.harness import ZERO_SHOT_TASKS
 from compress.testing import assets_dir
+from conftest import needs_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "benchmarks" / "suites"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-needs_assets = pytest.mark.skipif(assets_dir() is None, reason="COMPRESS_ASSETS not set")
 
 # Fast cells: dense and random run (in their own processes); random at 1M parameters (above the
 # 260K dense model) and the unknown method fail before any process starts.

@@ -13,9 +13,9 @@ from compress.calib.sources import CalibrationSource
 from compress.calib.stats import ChannelStats, record
 from compress.errors import CalibrationError, NumericalError, UsageError
 from compress.testing import assets_dir, tiny_model, tiny_tokenizer
+from conftest import needs_assets
 
 ASSETS = assets_dir()
-needs_assets = pytest.mark.skipif(ASSETS is None, reason="needs $COMPRESS_ASSETS")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

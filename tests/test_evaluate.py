@@ -15,9 +15,9 @@ import torch
 from compress import evaluate as ev
 from compress.errors import UsageError
 from compress.testing import assets_dir, tiny_model, tiny_tokenizer
+from conftest import needs_assets
 
 ASSETS = assets_dir()
-needs_assets = pytest.mark.skipif(ASSETS is None, reason="COMPRESS_ASSETS not set")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,8 +17,7 @@ from compress.train.recovery import (
     recover,
     resolve_lora_targets,
 )
-
-needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
+from conftest import needs_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,15 +28,12 @@ from compress import (
 )
 from compress.testing import (
     CalibrationSource,
-    assets_dir,
     check_pruner,
     tiny_model,
     tiny_tokenizer,
     torch_pruning_coupling,
 )
-
-needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
-
+from conftest import needs_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -37,8 +37,8 @@ from compress.testing import (
     tiny_model,
     tiny_tokenizer,
 )
+from conftest import needs_assets
 
-needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

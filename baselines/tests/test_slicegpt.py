@@ -34,16 +34,13 @@ from compress import (
 )
 from compress.testing import (
     TINY_KINDS,
-    assets_dir,
     check_pruner,
     export_model,
     tiny_config,
     tiny_model,
     tiny_tokenizer,
 )
-
-needs_assets = pytest.mark.skipif(assets_dir() is None, reason="needs $COMPRESS_ASSETS")
-
+from conftest import needs_assets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
