@@ -14,7 +14,7 @@ import torch
 
 from compress import evaluate as ev
 from compress.errors import UsageError
-from compress.testing import assets_dir, tiny_model, tiny_tokenizer
+from compress.testing import FAMILY_KINDS, TINY_KINDS, assets_dir, tiny_model, tiny_tokenizer
 from conftest import needs_assets
 
 ASSETS = assets_dir()
@@ -249,3 +249,29 @@ def test_evaluate_model_combines(model, tok):
     assert out["ppl"]["tinystories"]["64"]["windows"] == 2
     assert out["tasks"]["boolq"]["n"] == 2 and out["tasks"]["boolq"]["metric"] == "acc"
     assert ev.evaluate_model(model, tok) == {}
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS + FAMILY_KINDS)
+def test_chunked_loss_equals_the_models_own_logits(kind, monkeypatch):
+    """Above LOGITS_CHUNK_BYTES the NLL is taken from the last hidden states a few positions at a time
+    (Gemma's 262k vocabulary): the same sum as the model's own logits (Gemma-2's soft-capping included),
+    without the model's forward and without lm_head ever seeing more than one chunk of positions."""
+    from compress.calib import runner
+
+    model = tiny_model(kind).eval()
+    blocks = torch.randint(3, model.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(0))
+    full, n_full = runner.nll_sum(model, blocks, batch_size=2)
+    monkeypatch.setattr(runner, "LOGITS_CHUNK_BYTES", 0)
+    monkeypatch.setattr(runner, "_CHUNK_ELEMENTS", model.config.vocab_size * 2 * 7)  # 7 positions a chunk
+    seen: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    own = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the model's own forward ran"))
+    chunked, n_chunked = runner.nll_sum(model, blocks, batch_size=2)
+    hook.remove()
+    monkeypatch.setattr(model, "forward", own)
+    assert n_chunked == n_full == 4 * 39
+    assert chunked == pytest.approx(full, rel=1e-6)
+    assert max(seen) == 7 and sum(seen) == 39 * 2  # two mini-batches, 39 predicted positions each
+    if kind == "gemma2":
+        assert model.config.final_logit_softcapping  # the soft-capped path was the one compared
