@@ -63,6 +63,12 @@ def shots(full: bool, per_shot: int, gqa: str, arms: tuple[str, ...] = ARMS) -> 
                       label=f"one-shot + {K * per_shot} tok after"),
     }
     old = {r["method"]: r for r in common.read_rows("transact_smollm2_shots")}
+    for r in old.values():  # a kept row must share the protocol of the rows run now
+        windows = {n: r.get(f"ppl{n}_windows") for n in common.PPL_WINDOWS}
+        if not full and any(arm not in arms for arm in ARMS) and windows != common.PPL_WINDOWS:
+            raise SystemExit(f"error: the committed row {r['method']!r} was evaluated on {windows} windows, this run "
+                             f"on {common.PPL_WINDOWS}; set COMPRESS_BENCH_QUICK=1 (or unset it) to match, or run "
+                             "every arm (--arms one-shot,shots,after)")
     rows = []
     for arm in ARMS:
         if arm not in arms and spec[arm]["label"] in old:
@@ -99,7 +105,7 @@ SHOTS_NOTE = (" Training (both arms): full parameters, seq 512, batch 4 (2,048 t
               "(the attention width rounded up to whole units after every shot and carried on from there). "
               "The first run of this experiment (2026-11-22) carried the unrounded width instead — 3/1362 → 2/1188 → "
               "2/1014 → 1/839, PPL@2048 189.9, @128 248.6 — and was replaced by the row above "
-              "(`python benchmarks/transact_smollm2.py --part shots --per-shot 16000 --arms shots`).")
+              "(`COMPRESS_BENCH_QUICK=1 python benchmarks/transact_smollm2.py --part shots --per-shot 16000 --arms shots`).")
 
 
 def cost() -> dict:
