@@ -107,7 +107,8 @@ def main() -> None:
         "calibrated on WikiText-2 → on TinyStories (ratio). WikiText-2 test is held out for both arms; the "
         "TinyStories column is out of domain for the WikiText-2 arm but in domain for the TinyStories arm, "
         "whose calibration blocks are drawn from the same file (the assets hold one TinyStories text) and may "
-        "overlap the evaluated tokens. `same plan`: the two arms kept exactly the same structures. Records: "
+        "overlap the evaluated tokens. `same plan`: the two arms kept exactly the same structures (for "
+        "SliceGPT that is the width d' only: its rotations are computed from the calibration text either way). Records: "
         "`benchmarks/results/choose_smollm2/` (WikiText-2 arm) and `benchmarks/results/calib_domain_smollm2/` "
         "(TinyStories arm, and both arms of `transact-auto` and `slicegpt-head`). Written by "
         "`python benchmarks/calib_domain_table.py`.",
