@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
+from common import RESULTS, bench_records, fmt_ppl  # noqa: E402
 
 SUITE = Path(__file__).resolve().parent / "suites" / "calib_domain_smollm2.yaml"
 CHOOSE = RESULTS / "choose_smollm2"
@@ -29,13 +29,10 @@ COLUMNS = (("wikitext2", "2048"), ("wikitext2", "128"), ("tinystories", "128"))
 
 
 def _records(folder: Path) -> list[dict]:
-    from compress.bench import read_records
-    from compress.bench.runner import RECORDS, latest_by_cell
-
-    path = folder / RECORDS
-    if not path.exists():
+    records = bench_records(folder)
+    if not records:
         raise SystemExit(f"error: no records in {folder}; run its suite first (see {SUITE.name}'s header)")
-    return list(latest_by_cell(read_records(path)).values())
+    return records
 
 
 def _same_cell(a: dict, b: dict) -> str | None:
@@ -52,10 +49,6 @@ def _ppl(r: dict, source: str, n: str) -> float:
         return r["ppl"][source][n]["ppl"]
     except (KeyError, TypeError):
         return math.nan
-
-
-def _fmt(x: float) -> str:
-    return "—" if not math.isfinite(x) else (f"{x:,.1f}" if x < 1e4 else f"{x:.3g}")
 
 
 def rows(choose: list[dict], domain: list[dict], order: list[str]) -> tuple[list[str], list[str]]:
@@ -81,7 +74,7 @@ def rows(choose: list[dict], domain: list[dict], order: list[str]) -> tuple[list
             cells = []
             for source, n in COLUMNS:
                 pa, pb = _ppl(a, source, n), _ppl(b, source, n)
-                cells.append(f"{_fmt(pa)} → {_fmt(pb)} ({pb / pa:.2f}×)")
+                cells.append(f"{fmt_ppl(pa)} → {fmt_ppl(pb)} ({pb / pa:.2f}×)")
             same = "yes" if a["plan_hash"] == b["plan_hash"] else "no"
             out.append(f"| {label} | {target} | {100 * b['ratios']['params']:.1f} % | " + " | ".join(cells)
                        + f" | {same} |")
@@ -96,7 +89,7 @@ def main() -> None:
     choose, domain = _records(CHOOSE), _records(DOMAIN)
     body, problems = rows(choose, domain, order)
     dense = next((r for r in domain if r["method"] == "dense" and r["status"] == "ok"), None)
-    dense_line = ("Dense: " + ", ".join(f"{s} @{n} {_fmt(_ppl(dense, s, n))}" for s, n in COLUMNS) + ".") if dense else ""
+    dense_line = ("Dense: " + ", ".join(f"{s} @{n} {fmt_ppl(_ppl(dense, s, n))}" for s, n in COLUMNS) + ".") if dense else ""
     lines = [
         "# Calibration text: WikiText-2 validation vs TinyStories (SmolLM2-135M, no recovery)",
         "",

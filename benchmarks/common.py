@@ -13,6 +13,7 @@ Every method is measured the same way so rows can be compared:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -123,6 +124,20 @@ def read_rows(name: str) -> list[dict[str, Any]]:
     """The rows already in ``results/<name>.jsonl`` (none when it does not exist): a script resumes from them."""
     path = RESULTS / f"{name}.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def bench_records(folder: Path) -> list[dict[str, Any]]:
+    """The latest record of every cell in ``folder/records.jsonl`` of ``compress bench`` (none if absent)."""
+    from compress.bench import read_records
+    from compress.bench.runner import RECORDS, latest_by_cell
+
+    path = folder / RECORDS
+    return list(latest_by_cell(read_records(path)).values()) if path.exists() else []
+
+
+def fmt_ppl(x: float) -> str:
+    """A perplexity for a table: one decimal with thousands separators, 3 significant digits from 10^4."""
+    return "—" if not math.isfinite(x) else (f"{x:,.1f}" if x < 1e4 else f"{x:.3g}")
 
 
 def lorap_sizing(row: dict[str, Any]) -> None:

@@ -11,14 +11,13 @@ Usage: ``python benchmarks/parity_table.py`` (runs nothing; ``compress bench`` d
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
+from common import RESULTS, bench_records, fmt_ppl  # noqa: E402
 
 SUITE = Path(__file__).resolve().parent / "suites" / "parity_smollm2.yaml"
 QUICK = RESULTS / "parity_smollm2"
@@ -41,26 +40,12 @@ def _slicegpt_note(label: str) -> str:
     return f"`--sparsity {sp}`, 64 × 512, random final orientation; lm_head {head}; embeddings {centre}"
 
 
-def _fmt(x: float) -> str:
-    if not math.isfinite(x):
-        return "—"
-    return f"{x:,.1f}" if x < 1e4 else f"{x:.3g}"
-
-
 def _spread(vals: list[float]) -> str:
     if not vals:
         return "—"
     if len(vals) == 1:
-        return _fmt(vals[0])
-    return f"{_fmt(statistics.fmean(vals))} ({_fmt(min(vals))}–{_fmt(max(vals))})"
-
-
-def _records(folder: Path) -> list[dict]:
-    from compress.bench import read_records
-    from compress.bench.runner import RECORDS, latest_by_cell
-
-    path = folder / RECORDS
-    return list(latest_by_cell(read_records(path)).values()) if path.exists() else []
+        return fmt_ppl(vals[0])
+    return f"{fmt_ppl(statistics.fmean(vals))} ({fmt_ppl(min(vals))}–{fmt_ppl(max(vals))})"
 
 
 def _group(records: list[dict]) -> dict[str, list[dict]]:
@@ -135,7 +120,7 @@ def main() -> None:
 
     suite = load_suite(SUITE)
     order = [m.display for m in suite.methods if m.name != "dense"]
-    quick, full = _records(QUICK), _records(FULL)
+    quick, full = bench_records(QUICK), bench_records(FULL)
     if not quick:
         raise SystemExit(f"error: no records in {QUICK}; run the suite first (see {SUITE.name}'s header)")
     OUT.write_text(table(quick, full, order))

@@ -451,7 +451,7 @@ def load_suite(path: str | Path, *, max_windows: int | str | None = None, max_to
     """Read and validate a suite YAML; ``max_windows``/``max_tokens``/``limit`` override its eval
     protocol (they change the cell ids, so quick and full runs never mix; ``"all"`` lifts a window or
     token limit: every window of the text). Every problem is a one-line UsageError."""
-    from compress.io.limits import MAX_RECIPE_BYTES
+    from compress.io.limits import ALL, MAX_RECIPE_BYTES
     from compress.io.safe_io import parse_yaml, read_text
 
     p = Path(path)
@@ -481,7 +481,7 @@ def load_suite(path: str | Path, *, max_windows: int | str | None = None, max_to
         upd: dict[str, Any] = {}
         for key, value in (("max_windows", max_windows), ("max_tokens", max_tokens)):
             if value is not None:
-                upd[key] = None if value == "all" else value
+                upd[key] = None if value == ALL else value
         if limit is not None:
             upd["limit"] = int(limit) if float(limit) >= 1 and float(limit) == int(limit) else limit
         try:
