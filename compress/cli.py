@@ -7,6 +7,7 @@ hint; ``-v`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,6 +47,18 @@ def _console():
     return Console(stderr=True)
 
 
+def _stdout_console():
+    """A rich console on stdout whose reader going away (``compress methods | head``) ends the command
+    the way :func:`main` ends every other one (quietly, exit 141), not with rich's own exit 1."""
+    from rich.console import Console
+
+    class _Stdout(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _Stdout()
+
+
 def _fmt_num(x: float) -> str:
     for suf, m in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= m:
@@ -55,7 +68,6 @@ def _fmt_num(x: float) -> str:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from compress.io.recipe import Recipe, load_recipe
     from compress.pipeline.run import RunSpec, dry_run, run
@@ -82,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    log = (lambda m: None) if args.json else _phase_logger(Console())
+    log = (lambda m: None) if args.json else _phase_logger(_stdout_console())
     rec = dry_run(spec, log=log) if spec.dry_run else run(spec, log=log).record
     from compress.pipeline.handoff import launch_from_env
 
@@ -110,10 +122,9 @@ def _phase_logger(con):
 
 
 def _print_summary(rec: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = _stdout_console()
     title = f"{rec['method']} → {rec['target']}" + ("  (dry run: no weights loaded)" if rec.get("dry_run") else "")
     t = Table(title=title)
     t.add_column("")
@@ -154,7 +165,7 @@ def _print_summary(rec: dict[str, Any]) -> None:
         con.print(f"time: load {rec['timing_s']['load']:.1f}s, prune {rec['timing_s']['prune']:.1f}s; "
                   f"peak RSS {rec['peak_rss_bytes'] / 2**20:.0f} MiB")
     if q and q["ratio"] > q["warn_ratio"] and not rec.get("recovery_result"):
-        Console(stderr=True).print(
+        _console().print(
             f"[bold yellow]warning:[/] perplexity rose {q['ratio']:.1f}× ({q['dense']['ppl']:.1f} → "
             f"{q['pruned']['ppl']:.1f}), more than {q['warn_ratio']:g}×: the model needs recovery training before "
             "use; add --recover-tokens N to this command, or run `compress recover OUT --tokens N --out DIR`")
@@ -196,11 +207,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.json:
         print(_dumps_json(rows, indent=1))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     # one block per method, wrapped to the terminal: readable at 80 columns
-    con = Console()
+    con = _stdout_console()
     for r in rows:
         needs = [n for n, on in (("calibration", r["needs_calibration"]), ("gradients", r["needs_gradients"])) if on]
         con.print(f"[bold]{r['name']}[/]" + (f"  (aliases: {', '.join(r['aliases'])})" if r["aliases"] else "")
@@ -225,7 +235,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(_dumps_json({"plugins": rows, "architectures": architectures}, indent=1))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="plugins (entry-point group 'compress')")
@@ -233,7 +242,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         t.add_column(col)
     for r in rows:
         t.add_row(r["name"], f"{r['distribution']} {r['version']}", r["status"], ", ".join(r["methods"]), r["error"] or "")
-    con = Console()
+    con = _stdout_console()
     con.print(t)
     con.print(f"architectures: {', '.join(architectures)}")
     return 0
@@ -300,9 +309,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(_dumps_json(out, indent=1))
         return 0
-    from rich.console import Console
 
-    con = Console()
+    con = _stdout_console()
     g = fp.layers[0]
     con.print(f"[bold]{source}[/]: {out['architecture']} ({cfg.model_type}), {arch.num_layers} layers, hidden "
               f"{g['hidden']}, heads {g['num_heads']} / KV {g['num_kv_heads']} × {g['head_dim']}, MLP "
@@ -652,7 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot import compress: {e}", file=sys.stderr)
         return 1
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a reader that went away is seen here, not at interpreter exit
+        return rc
     except CompressError as e:
         if getattr(args, "verbose", False):
             import traceback
@@ -666,6 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr, flush=True)
         _after_error_reported()
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`compress methods | head`): stop quietly, like a Unix tool
+        # killed by SIGPIPE; stdout goes to /dev/null so that the interpreter's final flush is silent
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except Exception as e:  # noqa: BLE001
         if getattr(args, "verbose", False):
             import traceback

@@ -245,6 +245,21 @@ def test_methods_and_plugins_are_answered_from_the_catalog_without_torch(tmp_pat
     assert {r["name"] for r in json.loads(only.stdout)} == {"magnitude", "random"}
 
 
+@pytest.mark.parametrize("argv", [["methods"], ["methods", "--json"], ["plugins"]])
+def test_a_reader_that_went_away_ends_the_command_quietly(argv):
+    """``compress methods | head -1``: stdout's reader is gone before the output is written; the command
+    stops like a Unix tool killed by SIGPIPE (exit 141, nothing on stderr), both when rich prints the table
+    and when print() writes JSON, instead of ``error: BrokenPipeError`` (exit 1)."""
+    read, write = os.pipe()
+    os.close(read)  # deterministic: every write to stdout fails with EPIPE
+    try:
+        r = subprocess.run([str(COMPRESS_BIN), *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(write)
+    assert (r.returncode, r.stderr) == (141, ""), (r.returncode, r.stderr)
+
+
 def test_verbose_is_accepted_after_the_subcommand(capsys):
     rc, _, err = _run_cli(capsys, "run", "--method", "magnitude", "--target", "sixty", "--dry-run", "-v")
     assert rc == 2 and "cannot parse target 'sixty'" in err

@@ -236,9 +236,9 @@ BAD_INPUT = [
     ("recover-out-exists-not-compress", ["recover", "{compress}", "--tokens", "64", "--out", "{work}/exists",
                                          "--overwrite"], "was not written by compress"),
     ("recover-record-not-an-object", ["recover", "{record_list}", "--tokens", "64", "--out", "{work}/out"],
-     "compress_run.json holds a JSON list, not the object compress writes"),
+     "compress_run.json holds a JSON list, not an object"),
     ("recover-record-not-text", ["recover", "{record_binary}", "--tokens", "64", "--out", "{work}/out"],
-     "compress_run.json is not text (not UTF-8)"),
+     "compress_run.json is not UTF-8 text"),
     ("export-out-inside-the-model", ["export", "{compress}", "--gguf", "f16", "--out", "{compress}/m.gguf"],
      "is inside the model folder"),
     ("export-overwrite-not-a-gguf", ["export", "{compress}", "--gguf", "f16", "--out", "{work}/notes.gguf",
@@ -538,7 +538,7 @@ def test_recover_with_a_damaged_record_fails_before_any_work(tmp_path, capsys, b
 
     monkeypatch.setattr(compress.io.loading, "load_model", never)
     monkeypatch.setattr(compress.pipeline.recover, "recover", never)
-    for folder, message in ((bad["record_list"], "holds a JSON list"), (bad["record_binary"], "is not text")):
+    for folder, message in ((bad["record_list"], "holds a JSON list"), (bad["record_binary"], "is not UTF-8 text")):
         rc, _, err = _cli(capsys, ["recover", str(folder), "--tokens", "100000000", "--out", str(tmp_path / "out")])
         assert rc == 2 and err.count("\n") == 1, err
         assert f"{folder / 'compress_run.json'} {message}" in err and "delete it" in err, err

@@ -60,6 +60,9 @@ MAX_SEED = 2**32 - 1
 # ------------------------------------------------------------------ files
 #: A model's ``config.json`` (real ones are a few KiB; id2label maps of classifiers reach hundreds).
 MAX_CONFIG_BYTES = 16 << 20
+#: A saved folder's ``compress_plan.json`` / ``compress_run.json``: they list every kept index, one per
+#: line (a 405B-class plan is ~70 MB), so the cap is well above that.
+MAX_RECORD_BYTES = 512 << 20
 #: A recipe (YAML/JSON): a few dozen keys in practice.
 MAX_RECIPE_BYTES = 1 << 20
 #: Nesting depth of a recipe, a config.json or a JSON calibration record (real ones: under 6).

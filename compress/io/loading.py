@@ -126,16 +126,9 @@ def _read_json_config(path: Path) -> dict[str, Any]:
     """A config .json, bounded (compress.io.safe_io): a regular file of at most
     :data:`~compress.io.limits.MAX_CONFIG_BYTES`, standard JSON without duplicate keys or deep nesting."""
     from compress.io.limits import MAX_CONFIG_BYTES
-    from compress.io.safe_io import parse_json, read_text
+    from compress.io.safe_io import read_json_object
 
-    text = read_text(path, MAX_CONFIG_BYTES, "model config")
-    try:
-        data = parse_json(text, str(path))
-    except UsageError as e:
-        raise UsageError(f"{e}; re-save the model") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object; re-save the model")
-    return data
+    return read_json_object(path, MAX_CONFIG_BYTES, "model config", "re-save the model")
 
 
 def compress_format(folder: str | os.PathLike) -> bool:

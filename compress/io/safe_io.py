@@ -142,6 +142,20 @@ def parse_json(text: str, where: str, error: ErrorType = UsageError, *, max_dept
     return data
 
 
+def read_json_object(path: str | os.PathLike, cap: int, what: str, fix: str, error: ErrorType = UsageError) -> dict[str, Any]:
+    """The JSON object in the regular file ``path`` (at most ``cap`` bytes, parsed by :func:`parse_json`).
+
+    Every problem (unreadable, too large, not UTF-8, not JSON, not an object) is one line ``error``
+    naming ``what`` and ending with ``fix`` (what the user should do about it)."""
+    def fail(msg: str) -> Exception:
+        return error(f"{msg}; {fix}")
+
+    data = parse_json(read_text(path, cap, what, fail), f"{what} {path}", fail)
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
 def _strict_loader(max_depth: int) -> type:
     import yaml
 

@@ -40,31 +40,17 @@ def _previous_run(folder: str) -> tuple[dict[str, Any] | None, dict[str, Any] | 
 
     Read before any work: a file that is there but is not a JSON object is a one-line UsageError now,
     not a crash once training is done (the new record is built from the old one)."""
-    import json
     from pathlib import Path
 
-    from compress.errors import UsageError
+    from compress.io.limits import MAX_RECORD_BYTES
     from compress.io.outpath import PLAN_FILE, RECORD_FILE
+    from compress.io.safe_io import read_json_object
 
+    fix = "restore it from the folder compress wrote, or delete it to recover without it"
     out: list[dict[str, Any] | None] = []
     for name in (PLAN_FILE, RECORD_FILE):
         p = Path(folder).expanduser() / name
-        if not p.is_file():
-            out.append(None)
-            continue
-        fix = "restore it from the folder compress wrote, or delete it to recover without it"
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise UsageError(f"cannot read {p} ({e.strerror or e}); check its permissions") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{p} is not text (not UTF-8): the file is damaged; {fix}") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): the file is damaged; {fix}") from None
-        if not isinstance(doc, dict):
-            raise UsageError(f"{p} holds a JSON {type(doc).__name__}, not the object compress writes: the file is "
-                             f"damaged; {fix}")
-        out.append(doc)
+        out.append(read_json_object(p, MAX_RECORD_BYTES, "saved record", fix) if p.is_file() else None)
     return out[0], out[1]
 
 
