@@ -1,0 +1,236 @@
+"""Which method keeps the most quality under a constraint (issue #20): the tables behind the README's
+reading, written from the committed records so that every claim there can be traced to a cell.
+
+Reads
+  * ``results/choose_smollm2/`` — every method on every axis (params 80/60/50 %, ``flops:70/50%``,
+    ``kv:67/34%``), quick protocol: PPL on the first 16,384 WikiText-2 test tokens, decode speed;
+  * ``results/choose_smollm2_headline/{a,b,c}/`` — the 80 % and 50 % cells on the full protocol: the full
+    WikiText-2 test set, TinyStories validation, the seven tasks × 200 examples with standard errors;
+  * ``results/choose_smollm2_recovery/`` where it has been run — the 50 % cells after 16k and 128k
+    tokens of the same training;
+
+and writes ``results/choose_smollm2_best.md``. Ties: two accuracies are a tie when they differ by less
+than 2 standard errors of the difference (2·sqrt(se₁² + se₂²)), as in ``compress report``; two decode
+speed-ups are a tie when their inter-quartile ranges over the interleaved rounds overlap.
+
+Usage: ``python benchmarks/choose_table.py`` (runs nothing; ``compress bench`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, fmt_ppl  # noqa: E402
+
+from compress.bench.report import flat_row, load_runs  # noqa: E402
+
+QUICK = RESULTS / "choose_smollm2"
+HEADLINE = [RESULTS / "choose_smollm2_headline" / p for p in ("a", "b", "c")]
+RECOVERY = RESULTS / "choose_smollm2_recovery"
+OUT = RESULTS / "choose_smollm2_best.md"
+
+#: The floors are not candidates for "best"; they stay in the tables as the reference for "how bad".
+FLOORS = ("random", "magnitude")
+#: Constraint rows of the quick suite, in reading order: (title, target string in the suite).
+CONSTRAINTS = [("params 80 %", "80%"), ("params 60 %", "60%"), ("params 50 %", "50%"),
+               ("FLOPs 70 %", "flops:70%"), ("FLOPs 50 %", "flops:50%"),
+               ("KV cache 67 %", "kv:67%"), ("KV cache 34 %", "kv:34%")]
+#: Half-width of an "equal measured speed" window around a reference speed-up: the rounds' spread on
+#: this machine (README: differences under ~0.1x are within it).
+SPEED_WINDOW = 0.1
+
+
+def _records(paths: list[Path]) -> list[dict[str, Any]]:
+    there = [p for p in paths if (p / "records.jsonl").is_file()]
+    return load_runs(there) if there else []
+
+
+def _label(r: dict[str, Any]) -> str:
+    return r.get("label") or r.get("method") or "?"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _ppl(row: dict[str, Any], key: str) -> float:
+    v = row.get(key)
+    return float(v) if isinstance(v, (int, float)) else math.inf
+
+
+def _speed(row: dict[str, Any]) -> str:
+    v = row.get("decode_speedup")
+    return "—" if v is None else f"{v:.2f}×"
+
+
+def _iqr(r: dict[str, Any]) -> tuple[float, float] | None:
+    sp = ((r.get("latency") or {}).get("speedup") or {}).get("decode") or {}
+    return tuple(sp["iqr"]) if sp.get("iqr") else None  # type: ignore[return-value]
+
+
+def _acc(row: dict[str, Any]) -> str:
+    a, se = row.get("accuracy_avg"), row.get("accuracy_avg_stderr")
+    return "—" if a is None else f"{a:.3f} ± {se:.3f}" if se is not None else f"{a:.3f}"
+
+
+def acc_ties(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The row with the best average accuracy and every row within 2 standard errors of the difference."""
+    have = [r for r in rows if r.get("accuracy_avg") is not None and r.get("accuracy_avg_stderr") is not None]
+    if not have:
+        return None, []
+    best = max(have, key=lambda r: r["accuracy_avg"])
+    ties = [r for r in have if r is not best and best["accuracy_avg"] - r["accuracy_avg"]
+            < 2 * math.hypot(best["accuracy_avg_stderr"], r["accuracy_avg_stderr"])]
+    return best, ties
+
+
+def headline(records: list[dict[str, Any]]) -> list[str]:
+    ok = [r for r in records if r.get("status") == "ok"]
+    dense = next((r for r in ok if r.get("method") == "dense"), None)
+    key = "ppl.wikitext2.2048"
+    lines = ["## At equal parameters, full protocol (`choose_smollm2_headline.yaml`)", "",
+             "WikiText-2 test PPL on the **full** test set (148 windows of 2048), TinyStories validation PPL "
+             "(1,513 windows of 128: neither the calibration nor the test text), the seven zero-shot tasks on "
+             "their first 200 examples each (average ± standard error), decode speed at batch 1 against the dense "
+             "model in the same process (median of the per-round speed-ups). No recovery training.", ""]
+    if dense is not None:
+        d = flat_row(dense)
+        lines += [f"Dense: PPL {fmt_ppl(d[key])}, TinyStories {fmt_ppl(d['ppl.tinystories.128'])}, "
+                  f"accuracy {_acc(d)}, decode {d['decode_tokens_per_s']:.1f} tok/s.", ""]
+    for target in ("80%", "50%"):
+        cells = [r for r in records if r.get("target") == target]
+        done = sorted((flat_row(r) for r in cells if r.get("status") == "ok"), key=lambda row: _ppl(row, key))
+        lines += [f"### {target.replace('%', ' %')} of the parameters", ""]
+        if not done:
+            lines += ["Not run yet.", ""]
+            continue
+        best, ties = acc_ties([row for row in done if row["method"] not in FLOORS])
+        tie_ids = {id(t) for t in ties}
+        lines += ["| method | params | FLOPs | KV | PPL@2048 full ↓ | TinyStories@128 ↓ | accuracy avg ↑ | decode × dense |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in done:
+            acc = _acc(row)
+            if row is best or id(row) in tie_ids:
+                acc = f"**{acc}**"
+            lines.append(f"| {row['label'] or row['method']} | {_pct(row['params_ratio'])} | {_pct(row['flops_ratio'])} | "
+                         f"{_pct(row['kv_ratio'])} | {fmt_ppl(_ppl(row, key))} | "
+                         f"{fmt_ppl(_ppl(row, 'ppl.tinystories.128'))} | {acc} | {_speed(row)} |")
+        for r in cells:
+            if r.get("status") == "refused":
+                lines.append(f"| {_label(r)} | refused: {(r.get('error') or '').splitlines()[0][:120]} |||||||")
+        cand = [row for row in done if row["method"] not in FLOORS]
+        if cand:
+            top = cand[0]
+            lines += ["", f"Lowest PPL: **{top['label'] or top['method']}** ({fmt_ppl(_ppl(top, key))})."]
+            if best is not None:
+                names = ", ".join(f"{t['label'] or t['method']} {t['accuracy_avg']:.3f}" for t in ties) or "none"
+                lines.append(f"Best accuracy: **{best['label'] or best['method']}** ({best['accuracy_avg']:.3f}); "
+                             f"within 2 standard errors of it (ties): {names}.")
+        missing = sorted({_label(r) for r in records if r.get("method") != "dense"} - {_label(r) for r in cells})
+        if missing:
+            lines.append(f"Not run yet at {target}: {', '.join(missing)}.")
+        lines.append("")
+    return lines
+
+
+def by_constraint(records: list[dict[str, Any]]) -> list[str]:
+    key = "ppl.wikitext2.2048"
+    lines = ["## Every axis, quick protocol (`choose_smollm2.yaml`)", "",
+             "PPL@2048 on the first 16,384 WikiText-2 test tokens; the methods that can express the constraint, "
+             "best first (the floors random / magnitude left out; refused: the method cannot reach or express it).",
+             "", "| constraint | best | next | others | refused |", "|---|---|---|---|---|"]
+    for title, target in CONSTRAINTS:
+        cells = [r for r in records if r.get("target") == target and r.get("method") not in FLOORS]
+        done = sorted((flat_row(r) for r in cells if r.get("status") == "ok"), key=lambda row: _ppl(row, key))
+
+        def cell(row: dict[str, Any]) -> str:
+            return (f"{row['label'] or row['method']} {fmt_ppl(_ppl(row, key))} (params {_pct(row['params_ratio'])}, "
+                    f"FLOPs {_pct(row['flops_ratio'])}, KV {_pct(row['kv_ratio'])}, decode {_speed(row)})")
+
+        refused = ", ".join(_label(r) for r in cells if r.get("status") == "refused") or "—"
+        best = f"**{cell(done[0])}**" if done else "—"
+        nxt = cell(done[1]) if len(done) > 1 else "—"
+        others = ", ".join(f"{row['label'] or row['method']} {fmt_ppl(_ppl(row, key))}" for row in done[2:]) or "—"
+        lines.append(f"| {title} | {best} | {nxt} | {others} | {refused} |")
+    return [*lines, ""]
+
+
+def by_speed(records: list[dict[str, Any]]) -> list[str]:
+    """Each method's best cell (lowest PPL) whose measured decode speed-up is within ±SPEED_WINDOW of a
+    reference: TransAct's own cells at 80 % and 50 % of the parameters."""
+    key = "ppl.wikitext2.2048"
+    ok = [r for r in records if r.get("status") == "ok" and r.get("method") not in ("dense", *FLOORS)]
+    refs = [r for r in ok if r.get("method") == "transact" and r.get("target") in ("80%", "50%")]
+    lines = ["## At equal measured decode speed, quick protocol (`choose_smollm2.yaml`)", "",
+             f"Decode at batch 1, one thread, interleaved with the dense model in each cell's process. For a "
+             f"reference speed-up (TransAct's 80 % and 50 % cells), each method's lowest-PPL cell whose median "
+             f"speed-up is within ±{SPEED_WINDOW:g}× of it, over all its targets (params, FLOPs, KV). "
+             "*IQR overlaps*: the inter-quartile ranges of the two speed-ups overlap (the speeds tie).", ""]
+    for ref in sorted(refs, key=lambda r: -(r["ratios"]["params"])):
+        sp = flat_row(ref)["decode_speedup"]
+        if sp is None:
+            continue
+        rows = []
+        for method in dict.fromkeys(_label(r) for r in ok):
+            mine = [flat_row(r) for r in ok if _label(r) == method]
+            near = [row for row in mine if row["decode_speedup"] is not None and abs(row["decode_speedup"] - sp) <= SPEED_WINDOW]
+            if near:
+                rows.append(min(near, key=lambda row: _ppl(row, key)))
+        rows.sort(key=lambda row: _ppl(row, key))
+        ref_iqr = _iqr(ref)
+        lines += [f"### Decode {sp:.2f}× dense (TransAct {ref['target'].replace('%', ' %')})", "",
+                  "| method | its cell | PPL@2048 (16k) ↓ | decode × dense (IQR) | params | KV |",
+                  "|---|---|---:|---:|---:|---:|"]
+        by_id = {r["cell_id"]: r for r in ok}
+        for row in rows:
+            iqr = _iqr(by_id[row["cell_id"]])
+            overlap = ref_iqr is not None and iqr is not None and iqr[0] <= ref_iqr[1] and ref_iqr[0] <= iqr[1]
+            spread = f" ({iqr[0]:.2f}–{iqr[1]:.2f})" if iqr else ""
+            mark = " (the reference)" if row["cell_id"] == ref["cell_id"] else " *IQR overlaps*" if overlap else ""
+            lines.append(f"| {row['label'] or row['method']} | {row['target']} | {fmt_ppl(_ppl(row, key))} | "
+                         f"{row['decode_speedup']:.2f}×{spread}{mark} | "
+                         f"{_pct(row['params_ratio'])} | {_pct(row['kv_ratio'])} |")
+        lines.append("")
+    return lines
+
+
+def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[str]:
+    lines = ["## After recovery training, 50 % of the parameters (`choose_smollm2_recovery.yaml`)", ""]
+    if not records:
+        return [*lines, "Not run yet.", ""]
+    key = "ppl.wikitext2.2048"
+    base = {(_label(r), r.get("target")): flat_row(r) for r in before if r.get("status") == "ok"}
+    budgets = sorted({(r.get("recovery") or {}).get("tokens", 0) for r in records})
+    lines += ["PPL@2048 on the first 16,384 WikiText-2 test tokens, before → after full training on WikiText-2 "
+              "validation (the same tokens, recipe and optimizer for every method).", "",
+              "| method | before | " + " | ".join(f"{b:,} tokens" for b in budgets) + " |",
+              "|---|---:|" + "---:|" * len(budgets)]
+    for method in dict.fromkeys(_label(r) for r in records):
+        after = {(r.get("recovery") or {}).get("tokens", 0): r for r in records if _label(r) == method}
+        b = base.get((method, "50%"))
+        cells = []
+        for t in budgets:
+            r = after.get(t)
+            cells.append("—" if r is None else r["status"] if r.get("status") != "ok" else fmt_ppl(_ppl(flat_row(r), key)))
+        lines.append(f"| {method} | {fmt_ppl(_ppl(b, key)) if b else '—'} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def main() -> None:
+    quick, head, rec = _records([QUICK]), _records(HEADLINE), _records([RECOVERY])
+    text = ["# Best method per constraint: SmolLM2-135M, CPU (issue #20)", "",
+            "Written by `python benchmarks/choose_table.py` from the committed records (every number is a "
+            "cell of the named suite, by `cell_id` in its `records.jsonl`). Accuracy ties: within 2 standard "
+            "errors of the difference of the best (bold). The floors (random, magnitude) are never 'best'.", "",
+            *headline(head), *by_constraint(quick), *by_speed(quick), *recovery(rec, quick)]
+    OUT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
