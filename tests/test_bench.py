@@ -410,9 +410,13 @@ def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
     assert "| m | lorap | kv:33% | none | lorap keeps every head |" in md
     doc = json.loads(files["json"].read_text())
     assert [r["cell_id"] for r in doc["refused"]] == ["refused"] and doc["failed"] == []
-    # the same method has the same colour and marker in every report; an unknown one a stable pick
-    assert _style(recs[1]) == METHOD_STYLE["transact"] and _style({"method": "x", "label": "x"}) == _style(
+    # the same method has the same colour and marker in every report; an unknown one a stable pick; a
+    # variant of a method its colour, dashed, with a marker that is not the method's
+    assert _style(recs[1]) == (*METHOD_STYLE["transact"], "-") and _style({"method": "x", "label": "x"}) == _style(
         {"method": "x", "label": "x"})
+    variant = _style({"method": "transact", "label": "transact-auto"})
+    assert variant[0] == METHOD_STYLE["transact"][0] and variant[1] != METHOD_STYLE["transact"][1]
+    assert variant[2] == "--"
 
 
 def test_unsupported_is_refused_a_bad_target_failed():

@@ -483,22 +483,26 @@ METHOD_STYLE: dict[str, tuple[str, str]] = {
     "random": ("#bcbd22", "X"),
 }
 _SPARE_COLOURS = ("#17becf", "#e377c2", "#ff7f0e", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
-_SPARE_MARKERS = "ph<>d*H8"
+#: Markers for labels without a style of their own: none of the fixed methods' markers, and none that
+#: reads as a circle at plot size, so a variant of TransAct ("o") never looks like TransAct itself.
+_SPARE_MARKERS = "<>pd"
 
 
-def _style(r: dict[str, Any]) -> tuple[str, str]:
-    """Colour and marker of a record's line: its label's, else its method's colour with a marker of its
-    own (two TransAct entries share the red, not the marker), else a stable pick from the name."""
+def _style(r: dict[str, Any]) -> tuple[str, str, str]:
+    """Colour, marker and line style of a record's line: its label's own (solid); else, for a variant of
+    a known method (``transact-auto``), the method's colour with another marker and a dashed line;
+    else a stable pick from the name."""
     import zlib
 
     label, method = r.get("label") or r.get("method"), r.get("method")
     if label in METHOD_STYLE:
-        return METHOD_STYLE[label]
+        return (*METHOD_STYLE[label], "-")
     h = zlib.crc32(str(label).encode())
-    marker = _SPARE_MARKERS[h % len(_SPARE_MARKERS)]
     if method in METHOD_STYLE:
-        return METHOD_STYLE[method][0], marker
-    return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], marker
+        colour, own = METHOD_STYLE[method]
+        spare = [m for m in _SPARE_MARKERS if m != own]
+        return colour, spare[h % len(spare)], "--"
+    return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], _SPARE_MARKERS[h % len(_SPARE_MARKERS)], "-"
 
 
 @dataclass(frozen=True)
@@ -583,14 +587,14 @@ def _draw_ppl(ax: Any, rows: list[dict[str, Any]], axis: _Axis, ppl: tuple[str, 
     labels = list(dict.fromkeys(r.get("label") or r.get("method") for r in rows if r.get("method") != DENSE))
     for lab in labels:
         mine = [r for r in rows if (r.get("label") or r.get("method")) == lab]
-        colour, marker = _style(mine[0])
+        colour, marker, line = _style(mine[0])
         before = points([r for r in mine if not _recovered(r)])
         after = points([r for r in mine if _recovered(r)])
         if before:
             ax.scatter([p[0] for p in before], [p[1] for p in before], color=colour, marker=marker, s=42,
                        zorder=3, label=lab)
             front = pareto_front([(x, y) for x, y, _ in before], axis.smaller_is_better)
-            ax.plot([p[0] for p in front], [p[1] for p in front], color=colour, lw=1.3, zorder=2)
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=colour, lw=1.3, ls=line, zorder=2)
         if after:
             ax.scatter([p[0] for p in after], [p[1] for p in after], facecolors="white", edgecolors=colour,
                        marker=marker, s=42, linewidths=1.4, zorder=3, label=f"{lab} (recovered)")
@@ -624,12 +628,14 @@ def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
             pts = [r for r in mine if bool(_recovered(r)) == rec]
             if not pts:
                 continue
-            colour, marker = _style(pts[0])
+            colour, marker, line = _style(pts[0])
             xs = [100 * r["ratios"]["flops"] for r in pts]
             ys = [r["accuracy_avg"] for r in pts]
             err = [2 * (average_stderr(r) or 0.0) for r in pts]
-            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=colour, ms=6 if lab != DENSE else 11, capsize=3,
-                        mfc="white" if rec else colour, lw=1, zorder=3, label=f"{lab} (recovered)" if rec else lab)
+            bars = ax.errorbar(xs, ys, yerr=err, fmt=marker, color=colour, ms=6 if lab != DENSE else 11, capsize=3,
+                               mfc="white" if rec else colour, lw=1, zorder=3,
+                               label=f"{lab} (recovered)" if rec else lab)
+            bars.lines[2][0].set_linestyle(line)
     ax.set_xlabel("FLOPs/token at 2048 context (% of dense)")
     ax.set_ylabel("accuracy, task average (bars: ±2 stderr)")
     ax.grid(True, alpha=0.25)
