@@ -205,6 +205,36 @@ def by_speed(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def speed_twice(quick: list[dict[str, Any]], head: list[dict[str, Any]]) -> list[str]:
+    """The same method and target measured in both suites: how far one cell's decode speed-up moves between
+    two runs on this machine, the honest size of a speed tie."""
+    def ok(rs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(_label(r), r.get("target")): r for r in rs
+                if r.get("status") == "ok" and r.get("method") != "dense" and _iqr(r) is not None}
+
+    q, h = ok(quick), ok(head)
+    both = [k for k in h if k in q and q[k].get("weights_sha256") == h[k].get("weights_sha256")]
+    lines = ["## The same cell's decode speed, measured twice", ""]
+    if not both:
+        return [*lines, "No cell is in both suites yet.", ""]
+    lines += ["Each method and target that both suites ran, with identical saved weights (`weights_sha256`), "
+              "and its decode "
+              "speed-up in each (median, IQR over the interleaved rounds). The two runs differ in what the other "
+              "core was doing at the time.", "",
+              "| method | target | quick suite | full-protocol suite | difference |", "|---|---|---:|---:|---:|"]
+    diffs = []
+    for label, target in both:
+        a, b = q[(label, target)], h[(label, target)]
+        sa, sb = flat_row(a)["decode_speedup"], flat_row(b)["decode_speedup"]
+        (a0, a1), (b0, b1) = _iqr(a), _iqr(b)  # type: ignore[misc]
+        diffs.append(abs(sb - sa))
+        lines.append(f"| {label} | {target} | {sa:.2f}× ({a0:.2f}–{a1:.2f}) | {sb:.2f}× ({b0:.2f}–{b1:.2f}) | "
+                     f"{sb - sa:+.2f}× |")
+    lines += ["", f"Largest difference: {max(diffs):.2f}×; median {sorted(diffs)[len(diffs) // 2]:.2f}× "
+              f"over {len(diffs)} cells.", ""]
+    return lines
+
+
 def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[str]:
     lines = ["## After recovery training, 50 % of the parameters (`choose_smollm2_recovery.yaml`)", ""]
     if not records:
@@ -233,7 +263,8 @@ def main() -> None:
             "Written by `python benchmarks/choose_table.py` from the committed records (every number is a "
             "cell of the named suite, by `cell_id` in its `records.jsonl`). Accuracy ties: within 2 standard "
             "errors of the difference of the best (bold). The floors (random, magnitude) are never 'best'.", "",
-            *headline(head), *by_constraint(quick), *by_speed(quick), *recovery(rec, quick)]
+            *headline(head), *by_constraint(quick), *by_speed(quick), *speed_twice(quick, head),
+            *recovery(rec, quick)]
     OUT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {OUT}")
 
