@@ -6,6 +6,8 @@ Reads
     ``kv:67/34%``), quick protocol: PPL on the first 16,384 WikiText-2 test tokens, decode speed;
   * ``results/choose_smollm2_headline/{a,b,c}/`` — the 80 % and 50 % cells on the full protocol: the full
     WikiText-2 test set, TinyStories validation, the seven tasks × 200 examples with standard errors;
+  * ``results/choose_smollm2_speed/`` where it has been run — LoRAP and depth sized to TransAct 50 %'s
+    measured decode speed, same protocol as ``choose_smollm2``, read with it for the speed tables;
   * ``results/choose_smollm2_recovery/`` where it has been run — the 50 % cells after 16k and 128k
     tokens of the same training;
 
@@ -31,6 +33,7 @@ from compress.bench.report import flat_row, load_runs  # noqa: E402
 
 QUICK = RESULTS / "choose_smollm2"
 HEADLINE = [RESULTS / "choose_smollm2_headline" / p for p in ("a", "b", "c")]
+SPEED = RESULTS / "choose_smollm2_speed"
 RECOVERY = RESULTS / "choose_smollm2_recovery"
 OUT = RESULTS / "choose_smollm2_best.md"
 
@@ -167,7 +170,8 @@ def by_speed(records: list[dict[str, Any]]) -> list[str]:
     key = "ppl.wikitext2.2048"
     ok = [r for r in records if r.get("status") == "ok" and r.get("method") not in ("dense", *FLOORS)]
     refs = [r for r in ok if r.get("method") == "transact" and r.get("target") in ("80%", "60%", "50%")]
-    lines = ["## At equal measured decode speed, quick protocol (`choose_smollm2.yaml`)", "",
+    lines = ["## At equal measured decode speed, quick protocol (`choose_smollm2.yaml`, "
+             "`choose_smollm2_speed.yaml`)", "",
              f"Decode at batch 1, one thread, interleaved with the dense model in each cell's process. For a "
              f"reference speed-up (TransAct's 80 %, 60 % and 50 % cells), each method's lowest-PPL cell whose median "
              f"speed-up is within ±{SPEED_WINDOW:g}× of it, over all its targets (params, FLOPs, KV). "
@@ -259,11 +263,12 @@ def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> lis
 
 def main() -> None:
     quick, head, rec = _records([QUICK]), _records(HEADLINE), _records([RECOVERY])
+    sized = _records([SPEED])
     text = ["# Best method per constraint: SmolLM2-135M, CPU (issue #20)", "",
             "Written by `python benchmarks/choose_table.py` from the committed records (every number is a "
             "cell of the named suite, by `cell_id` in its `records.jsonl`). Accuracy ties: within 2 standard "
             "errors of the difference of the best (bold). The floors (random, magnitude) are never 'best'.", "",
-            *headline(head), *by_constraint(quick), *by_speed(quick), *speed_twice(quick, head),
+            *headline(head), *by_constraint(quick), *by_speed(quick + sized), *speed_twice(quick, head),
             *recovery(rec, quick)]
     OUT.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {OUT}")

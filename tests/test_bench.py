@@ -131,6 +131,33 @@ def test_smollm2_suite_is_valid():
     assert cells[0].model["hash_of"] == "gguf-header"
 
 
+@needs_assets
+def test_every_committed_suite_loads_and_lists_distinct_cells():
+    """A typo in a committed suite would otherwise surface hours into a benchmark. The suites on models
+    outside the assets (Qwen2, Gemma-3: fetched by a script) are checked as far as their files allow."""
+    import os
+    import re
+
+    paths = sorted(SUITES.glob("*.yaml"))
+    assert len(paths) >= 10
+    for p in paths:
+        suite = load_suite(p)
+        if any(v not in os.environ for m in suite.models for v in re.findall(r"\$\{(\w+)\}", m.path)):
+            continue  # a model fetched by a script, not in the assets
+        ids = [c.id for c in suite.cells()]
+        assert ids and len(set(ids)) == len(ids), p.name
+    # the speed-sized cells share the quick suite's protocol, so choose_table.py may read them together
+    quick, sized = load_suite(SUITES / "choose_smollm2.yaml"), load_suite(SUITES / "choose_smollm2_speed.yaml")
+    assert sized.eval == quick.eval and sized.threads == quick.threads
+    # the speed-sized and recovery suites prune as the quick suite does, so their cells and its cells are
+    # the same pruned models (the speed tables, the report's before -> after arrows)
+    same = {m.display: m for m in quick.methods}
+    for name in ("choose_smollm2_speed", "choose_smollm2_recovery"):
+        for m in load_suite(SUITES / f"{name}.yaml").methods:
+            if m.display in same:
+                assert (m.name, m.recipe, m.settings, m.calib) == (same[m.display].name, same[m.display].recipe,
+                                                                   same[m.display].settings, same[m.display].calib), (name, m.display)
+
 # ------------------------------------------------------------------------------ running
 
 
