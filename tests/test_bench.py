@@ -149,10 +149,10 @@ def test_every_committed_suite_loads_and_lists_distinct_cells():
     # the speed-sized cells share the quick suite's protocol, so choose_table.py may read them together
     quick, sized = load_suite(SUITES / "choose_smollm2.yaml"), load_suite(SUITES / "choose_smollm2_speed.yaml")
     assert sized.eval == quick.eval and sized.threads == quick.threads
-    # the speed-sized and recovery suites prune as the quick suite does, so their cells and its cells are
-    # the same pruned models (the speed tables, the report's before -> after arrows)
+    # the speed-sized, recovery and headline suites prune as the quick suite does, so their cells and its
+    # cells are the same pruned models (the speed tables, the before -> after arrows, speed measured twice)
     same = {m.display: m for m in quick.methods}
-    for name in ("choose_smollm2_speed", "choose_smollm2_recovery"):
+    for name in ("choose_smollm2_speed", "choose_smollm2_recovery", "choose_smollm2_headline"):
         for m in load_suite(SUITES / f"{name}.yaml").methods:
             if m.display in same:
                 assert (m.name, m.recipe, m.settings, m.calib) == (same[m.display].name, same[m.display].recipe,
