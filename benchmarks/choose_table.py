@@ -43,8 +43,8 @@ FLOORS = ("random", "magnitude")
 CONSTRAINTS = [("params 80 %", "80%"), ("params 60 %", "60%"), ("params 50 %", "50%"),
                ("FLOPs 70 %", "flops:70%"), ("FLOPs 50 %", "flops:50%"),
                ("KV cache 67 %", "kv:67%"), ("KV cache 34 %", "kv:34%")]
-#: Half-width of an "equal measured speed" window around a reference speed-up: the rounds' spread on
-#: this machine (README: differences under ~0.1x are within it).
+#: Half-width of an "equal measured speed" window around a reference speed-up: about how far the same
+#: weights' speed-up moves between two runs here (median 0.08x, up to 0.22x: "measured twice" below).
 SPEED_WINDOW = 0.1
 
 
