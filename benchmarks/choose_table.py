@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, fmt_ppl  # noqa: E402
 
-from compress.bench.report import flat_row, load_runs  # noqa: E402
+from compress.bench.report import flat_row, load_runs, task_stderr  # noqa: E402
+from compress.evaluate.harness import average_stderr  # noqa: E402
 
 QUICK = RESULTS / "choose_smollm2"
 HEADLINE = [RESULTS / "choose_smollm2_headline" / p for p in ("a", "b", "c")]
@@ -81,15 +82,45 @@ def _acc(row: dict[str, Any]) -> str:
     return "—" if a is None else f"{a:.3f} ± {se:.3f}" if se is not None else f"{a:.3f}"
 
 
-def acc_ties(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The row with the best average accuracy and every row within 2 standard errors of the difference."""
-    have = [r for r in rows if r.get("accuracy_avg") is not None and r.get("accuracy_avg_stderr") is not None]
+def acc_ties(rows: list[dict[str, Any]], key: str = "accuracy_avg"
+             ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The row with the best ``key`` accuracy and every row within 2 standard errors of the difference
+    (``key + "_stderr"`` holds each row's)."""
+    se = f"{key}_stderr"
+    have = [r for r in rows if r.get(key) is not None and r.get(se) is not None]
     if not have:
         return None, []
-    best = max(have, key=lambda r: r["accuracy_avg"])
-    ties = [r for r in have if r is not best and best["accuracy_avg"] - r["accuracy_avg"]
-            < 2 * math.hypot(best["accuracy_avg_stderr"], r["accuracy_avg_stderr"])]
+    best = max(have, key=lambda r: r[key])
+    ties = [r for r in have if r is not best and best[key] - r[key] < 2 * math.hypot(best[se], r[se])]
     return best, ties
+
+
+#: The task left out of the second average: on SmolLM2 its score is the share of one answer (below).
+BIASED = "boolq"
+
+
+def _without(r: dict[str, Any], row: dict[str, Any], task: str = BIASED) -> None:
+    """``row["avg_wo"]`` / ``row["avg_wo_stderr"]``: the average and its standard error over every task
+    of record ``r`` but ``task``; ``row["biased"]``: that task's own score."""
+    tasks = r.get("tasks") or {}
+    row["biased"] = (tasks.get(task) or {}).get("score")
+    rest = {k: v for k, v in tasks.items() if k != task and isinstance(v, dict)}
+    scores = [v.get("score") for v in rest.values()]
+    if rest and all(isinstance(x, (int, float)) for x in scores):
+        row["avg_wo"] = sum(scores) / len(scores)
+        row["avg_wo_stderr"] = average_stderr([task_stderr(v) for v in rest.values()])
+
+
+def _yes_share(n: int) -> float | None:
+    """The share of 'yes' answers among the first ``n`` BoolQ examples of the assets (None without them)."""
+    import json
+    import os
+
+    path = Path(os.environ.get("COMPRESS_ASSETS", "")) / "data" / "boolq" / "boolq.jsonl"
+    if not os.environ.get("COMPRESS_ASSETS") or not path.is_file():
+        return None
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()[:n] if x.strip()]
+    return sum(int(r["gold"]) for r in rows) / len(rows) if rows else None
 
 
 def headline(records: list[dict[str, Any]]) -> list[str]:
@@ -103,26 +134,50 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
              "model in the same process (median of the per-round speed-ups). No recovery training.", ""]
     if dense is not None:
         d = flat_row(dense)
+        _without(dense, d)
         lines += [f"Dense: PPL {fmt_ppl(d[key])}, TinyStories {fmt_ppl(d['ppl.tinystories.128'])}, "
-                  f"accuracy {_acc(d)}, decode {d['decode_tokens_per_s']:.1f} tok/s.", ""]
+                  f"accuracy {_acc(d)} (without {BIASED}: {d['avg_wo']:.3f} ± {d['avg_wo_stderr']:.3f}; "
+                  f"{BIASED} {d['biased']:.3f}), decode {d['decode_tokens_per_s']:.1f} tok/s.", ""]
+        n = ((dense.get("tasks") or {}).get(BIASED) or {}).get("n")
+        yes = _yes_share(int(n)) if n else None
+        if yes is not None:
+            lines += [f"Why the second average: the first {n} {BIASED} examples are {yes:.1%} 'yes', so a model "
+                      f"that always answers 'yes' scores {yes:.3f} and one that always answers 'no' {1 - yes:.3f}. "
+                      f"A {BIASED} score at one of those two values says which way the model leans, not how "
+                      "well it reads, and it moves the seven-task average by up to "
+                      f"{abs(2 * yes - 1) / 7:.3f}.", ""]
+        else:
+            lines += [f"(Set COMPRESS_ASSETS to state {BIASED}'s answer balance here.)", ""]
     for target in ("80%", "50%"):
         cells = [r for r in records if r.get("target") == target]
-        done = sorted((flat_row(r) for r in cells if r.get("status") == "ok"), key=lambda row: _ppl(row, key))
+        done = []
+        for r in cells:
+            if r.get("status") == "ok":
+                row = flat_row(r)
+                _without(r, row)
+                done.append(row)
+        done.sort(key=lambda row: _ppl(row, key))
         lines += [f"### {target.replace('%', ' %')} of the parameters", ""]
         if not done:
             lines += ["Not run yet.", ""]
             continue
         best, ties = acc_ties([row for row in done if row["method"] not in FLOORS])
-        tie_ids = {id(t) for t in ties}
-        lines += ["| method | params | FLOPs | KV | PPL@2048 full ↓ | TinyStories@128 ↓ | accuracy avg ↑ | decode × dense |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        best_wo, ties_wo = acc_ties([row for row in done if row["method"] not in FLOORS], "avg_wo")
+        bold = {id(t) for t in (best, *ties)}
+        bold_wo = {id(t) for t in (best_wo, *ties_wo)}
+        lines += ["| method | params | FLOPs | KV | PPL@2048 full ↓ | TinyStories@128 ↓ | accuracy avg ↑ | "
+                  f"avg without {BIASED} ↑ | {BIASED} | decode × dense |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in done:
             acc = _acc(row)
-            if row is best or id(row) in tie_ids:
-                acc = f"**{acc}**"
+            wo = "—" if row.get("avg_wo") is None else f"{row['avg_wo']:.3f} ± {row['avg_wo_stderr']:.3f}"
+            acc = f"**{acc}**" if id(row) in bold else acc
+            wo = f"**{wo}**" if id(row) in bold_wo else wo
+            biased = row.get("biased")
             lines.append(f"| {row['label'] or row['method']} | {_pct(row['params_ratio'])} | {_pct(row['flops_ratio'])} | "
                          f"{_pct(row['kv_ratio'])} | {fmt_ppl(_ppl(row, key))} | "
-                         f"{fmt_ppl(_ppl(row, 'ppl.tinystories.128'))} | {acc} | {_speed(row)} |")
+                         f"{fmt_ppl(_ppl(row, 'ppl.tinystories.128'))} | {acc} | {wo} | "
+                         f"{'—' if biased is None else f'{biased:.3f}'} | {_speed(row)} |")
         for r in cells:
             if r.get("status") == "refused":
                 lines.append(f"| {_label(r)} | refused: {(r.get('error') or '').splitlines()[0][:120]} |||||||")
@@ -130,10 +185,12 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
         if cand:
             top = cand[0]
             lines += ["", f"Lowest PPL: **{top['label'] or top['method']}** ({fmt_ppl(_ppl(top, key))})."]
-            if best is not None:
-                names = ", ".join(f"{t['label'] or t['method']} {t['accuracy_avg']:.3f}" for t in ties) or "none"
-                lines.append(f"Best accuracy: **{best['label'] or best['method']}** ({best['accuracy_avg']:.3f}); "
-                             f"within 2 standard errors of it (ties): {names}.")
+            for b, t, k, what in ((best, ties, "accuracy_avg", "accuracy"),
+                                  (best_wo, ties_wo, "avg_wo", f"accuracy without {BIASED}")):
+                if b is not None:
+                    names = ", ".join(f"{x['label'] or x['method']} {x[k]:.3f}" for x in t) or "none"
+                    lines.append(f"Best {what}: **{b['label'] or b['method']}** ({b[k]:.3f}); "
+                                 f"within 2 standard errors of it (ties): {names}.")
         missing = sorted({_label(r) for r in records if r.get("method") != "dense"} - {_label(r) for r in cells})
         if missing:
             lines.append(f"Not run yet at {target}: {', '.join(missing)}.")
