@@ -409,6 +409,25 @@ def test_pareto_front():
         (1.0, 20.0), (1.2, 50.0), (1.5, 80.0)]
 
 
+def test_report_names_the_tasks_a_model_answers_by_position():
+    """A cell that gave BoolQ the same answer every time is listed with the score of always giving it,
+    one that read is not; records from before the check are counted as such."""
+    from compress.bench.report import render_markdown
+
+    leaning = _acc_record("a", {"boolq": 0.635, "piqa": 0.6}, 200, 0.5, 30.0)
+    leaning["tasks"]["boolq"]["answers"] = {"chance": 0.5, "constant": 0.635, "constant_choice": 1, "lean": 1.0,
+                                            "lean_choice": 1, "constant_at_lean": 0.635}
+    leaning["tasks"]["piqa"]["answers"] = {"chance": 0.5, "constant": 0.52, "constant_choice": 0, "lean": 0.55,
+                                           "lean_choice": 0, "constant_at_lean": 0.52}
+    old = _acc_record("b", {"boolq": 0.6}, 200, 0.5, 40.0)
+    md = render_markdown([leaning, old])
+    section = md[md.index("## Answers by position"):]
+    assert "| m | a | 50% | none | boolq | 0.635 | 100% on option 2 | 0.635 | 0.500 |" in section
+    assert "piqa" not in section and "1 cell(s) with task scores predate this check" in section
+    assert "## Answers by position" not in render_markdown([_acc_record("c", {"piqa": 0.6}, 200, 0.5, 30.0)
+                                                            | {"tasks": {"piqa": leaning["tasks"]["piqa"]}}])
+
+
 def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
     """PPL against params, FLOPs, KV and measured speed, a combined figure, accuracy with error bars;
     a refused cell is listed as such, apart from failures, and draws nothing."""

@@ -233,6 +233,10 @@ def test_lm_eval_tasks_on_tiny_model(model, tok):
         r = res[key]
         assert r["n"] == 4 and r["task"] == f"compress_{key}"
         assert r["metric"] == ev.HEADLINE_METRIC[key] and r["score"] == r[r["metric"]]
+        # the picks rebuilt from the samples agree with lm-eval's score on every example (acc and
+        # acc_norm, two-option and four-option tasks), else this would be None
+        a = r["answers"]
+        assert a is not None and 0 < a["chance"] <= 0.5 and 0.25 <= a["constant"] <= 1 and 0 < a["lean"] <= 1
         assert all(0.0 <= r[m] <= 1.0 for m in ("acc", "acc_norm") if m in r)
     assert "acc_norm" not in res["winogrande"] and "acc_norm" in res["piqa"]
     assert res["average"] == pytest.approx(
@@ -275,3 +279,36 @@ def test_chunked_loss_equals_the_models_own_logits(kind, monkeypatch):
     assert max(seen) == 7 and sum(seen) == 39 * 2  # two mini-batches, 39 predicted positions each
     if kind == "gemma2":
         assert model.config.final_logit_softcapping  # the soft-capped path was the one compared
+
+
+def _sample(gold: int, lls: list[float], conts: list[str], metric: str = "acc") -> dict:
+    picked = max(range(len(lls)), key=lls.__getitem__) if metric == "acc" else max(
+        range(len(lls)), key=lambda i: lls[i] / len(conts[i].lstrip(" ")))
+    return {"target": gold, "filtered_resps": [(ll, False) for ll in lls],
+            "arguments": [("ctx", c) for c in conts], metric: float(picked == gold)}
+
+
+def test_answer_balance_tells_a_constant_answer_from_reading():
+    """BoolQ's trap on small models: answering "yes" to everything scores the share of "yes" questions.
+    The balance names it: the model's lean, the best constant score, and chance."""
+    yes_no = [" no", " yes"]
+    golds = [1, 1, 1, 0]  # 75 % "yes"
+    always_yes = [_sample(g, [-2.0, -1.0], yes_no) for g in golds]
+    b = ev.answer_balance(always_yes, "acc")
+    assert b == {"chance": 0.5, "constant": 0.75, "constant_choice": 1, "lean": 1.0, "lean_choice": 1,
+                 "constant_at_lean": 0.75}
+    always_no = ev.answer_balance([_sample(g, [-1.0, -2.0], yes_no) for g in golds], "acc")
+    assert always_no["lean"] == 1.0 and always_no["constant_at_lean"] == 0.25  # = its score
+    reading = [_sample(g, [-1.0, -2.0] if g == 0 else [-2.0, -1.0], yes_no) for g in golds]
+    assert ev.answer_balance(reading, "acc")["lean"] == 0.75  # right every time: the lean is the gold's
+    # acc_norm divides by the choice's length (the delimiter excluded), as lm-eval does
+    long_short = [" a much longer answer", " short"]
+    s = _sample(0, [-10.0, -4.0], long_short, "acc_norm")
+    assert s["acc_norm"] == 1.0 and ev.answer_balance([s], "acc_norm")["lean_choice"] == 0
+    assert ev.answer_balance([{**s, "acc": 0.0}], "acc")["lean_choice"] == 1  # by raw log-likelihood
+    # nothing is reported that disagrees with lm-eval's own per-example score, or without one
+    wrong = {**always_yes[0], "acc": 0.0}
+    assert ev.answer_balance([wrong], "acc") is None
+    assert ev.answer_balance([{k: v for k, v in always_yes[0].items() if k != "acc"}], "acc") is None
+    assert ev.answer_balance([{**always_yes[0], "target": [0, 1]}], "acc") is None
+    assert ev.answer_balance([], "acc") is None

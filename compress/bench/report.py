@@ -423,6 +423,39 @@ def _cell_line(r: dict[str, Any], *keys: str) -> str:
     return "| " + " | ".join(str(c if c is not None else "").replace("|", "\\|") for c in cells) + " |"
 
 
+def _lean_lines(ok: list[dict[str, Any]]) -> list[str]:
+    """The section naming every (cell, task) where the model put at least LEAN_THRESHOLD of its answers on
+    one option position (:func:`compress.evaluate.harness.answer_balance`): there the score is mostly
+    what always giving that answer scores, not evidence of reading."""
+    from compress.evaluate.harness import LEAN_THRESHOLD
+
+    rows, unknown = [], 0
+    for r in _sorted(ok):
+        tasks = {k: v for k, v in (r.get("tasks") or {}).items() if isinstance(v, dict)}
+        if tasks and not any(isinstance(v.get("answers"), dict) for v in tasks.values()):
+            unknown += 1
+        for name, v in tasks.items():
+            a = v.get("answers")
+            if isinstance(a, dict) and a.get("lean", 0) >= LEAN_THRESHOLD:
+                rows.append(_cell_line(r) + f" {name} | {v.get('score', 0):.3f} | {a['lean']:.0%} on option "
+                            f"{a['lean_choice'] + 1} | {a['constant_at_lean']:.3f} | {a['chance']:.3f} |")
+    if not rows and not unknown:
+        return []
+    out = ["## Answers by position", "",
+           f"Cells and tasks where the model gave the same option (by position) to at least "
+           f"{LEAN_THRESHOLD:.0%} of the questions. Its score there is close to what always giving that "
+           "answer scores, whatever it understood, so a difference between two such cells says which way "
+           "each leans, not which reads better.", ""]
+    if rows:
+        out += ["| model | method | target | recovery | task | score | answers | always that option | chance |",
+                "|---|---|---|---|---|---:|---|---:|---:|", *rows, ""]
+    else:
+        out += ["None.", ""]
+    if unknown:
+        out += [f"{unknown} cell(s) with task scores predate this check (their records hold no answer balance).", ""]
+    return out
+
+
 def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark report",
                     plots: dict[str, str] | None = None, reported: list[Any] | None = None) -> str:
     """The markdown report of ``records`` (latest record per cell); ``reported`` tables
@@ -455,6 +488,7 @@ def render_markdown(records: list[dict[str, Any]], *, title: str = "Benchmark re
           "(sqrt(p(1−p)/(n−1)) per task; the average's assumes independent tasks), and every cell within "
           "2 standard errors of the difference (2·sqrt(se² + se_best²)) of the best is bold too: a tie.", ""]
     md += tables
+    md += _lean_lines(ok)
     for name, path in (plots or {}).items():
         md += [f"![{name}]({path})", ""]
     if refused:

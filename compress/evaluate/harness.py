@@ -154,6 +154,54 @@ def average_stderr(stderrs: Sequence[float | None]) -> float | None:
     return sum(se * se for se in stderrs) ** 0.5 / len(stderrs)  # type: ignore[operator]
 
 
+#: A model "leans" on a task when at least this share of its answers sit on one option position.
+LEAN_THRESHOLD = 0.9
+
+
+def answer_balance(samples: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any] | None:
+    """How a multiple-choice task's answers spread over the option positions, from lm-eval's samples.
+
+    ``chance``: the mean of 1 / number of options (the score of guessing); ``constant``: the best score
+    of always picking the same position (BoolQ: the share of "yes" among the examples), with that
+    position; ``lean``: the share of the model's own picks (by ``metric``: the highest log-likelihood,
+    per character of the choice for ``acc_norm``, as lm-eval scores it) on its most picked position, with
+    that position and ``constant_at_lean``, the score of always picking it. A ``lean`` of 1.0 means the
+    model gave the same answer to every question: its score is then ``constant_at_lean``, whatever it
+    understood.
+
+    None when a sample has no single gold index (as the target, or as the doc's ``gold`` field for
+    "multiple inputs" tasks), or when the picks rebuilt here disagree with lm-eval's own per-example
+    score anywhere (nothing is reported that lm-eval did not measure)."""
+    golds, picks, counts = [], [], []
+    for sm in samples:
+        gold, resps, args = sm.get("target"), sm.get("filtered_resps"), sm.get("arguments")
+        if not isinstance(gold, int):  # a "multiple inputs" task (WinoGrande): the target is the shared
+            gold = (sm.get("doc") or {}).get("gold")  # continuation, the gold index the doc's own field
+        if not isinstance(gold, int) or not resps or not args or len(args) != len(resps):
+            return None
+        lls = [float(r[0]) for r in resps]
+        if metric == "acc_norm":
+            conts = [str(a[1]) for a in args]
+            lens = [max(len(c) - (1 if c.startswith(" ") else 0), 1) for c in conts]
+            lls = [ll / n for ll, n in zip(lls, lens, strict=True)]
+        pick = max(range(len(lls)), key=lls.__getitem__)
+        if metric not in sm or bool(sm[metric]) != (pick == gold):
+            return None
+        golds.append(gold)
+        picks.append(pick)
+        counts.append(len(lls))
+    if not golds:
+        return None
+    n = len(golds)
+    positions = range(max(counts))
+    const_pos = max(positions, key=lambda c: sum(g == c for g in golds))
+    lean_pos = max(positions, key=lambda c: sum(p == c for p in picks))
+    return {"chance": sum(1 / k for k in counts) / n,
+            "constant": sum(g == const_pos for g in golds) / n, "constant_choice": const_pos,
+            "lean": sum(p == lean_pos for p in picks) / n, "lean_choice": lean_pos,
+            "constant_at_lean": sum(g == lean_pos for g in golds) / n}
+
+
 def lm_eval_tasks(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -175,9 +223,11 @@ def lm_eval_tasks(
     where it is); ``max_length`` defaults to the model's ``max_position_embeddings``.
 
     Returns ``{key: {"acc", "acc_norm" (when the task reports it), "n", "metric", "score",
-    "stderr", "task"}, ..., "average": mean of the "score"s}``, where ``metric`` is the headline
-    metric of :data:`HEADLINE_METRIC` (acc_norm, else acc, for hub tasks not listed), ``score`` its
-    value and ``stderr`` its standard error (:func:`accuracy_stderr`).
+    "stderr", "task", "answers"}, ..., "average": mean of the "score"s}``, where ``metric`` is the
+    headline metric of :data:`HEADLINE_METRIC` (acc_norm, else acc, for hub tasks not listed),
+    ``score`` its value, ``stderr`` its standard error (:func:`accuracy_stderr`) and ``answers`` how
+    the task's gold answers and the model's picks spread over the option positions
+    (:func:`answer_balance`; None where it cannot be rebuilt).
     """
     pairs = resolve_tasks(tasks)
     needs_local = any(not key.startswith(HUB_PREFIX) for key, _ in pairs)
@@ -220,7 +270,7 @@ def lm_eval_tasks(
                 limit=limit,
                 task_manager=manager,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=True,  # for answer_balance: each example's gold and per-choice log-likelihoods
             )
         except ConnectionError as e:
             if not needs_hub:
@@ -248,7 +298,8 @@ def lm_eval_tasks(
         metric = _headline(key, metrics)
         n = out.get("n-samples", {}).get(name, {}).get("effective")
         results[key] = {**metrics, "n": n, "metric": metric, "score": metrics[metric], "task": name,
-                        "stderr": accuracy_stderr(metrics[metric], n)}
+                        "stderr": accuracy_stderr(metrics[metric], n),
+                        "answers": answer_balance(out.get("samples", {}).get(name) or [], metric)}
         scores.append(metrics[metric])
     results["average"] = sum(scores) / len(scores)
     return results
