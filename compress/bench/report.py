@@ -118,6 +118,8 @@ def flat_row(r: dict[str, Any]) -> dict[str, Any]:
                     row[f"{task}.{m}"] = res[m]
             row[f"{task}.n"] = res.get("n")
             row[f"{task}.stderr"] = task_stderr(res)
+            if isinstance(res.get("answers"), dict):  # the share of the model's answers on one option
+                row[f"{task}.lean"] = res["answers"].get("lean")
     row.update({
         "accuracy_avg": r.get("accuracy_avg"),
         "accuracy_avg_stderr": average_stderr(r),
