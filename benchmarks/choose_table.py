@@ -104,11 +104,19 @@ def _without(r: dict[str, Any], row: dict[str, Any], task: str = BIASED) -> None
     of record ``r`` but ``task``; ``row["biased"]``: that task's own score."""
     tasks = r.get("tasks") or {}
     row["biased"] = (tasks.get(task) or {}).get("score")
+    row["biased_lean"] = ((tasks.get(task) or {}).get("answers") or {}).get("lean")  # recorded since 2026-12-04
     rest = {k: v for k, v in tasks.items() if k != task and isinstance(v, dict)}
     scores = [v.get("score") for v in rest.values()]
     if rest and all(isinstance(x, (int, float)) for x in scores):
         row["avg_wo"] = sum(scores) / len(scores)
         row["avg_wo_stderr"] = average_stderr([task_stderr(v) for v in rest.values()])
+
+
+def _biased(score: float | None, lean: float | None) -> str:
+    """The left-out task's score, with the share of the model's answers on one option where recorded."""
+    if score is None:
+        return "—"
+    return f"{score:.3f}" + ("" if lean is None else f" ({lean:.0%} one answer)")
 
 
 def _yes_share(n: int) -> float | None:
@@ -177,7 +185,7 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {row['label'] or row['method']} | {_pct(row['params_ratio'])} | {_pct(row['flops_ratio'])} | "
                          f"{_pct(row['kv_ratio'])} | {fmt_ppl(_ppl(row, key))} | "
                          f"{fmt_ppl(_ppl(row, 'ppl.tinystories.128'))} | {acc} | {wo} | "
-                         f"{'—' if biased is None else f'{biased:.3f}'} | {_speed(row)} |")
+                         f"{_biased(biased, row.get('biased_lean'))} | {_speed(row)} |")
         for r in cells:
             if r.get("status") == "refused":
                 lines.append(f"| {_label(r)} | refused: {(r.get('error') or '').splitlines()[0][:120]} |||||||")
