@@ -460,9 +460,10 @@ def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
     # variant of a method its colour, dashed, with a marker that is not the method's
     assert _style(recs[1]) == (*METHOD_STYLE["transact"], "-") and _style({"method": "x", "label": "x"}) == _style(
         {"method": "x", "label": "x"})
-    variant = _style({"method": "transact", "label": "transact-auto"})
-    assert variant[0] == METHOD_STYLE["transact"][0] and variant[1] != METHOD_STYLE["transact"][1]
-    assert variant[2] == "--"
+    for method, label in (("transact", "transact-auto"), ("slicegpt", "slicegpt-head")):
+        variant = _style({"method": method, "label": label})
+        assert variant[0] == METHOD_STYLE[method][0] and variant[2] == "--"
+        assert variant[1] not in (METHOD_STYLE[method][1], METHOD_STYLE[method][1].lower(), "p" if method == "transact" else "")
 
 
 def test_unsupported_is_refused_a_bad_target_failed():

@@ -522,6 +522,8 @@ _SPARE_COLOURS = ("#17becf", "#e377c2", "#ff7f0e", "#aec7e8", "#98df8a", "#ff989
 #: Markers for labels without a style of their own: none of the fixed methods' markers, and none that
 #: reads as a circle at plot size, so a variant of TransAct ("o") never looks like TransAct itself.
 _SPARE_MARKERS = "<>pd"
+#: Spare markers too close at plot size to a fixed method's own (a thin diamond to SliceGPT's diamond).
+_LOOKALIKE = {"D": "d", "o": "p"}
 
 
 def _style(r: dict[str, Any]) -> tuple[str, str, str]:
@@ -536,7 +538,7 @@ def _style(r: dict[str, Any]) -> tuple[str, str, str]:
     h = zlib.crc32(str(label).encode())
     if method in METHOD_STYLE:
         colour, own = METHOD_STYLE[method]
-        spare = [m for m in _SPARE_MARKERS if m != own]
+        spare = [m for m in _SPARE_MARKERS if m != own and m not in _LOOKALIKE.get(own, "")]
         return colour, spare[h % len(spare)], "--"
     return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], _SPARE_MARKERS[h % len(_SPARE_MARKERS)], "-"
 
