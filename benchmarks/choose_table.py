@@ -6,7 +6,7 @@ Reads
     ``kv:67/34%``), quick protocol: PPL on the first 16,384 WikiText-2 test tokens, decode speed;
   * ``results/choose_smollm2_headline/{a,b,c}/`` — the 80 % and 50 % cells on the full protocol: the full
     WikiText-2 test set, TinyStories validation, the seven tasks × 200 examples with standard errors;
-  * ``results/choose_smollm2_speed/`` where it has been run — LoRAP and depth sized to TransAct 50 %'s
+  * ``results/choose_smollm2_speed/{a,b}/`` where it has been run — LoRAP and depth sized to TransAct 50 %'s
     measured decode speed, same protocol as ``choose_smollm2``, read with it for the speed tables;
   * ``results/choose_smollm2_recovery/`` where it has been run — the 50 % cells after 16k and 128k
     tokens of the same training;
@@ -34,7 +34,7 @@ from compress.evaluate.harness import average_stderr  # noqa: E402
 
 QUICK = RESULTS / "choose_smollm2"
 HEADLINE = [RESULTS / "choose_smollm2_headline" / p for p in ("a", "b", "c")]
-SPEED = RESULTS / "choose_smollm2_speed"
+SPEED = [RESULTS / "choose_smollm2_speed" / p for p in ("a", "b")]
 RECOVERY = RESULTS / "choose_smollm2_recovery"
 OUT = RESULTS / "choose_smollm2_best.md"
 
@@ -328,7 +328,7 @@ def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> lis
 
 def main() -> None:
     quick, head, rec = _records([QUICK]), _records(HEADLINE), _records([RECOVERY])
-    sized = _records([SPEED])
+    sized = _records(SPEED)
     text = ["# Best method per constraint: SmolLM2-135M, CPU (issue #20)", "",
             "Written by `python benchmarks/choose_table.py` from the committed records (every number is a "
             "cell of the named suite, by `cell_id` in its `records.jsonl`). Accuracy ties: within 2 standard "
