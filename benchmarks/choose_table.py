@@ -8,7 +8,7 @@ Reads
     WikiText-2 test set, TinyStories validation, the seven tasks × 200 examples with standard errors;
   * ``results/choose_smollm2_speed/{a,b}/`` where it has been run — LoRAP and depth sized to TransAct 50 %'s
     measured decode speed, same protocol as ``choose_smollm2``, read with it for the speed tables;
-  * ``results/choose_smollm2_recovery/`` where it has been run — the 50 % cells after 16k and 128k
+  * ``results/choose_smollm2_recovery/{a,b}/`` where it has been run — the 50 % cells after 16k and 128k
     tokens of the same training;
 
 and writes ``results/choose_smollm2_best.md``. Ties: two accuracies are a tie when they differ by less
@@ -35,7 +35,7 @@ from compress.evaluate.harness import average_stderr  # noqa: E402
 QUICK = RESULTS / "choose_smollm2"
 HEADLINE = [RESULTS / "choose_smollm2_headline" / p for p in ("a", "b", "c")]
 SPEED = [RESULTS / "choose_smollm2_speed" / p for p in ("a", "b")]
-RECOVERY = RESULTS / "choose_smollm2_recovery"
+RECOVERY = [RESULTS / "choose_smollm2_recovery" / p for p in ("a", "b")]
 OUT = RESULTS / "choose_smollm2_best.md"
 
 #: The floors are not candidates for "best"; they stay in the tables as the reference for "how bad".
@@ -327,7 +327,7 @@ def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> lis
 
 
 def main() -> None:
-    quick, head, rec = _records([QUICK]), _records(HEADLINE), _records([RECOVERY])
+    quick, head, rec = _records([QUICK]), _records(HEADLINE), _records(RECOVERY)
     sized = _records(SPEED)
     text = ["# Best method per constraint: SmolLM2-135M, CPU (issue #20)", "",
             "Written by `python benchmarks/choose_table.py` from the committed records (every number is a "
