@@ -119,6 +119,17 @@ def _biased(score: float | None, lean: float | None) -> str:
     return f"{score:.3f}" + ("" if lean is None else f" ({lean:.0%} one answer)")
 
 
+def _yes_in_records(records: list[dict[str, Any]], n: Any) -> float | None:
+    """The share of 'yes' (option 2) among the BoolQ examples, from a record's answer balance over the
+    same ``n`` examples (None when no record holds one)."""
+    for r in records:
+        t = (r.get("tasks") or {}).get(BIASED) or {}
+        a = t.get("answers")
+        if isinstance(a, dict) and t.get("n") == n:
+            return a["constant"] if a["constant_choice"] == 1 else 1 - a["constant"]
+    return None
+
+
 def _yes_share(n: int) -> float | None:
     """The share of 'yes' answers among the first ``n`` BoolQ examples of the assets (None without them)."""
     import json
@@ -147,7 +158,8 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
                   f"accuracy {_acc(d)} (without {BIASED}: {d['avg_wo']:.3f} ± {d['avg_wo_stderr']:.3f}; "
                   f"{BIASED} {d['biased']:.3f}), decode {d['decode_tokens_per_s']:.1f} tok/s.", ""]
         n = ((dense.get("tasks") or {}).get(BIASED) or {}).get("n")
-        yes = _yes_share(int(n)) if n else None
+        yes = _yes_in_records(ok, n) if n else None
+        yes = yes if yes is not None else _yes_share(int(n)) if n else None
         if yes is not None:
             lines += [f"Why the second average: the first {n} {BIASED} examples are {yes:.1%} 'yes', so a model "
                       f"that always answers 'yes' scores {yes:.3f} and one that always answers 'no' {1 - yes:.3f}. "
