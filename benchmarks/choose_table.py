@@ -322,6 +322,10 @@ def recovery(records: list[dict[str, Any]], before: list[dict[str, Any]]) -> lis
         return [*lines, "Not run yet.", ""]
     key = "ppl.wikitext2.2048"
     base = {(_label(r), r.get("target")): flat_row(r) for r in before if r.get("status") == "ok"}
+    dense = [r for r in records if r.get("method") == "dense" and r.get("status") == "ok"]
+    if dense:
+        lines += [f"Dense: {fmt_ppl(_ppl(flat_row(dense[0]), key))}.", ""]
+    records = [r for r in records if r.get("method") != "dense"]
     budgets = sorted({(r.get("recovery") or {}).get("tokens", 0) for r in records})
     lines += ["PPL@2048 on the first 16,384 WikiText-2 test tokens, before → after full training on WikiText-2 "
               "validation (the same tokens, recipe and optimizer for every method).", "",
