@@ -21,6 +21,7 @@ Usage: ``python benchmarks/choose_table.py`` (runs nothing; ``compress bench`` d
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ CONSTRAINTS = [("params 80 %", "80%"), ("params 60 %", "60%"), ("params 50 %", "
                ("FLOPs 70 %", "flops:70%"), ("FLOPs 50 %", "flops:50%"),
                ("KV cache 67 %", "kv:67%"), ("KV cache 34 %", "kv:34%")]
 #: Half-width of an "equal measured speed" window around a reference speed-up: about how far the same
-#: weights' speed-up moves between two runs here (median 0.08x, up to 0.22x: "measured twice" below).
+#: weights' speed-up moves between two runs here (median 0.09x, up to 0.22x: "measured twice" below).
 SPEED_WINDOW = 0.1
 
 
@@ -130,18 +131,6 @@ def _yes_in_records(records: list[dict[str, Any]], n: Any) -> float | None:
     return None
 
 
-def _yes_share(n: int) -> float | None:
-    """The share of 'yes' answers among the first ``n`` BoolQ examples of the assets (None without them)."""
-    import json
-    import os
-
-    path = Path(os.environ.get("COMPRESS_ASSETS", "")) / "data" / "boolq" / "boolq.jsonl"
-    if not os.environ.get("COMPRESS_ASSETS") or not path.is_file():
-        return None
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()[:n] if x.strip()]
-    return sum(int(r["gold"]) for r in rows) / len(rows) if rows else None
-
-
 def headline(records: list[dict[str, Any]]) -> list[str]:
     ok = [r for r in records if r.get("status") == "ok"]
     dense = next((r for r in ok if r.get("method") == "dense"), None)
@@ -159,7 +148,6 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
                   f"{BIASED} {d['biased']:.3f}), decode {d['decode_tokens_per_s']:.1f} tok/s.", ""]
         n = ((dense.get("tasks") or {}).get(BIASED) or {}).get("n")
         yes = _yes_in_records(ok, n) if n else None
-        yes = yes if yes is not None else _yes_share(int(n)) if n else None
         if yes is not None:
             lines += [f"Why the second average: the first {n} {BIASED} examples are {yes:.1%} 'yes', so a model "
                       f"that always answers 'yes' scores {yes:.3f} and one that always answers 'no' {1 - yes:.3f}. "
@@ -167,7 +155,7 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
                       "well it reads, and it moves the seven-task average by up to "
                       f"{abs(2 * yes - 1) / 7:.3f}.", ""]
         else:
-            lines += [f"(Set COMPRESS_ASSETS to state {BIASED}'s answer balance here.)", ""]
+            lines += [f"(No record holds {BIASED}'s answer balance over these {n} examples yet.)", ""]
     for target in ("80%", "50%"):
         cells = [r for r in records if r.get("target") == target]
         done = []
@@ -311,7 +299,7 @@ def speed_twice(quick: list[dict[str, Any]], head: list[dict[str, Any]]) -> list
         diffs.append(abs(sb - sa))
         lines.append(f"| {label} | {target} | {sa:.2f}× ({a0:.2f}–{a1:.2f}) | {sb:.2f}× ({b0:.2f}–{b1:.2f}) | "
                      f"{sb - sa:+.2f}× |")
-    lines += ["", f"Largest difference: {max(diffs):.2f}×; median {sorted(diffs)[len(diffs) // 2]:.2f}× "
+    lines += ["", f"Largest difference: {max(diffs):.2f}×; median {statistics.median(diffs):.2f}× "
               f"over {len(diffs)} cells.", ""]
     return lines
 
