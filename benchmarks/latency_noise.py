@@ -141,7 +141,7 @@ def main() -> None:
         _child(args.child[0], args.child[1], args.child[2], int(args.child[3]), args.inner)
         return
     if args.repeats < 1 or args.inner < 1:
-        raise SystemExit("error: --repeats and --inner must be at least 1")
+        ap.error("--repeats and --inner must be at least 1")  # one line, exit 2
     if os.getloadavg()[0] > 0.5:
         raise SystemExit(f"error: the 1-minute load average is {os.getloadavg()[0]:.2f}: something else is "
                          "running, so the 'idle' condition would not be idle; wait for it to end")
