@@ -2,7 +2,8 @@
 
 Reads the records of ``benchmarks/suites/parity_smollm2.yaml`` — the first 8,192 WikiText-2 test
 tokens (``results/parity_smollm2/``) and, where it has been run, the same cells on the full test set
-(``results/parity_smollm2_full/``: the suite with ``--max-tokens`` unset, see the suite's header) — and
+(``results/parity_smollm2_full/{a,b}``: the suite with ``--max-tokens`` unset, run as two processes split
+by method, see the suite's header) — and
 writes ``results/parity_smollm2.md``: per entry the parameters and each perplexity as the mean over the
 calibration seeds with its min–max, plus the cells the 100 % bound refused and why.
 
@@ -21,7 +22,8 @@ from common import RESULTS, bench_records, fmt_ppl  # noqa: E402
 
 SUITE = Path(__file__).resolve().parent / "suites" / "parity_smollm2.yaml"
 QUICK = RESULTS / "parity_smollm2"
-FULL = RESULTS / "parity_smollm2_full"
+#: the full-test-set copy, one folder per ``compress bench`` process (a: dense, LLM-Pruner, LoRAP; b: SliceGPT)
+FULL = [RESULTS / "parity_smollm2_full" / "a", RESULTS / "parity_smollm2_full" / "b"]
 OUT = RESULTS / "parity_smollm2.md"
 
 #: What each entry sets beyond its recipe, in the official scripts' terms.
@@ -72,7 +74,8 @@ def table(quick: list[dict], full: list[dict], order: list[str]) -> str:
         "model; the target (100 %) is only the upper bound every run checks. Perplexity: WikiText-2 "
         "test, no BOS, rows joined by blank lines; *first 8k* = the first 8,192 tokens (64 windows of "
         "128, 4 of 2048: the published protocol's), *full* = every window of the test set. Each cell: "
-        "mean over the seeds that ran (min–max). Written by `python benchmarks/parity_table.py`.",
+        "mean over the seeds that ran (min–max); *seeds* counts them for each protocol (first 8k / full). "
+        "Written by `python benchmarks/parity_table.py`.",
         "",
         "| entry | official settings | seeds | params (% of dense) | PPL@128 first 8k | PPL@2048 first 8k "
         "| PPL@128 full | PPL@2048 full | prune (s) |",
@@ -93,14 +96,14 @@ def table(quick: list[dict], full: list[dict], order: list[str]) -> str:
                 refused.append((label, r["seed"], r["status"], (r.get("error") or "").splitlines()[0][:300]))
         if not ok:
             if rows:
-                lines.append(f"| {label} | {note} | 0 of {len(rows)} | {rows[0]['status']} (below) | — | — | — | — | — |")
+                lines.append(f"| {label} | {note} | 0 of {len(rows)} / — | {rows[0]['status']} (below) | — | — | — | — | — |")
             continue
         params = sorted({r["achieved"]["breakdown"]["total"] for r in ok})
         pct = f"{100 * params[0] / dense_params:.1f} %" if dense_params else "?"
         p = f"{params[0]:,} ({pct})" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}"
-        fr = f.get(label, [])
+        fr = [r for r in f.get(label, []) if r["status"] == "ok"]
         prune = statistics.fmean(r["prune_wall_s"] for r in ok)
-        lines.append(f"| {label} | {note} | {len(ok)} | {p} | {_spread(_ppls(ok, '128'))} | "
+        lines.append(f"| {label} | {note} | {len(ok)} / {len(fr)} | {p} | {_spread(_ppls(ok, '128'))} | "
                      f"{_spread(_ppls(ok, '2048'))} | {_spread(_ppls(fr, '128'))} | {_spread(_ppls(fr, '2048'))} "
                      f"| {prune:.0f} |")
     if refused:
@@ -120,7 +123,7 @@ def main() -> None:
 
     suite = load_suite(SUITE)
     order = [m.display for m in suite.methods if m.name != "dense"]
-    quick, full = bench_records(QUICK), bench_records(FULL)
+    quick, full = bench_records(QUICK), [r for folder in FULL for r in bench_records(folder)]
     if not quick:
         raise SystemExit(f"error: no records in {QUICK}; run the suite first (see {SUITE.name}'s header)")
     OUT.write_text(table(quick, full, order))
