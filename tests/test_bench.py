@@ -449,7 +449,8 @@ def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
     recs[0]["ppl"]["tinystories"] = {"128": {"ppl": 9.0}}  # a second source sorts after WikiText-2
     files = write_report(recs, tmp_path)
     assert "PPL wikitext2@2048 vs" in files["markdown"].read_text()
-    for stem in ("ppl_vs_params", "ppl_vs_flops", "ppl_vs_kv", "ppl_vs_speed", "overview", "accuracy_vs_flops"):
+    for stem in ("ppl_vs_params", "ppl_vs_flops", "ppl_vs_kv", "ppl_vs_speed", "ppl_vs_recovery", "overview",
+                 "accuracy_vs_flops"):
         assert files[f"plot_{stem}"].read_bytes().startswith(PNG_MAGIC)
     md = files["markdown"].read_text()
     assert "1 refused by their method, 0 failed" in md and "## Refused cells" in md and "## Failed cells" not in md
@@ -464,6 +465,31 @@ def test_report_draws_every_axis_with_refused_cells_apart(tmp_path):
         variant = _style({"method": method, "label": label})
         assert variant[0] == METHOD_STYLE[method][0] and variant[2] == "--"
         assert variant[1] not in (METHOD_STYLE[method][1], METHOD_STYLE[method][1].lower(), "p" if method == "transact" else "")
+
+
+def test_recovery_series_follow_each_cell_through_its_budgets(tmp_path):
+    """PPL against recovery tokens: one series per pruned cell (label, target, mode, seed) measured at
+    two budgets or more, starting from the untrained cell; a cell at one budget draws no series, and a
+    report with no such cell has no recovery plot."""
+    from compress.bench.report import recovery_series, write_report
+
+    def cell(method, ratio, ppl, tokens=0, mode="full"):
+        r = _acc_record(method, {"piqa": 0.6}, 200, ratio, ppl)
+        r["cell_id"] += f"{method}{ratio}{tokens}{mode}"
+        r["recovery"] = {"tokens": tokens, "mode": mode}
+        r["target"] = "100%" if method == "dense" else f"{round(100 * ratio)}%"
+        return r
+
+    dense = cell("dense", 1.0, 20.0)
+    recs = [dense, cell("lorap", 0.5, 400.0), cell("lorap", 0.5, 200.0, 16384), cell("lorap", 0.5, 80.0, 131072),
+            cell("lorap", 0.5, 150.0, 16384, "lora"), cell("transact", 0.5, 900.0),
+            cell("transact", 0.8, 90.0, 16384)]  # transact 80 %: no untrained cell, one budget: no series
+    series = recovery_series(recs, ("wikitext2", "2048"))
+    assert series == {("lorap", "50%", "full", 0): [(0, 400.0), (16384, 200.0), (131072, 80.0)],
+                      ("lorap", "50%", "lora", 0): [(0, 400.0), (16384, 150.0)]}
+    assert "plot_ppl_vs_recovery" in write_report(recs, tmp_path / "with")
+    files = write_report([dense, recs[1], recs[5], recs[6]], tmp_path / "without")
+    assert "plot_ppl_vs_recovery" not in files and not (tmp_path / "without" / "ppl_vs_recovery.png").exists()
 
 
 def test_unsupported_is_refused_a_bad_target_failed():

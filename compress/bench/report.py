@@ -679,6 +679,65 @@ def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.grid(True, alpha=0.25)
 
 
+def recovery_series(rows: list[dict[str, Any]], ppl: tuple[str, str]) -> dict[tuple[Any, ...], list[tuple[int, float]]]:
+    """Each pruned cell's perplexity against its recovery-training budget: ``{(label, target, mode,
+    seed): [(tokens, ppl), ...]}`` sorted by tokens, for the cells measured at two budgets or more (the
+    untrained cell, 0 tokens, starts every mode's series). Cells of one model only."""
+    s, n = ppl
+    found: dict[tuple[Any, ...], dict[int, float]] = {}
+    untrained: dict[tuple[Any, ...], float] = {}
+    for r in rows:
+        v = _get(r, "ppl", s, n, "ppl")
+        if r.get("method") == DENSE or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        cell = (r.get("label") or r.get("method"), r.get("target"))
+        tokens, seed = _recovered(r), r.get("seed")
+        if tokens:
+            found.setdefault((*cell, _get(r, "recovery", "mode") or "full", seed), {})[tokens] = float(v)
+        else:
+            untrained[(*cell, seed)] = float(v)
+    out = {}
+    for (label, target, mode, seed), pts in found.items():
+        start = untrained.get((label, target, seed))
+        if start is not None:
+            pts = {0: start, **pts}
+        if len(pts) >= 2:
+            out[(label, target, mode, seed)] = sorted(pts.items())
+    return out
+
+
+def _draw_recovery(ax: Any, rows: list[dict[str, Any]], ppl: tuple[str, str]) -> bool:
+    """Log PPL against the recovery budget, one line per pruned cell trained at two budgets or more.
+    The budgets sit at even steps (labelled with their token counts): the suites pick them a factor
+    apart, and 0 tokens has no place on a log axis. False when no cell has two budgets."""
+    series = recovery_series(rows, ppl)
+    if not series:
+        return False
+    budgets = sorted({t for pts in series.values() for t, _ in pts})
+    step = {t: i for i, t in enumerate(budgets)}
+    targets = {k[1] for k in series}
+    modes = {k[2] for k in series}
+    drawn: set[str] = set()
+    for (label, target, mode, _seed), pts in series.items():
+        row = next(r for r in rows if (r.get("label") or r.get("method")) == label)
+        colour, marker, line = _style(row)
+        name = " ".join(str(x) for x in (label, target if len(targets) > 1 else None,
+                                           mode if len(modes) > 1 else None) if x is not None)
+        ax.plot([step[t] for t, _ in pts], [v for _, v in pts], color=colour, marker=marker, ls=line, lw=1.3,
+                ms=6, zorder=3, label=None if name in drawn else name)
+        drawn.add(name)
+    s, n = ppl
+    dense = [r for r in rows if r.get("method") == DENSE and isinstance(_get(r, "ppl", s, n, "ppl"), (int, float))]
+    if dense:
+        ax.axhline(_get(dense[0], "ppl", s, n, "ppl"), color="black", lw=0.8, ls="--", zorder=1, label="dense")
+    ax.set_xticks(range(len(budgets)), ["none" if t == 0 else f"{t:,}" for t in budgets])
+    ax.set_xlabel("recovery training tokens (even steps, not to scale)")
+    ax.set_yscale("log")
+    ax.set_ylabel(f"PPL {s}@{n} (log)")
+    ax.grid(True, which="both", alpha=0.25)
+    return True
+
+
 def _legend(fig: Any, axes: list[Any]) -> None:
     seen: dict[str, Any] = {}
     for ax in axes:
@@ -690,7 +749,8 @@ def _legend(fig: Any, axes: list[Any]) -> None:
 
 def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
     """Draw every figure into ``out``: ``ppl_vs_<axis>.png`` (one panel per model), ``overview.png``
-    (one row per model: PPL on the four axes, plus average accuracy where measured) and
+    (one row per model: PPL on the four axes, plus average accuracy where measured),
+    ``ppl_vs_recovery.png`` when a cell was trained at two budgets or more (:func:`recovery_series`) and
     ``accuracy_vs_flops.png`` when any record has accuracies. Returns {caption: file name}."""
     import matplotlib
 
@@ -732,6 +792,16 @@ def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
                 row[-1].set_title(f"{m}: accuracy", fontsize=9)
         _legend(fig, [a for row in axes for a in row])
         save(fig, "overview.png", "overview: PPL on every axis" + (" and accuracy" if has_acc else ""))
+    if ppl is not None and any(recovery_series([r for r in ok if _get(r, "model", "id") == m], ppl) for m in models):
+        fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
+        for ax, m in zip(axes[0], models, strict=True):
+            if _draw_recovery(ax, [r for r in ok if _get(r, "model", "id") == m], ppl):
+                ax.set_title(str(m))
+            else:
+                ax.set_axis_off()
+                ax.set_title(f"{m}: no cell at two recovery budgets", fontsize=9)
+        _legend(fig, list(axes[0]))
+        save(fig, "ppl_vs_recovery.png", f"PPL {ppl[0]}@{ppl[1]} vs recovery training tokens")
     if has_acc:
         fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
         for ax, m in zip(axes[0], models, strict=True):
@@ -746,7 +816,7 @@ def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
 
 
 #: What :func:`write_report` writes into its folder (besides ``_<name>.png`` temporaries).
-PLOT_FILES = (*(f"ppl_vs_{a.key}.png" for a in AXES), "overview.png", "accuracy_vs_flops.png")
+PLOT_FILES = (*(f"ppl_vs_{a.key}.png" for a in AXES), "ppl_vs_recovery.png", "overview.png", "accuracy_vs_flops.png")
 REPORT_FILES = ("report.md", "report.json", "report.csv", *PLOT_FILES, *(f"_{p}" for p in PLOT_FILES))
 
 
