@@ -706,13 +706,11 @@ def recovery_series(rows: list[dict[str, Any]], ppl: tuple[str, str]) -> dict[tu
     return out
 
 
-def _draw_recovery(ax: Any, rows: list[dict[str, Any]], ppl: tuple[str, str]) -> bool:
-    """Log PPL against the recovery budget, one line per pruned cell trained at two budgets or more.
-    The budgets sit at even steps (labelled with their token counts): the suites pick them a factor
-    apart, and 0 tokens has no place on a log axis. False when no cell has two budgets."""
-    series = recovery_series(rows, ppl)
-    if not series:
-        return False
+def _draw_recovery(ax: Any, rows: list[dict[str, Any]], series: dict[tuple[Any, ...], list[tuple[int, float]]],
+                   ppl: tuple[str, str]) -> None:
+    """Log PPL against the recovery budget, one line per series of :func:`recovery_series` (of ``rows``,
+    one model's cells). The budgets sit at even steps (labelled with their token counts): the suites
+    pick them a factor apart, and 0 tokens has no place on a log axis."""
     budgets = sorted({t for pts in series.values() for t, _ in pts})
     step = {t: i for i, t in enumerate(budgets)}
     targets = {k[1] for k in series}
@@ -735,7 +733,6 @@ def _draw_recovery(ax: Any, rows: list[dict[str, Any]], ppl: tuple[str, str]) ->
     ax.set_yscale("log")
     ax.set_ylabel(f"PPL {s}@{n} (log)")
     ax.grid(True, which="both", alpha=0.25)
-    return True
 
 
 def _legend(fig: Any, axes: list[Any]) -> None:
@@ -792,10 +789,13 @@ def _plots(records: list[dict[str, Any]], out: Path) -> dict[str, str]:
                 row[-1].set_title(f"{m}: accuracy", fontsize=9)
         _legend(fig, [a for row in axes for a in row])
         save(fig, "overview.png", "overview: PPL on every axis" + (" and accuracy" if has_acc else ""))
-    if ppl is not None and any(recovery_series([r for r in ok if _get(r, "model", "id") == m], ppl) for m in models):
+    of_model = {m: [r for r in ok if _get(r, "model", "id") == m] for m in models}
+    series = {m: recovery_series(of_model[m], ppl) for m in models} if ppl is not None else {}
+    if any(series.values()):
         fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models) + 1.9, 4.8), squeeze=False)
         for ax, m in zip(axes[0], models, strict=True):
-            if _draw_recovery(ax, [r for r in ok if _get(r, "model", "id") == m], ppl):
+            if series[m]:
+                _draw_recovery(ax, of_model[m], series[m], ppl)
                 ax.set_title(str(m))
             else:
                 ax.set_axis_off()
